@@ -1,0 +1,386 @@
+"""Self-contained checkpoint directories: save, validate, load, resume. No pickle anywhere.
+
+A checkpoint is one directory::
+
+    config.json            kind, model config (and the embedded autoencoder's for CALM),
+                           tokenizer sha256, file sizes, format version, run metadata
+    model.safetensors      weights (a CALM checkpoint embeds its frozen autoencoder)
+    tokenizer.json         the tokenizer the model was trained with
+    training_state.json    step, data position, RNG states, optimizer hyper-parameters
+    training_state.safetensors   optimizer moments and RNG byte states
+
+A training run keeps its checkpoints as ``RUN/checkpoints/step_NNNNNNNN/``. Each is written into a
+temporary directory and renamed into place, so a directory that exists is complete; older ones are
+pruned only after a newer one is in place. ``resolve_checkpoint(RUN)`` picks the newest, so a run
+directory and a checkpoint directory are both accepted wherever a checkpoint is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit; the message says how to fix it."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into flat tensors (for safetensors) and a JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "python": _to_jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if "python" in meta:
+        random.setstate(_to_tuple(meta["python"]))
+    if "numpy" in meta:
+        name, keys, *rest = meta["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _to_jsonable(x: Any) -> Any:
+    if isinstance(x, tuple | list):
+        return [_to_jsonable(v) for v in x]
+    return x
+
+
+def _to_tuple(x: Any) -> Any:
+    if isinstance(x, list):
+        return tuple(_to_tuple(v) for v in x)
+    return x
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    config: dict[str, Any],
+    tokenizer_json: str,
+    training_state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write a complete checkpoint directory at ``path`` atomically and return it.
+
+    ``config`` must contain ``kind`` and ``model`` (plus anything else worth recording). The
+    directory appears only once every file is written and flushed; an existing ``path`` is
+    replaced only after the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in _unwrapped_state_dict(model).items()}
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        if training_state is not None:
+            tensors, rng_meta = capture_rng_state()
+            opt_meta: dict = {}
+            if optimizer is not None:
+                opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer)
+                tensors.update(opt_tensors)
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            _write_json(tmp / STATE_JSON, {**training_state, "rng": rng_meta, "optimizer": opt_meta})
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        full_config = {**config, "format_version": FORMAT_VERSION, "files": files}
+        _write_json(tmp / CONFIG_FILE, full_config)
+        _fsync_dir(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.rmdir(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _unwrapped_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the ``module.`` / ``_orig_mod.`` prefixes that DDP and compile add."""
+    sd = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        k = k.replace("._orig_mod.", ".")
+        out[k] = v
+    return out
+
+
+def checkpoint_step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_SUBDIR / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_SUBDIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / CONFIG_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and leftovers of interrupted writes."""
+    ckpts = list_checkpoints(run_dir)
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINT_SUBDIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory (then its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoint or run directory")
+    if (path / CONFIG_FILE).exists():
+        return path
+    ckpts = list_checkpoints(path)
+    if ckpts:
+        return ckpts[-1]
+    raise CheckpointError(
+        f"{path} holds no checkpoint: expected {CONFIG_FILE} in it or a {CHECKPOINT_SUBDIR}/step_* directory "
+        "(was the training run started?)"
+    )
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    cfg_path = ckpt_dir / CONFIG_FILE
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is unreadable or not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(config, dict) or "kind" not in config or "model" not in config:
+        raise CheckpointError(f"{cfg_path} lacks 'kind' or 'model'; it is not a calm checkpoint")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path} has format_version={version}, this calm reads {FORMAT_VERSION}; "
+            "use the calm version that wrote it"
+        )
+    for name, size in config.get("files", {}).items():
+        f = ckpt_dir / name
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing; the checkpoint is incomplete, pick another one")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"{f} has {f.stat().st_size} bytes but the checkpoint recorded {size}; "
+                "the file is truncated or was replaced, pick another checkpoint"
+            )
+    return config
+
+
+def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = resolve_checkpoint(ckpt_dir) / WEIGHTS_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); pick another checkpoint") from e
+
+
+def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """load_state_dict(strict) with messages that name the keys and shapes that differ."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the model (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); the config and weights disagree"
+        )
+    for k, v in weights.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(weights, strict=True)
+
+
+def read_tokenizer_json(ckpt_dir: str | Path, expected_sha256: str | None = None) -> str:
+    from calm.tokenizer import Tokenizer
+
+    path = resolve_checkpoint(ckpt_dir) / TOKENIZER_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    text = path.read_text()
+    if expected_sha256 is not None:
+        sha = Tokenizer.from_str(text).sha256
+        if sha != expected_sha256:
+            raise CheckpointError(
+                f"{path} has sha256 {sha[:12]}… but the model was trained with {expected_sha256[:12]}…; "
+                "the tokenizer was replaced, restore the original tokenizer.json"
+            )
+    return text
+
+
+def load_training_state(ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    jpath, tpath = ckpt_dir / STATE_JSON, ckpt_dir / STATE_TENSORS
+    if not jpath.exists() or not tpath.exists():
+        raise CheckpointError(f"{ckpt_dir} has no training state; it cannot be resumed (only evaluated)")
+    try:
+        meta = json.loads(jpath.read_text())
+        tensors = load_file(str(tpath))
+    except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"training state in {ckpt_dir} is corrupt ({e}); resume from an older checkpoint") from e
+    return meta, tensors
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: str | None = None):
+    """Load any calm checkpoint -> (model in eval mode, Tokenizer, config dict).
+
+    ``kind`` (autoencoder | calm | gpt), when given, is checked against the checkpoint's.
+    """
+    from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, config_from_dict
+    from calm.models.autoencoder import Autoencoder
+    from calm.tokenizer import Tokenizer
+
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    config = read_config(ckpt_dir)
+    if kind is not None and config["kind"] != kind:
+        raise CheckpointError(
+            f"{ckpt_dir} is a {config['kind']} checkpoint but a {kind} checkpoint is needed here"
+        )
+    tokenizer = Tokenizer.from_str(read_tokenizer_json(ckpt_dir, config.get("tokenizer_sha256")))
+    try:
+        if config["kind"] == "autoencoder":
+            model = Autoencoder(config_from_dict(AutoencoderConfig, config["model"]))
+        elif config["kind"] == "calm":
+            from calm.models.calm import CALM
+
+            ae = Autoencoder(config_from_dict(AutoencoderConfig, config["autoencoder"]))
+            model = CALM(config_from_dict(CALMConfig, config["model"]), ae)
+        elif config["kind"] == "gpt":
+            from calm.models.gpt import GPT
+
+            model = GPT(config_from_dict(GPTConfig, config["model"]))
+        else:
+            raise CheckpointError(f"{ckpt_dir}: unknown checkpoint kind {config['kind']!r}")
+    except (ConfigError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}/config.json describes an impossible model: {e}") from e
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(
+            f"{ckpt_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but the model was built for "
+            f"{model.config.vocab_size}; use the tokenizer the model was trained with"
+        )
+    load_state_into(model, load_weights(ckpt_dir, device), ckpt_dir)
+    model.to(device).eval()
+    return model, tokenizer, config

