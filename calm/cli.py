@@ -62,7 +62,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     splits = meta.get("splits", {})
-    summary = ", ".join(f"{k}: {v.get('tokens', '?'):,} tokens / {v.get('documents', '?'):,} docs" for k, v in splits.items())
+    summary = ", ".join(f"{k}: {v['num_tokens']:,} tokens / {v['num_documents']:,} docs" for k, v in splits.items())
     print(f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})")
     return 0
 
@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KIND:KEY=VALUE", help="e.g. calm:train.max_steps=100")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from calm.bench import add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run's logged metrics")
     p.add_argument("--run", required=True)

@@ -101,8 +101,10 @@ class _BlockStage:
 
     kind = "lm"
 
-    def _init_blocks(self, data_dir: str | Path, train: TrainConfig) -> None:
+    def _init_blocks(self, data_dir: str | Path, train: TrainConfig, check=None) -> None:
         train_shard, val_shard, self.tokenizer = _open_data(data_dir)
+        if check is not None:
+            check(self.tokenizer)
         self.blocks = lm_blocks(train_shard, train.block_size)
         val_blocks = lm_blocks(val_shard, train.block_size)
         n_val = max(1, train.eval_tokens // train.block_size)
@@ -126,14 +128,17 @@ class CALMStage(_BlockStage):
         from calm.checkpoint import load_model
         from calm.models.calm import CALM
 
-        self._init_blocks(data_dir, train)
         ae, ae_tokenizer, _ = load_model(autoencoder_dir, kind="autoencoder")
-        if ae_tokenizer.sha256 != self.tokenizer.sha256:
-            raise ConfigError(
-                f"the autoencoder in {autoencoder_dir} was trained with a different tokenizer than the data in "
-                f"{data_dir}; prepare the data with the autoencoder's tokenizer (`calm prepare --tokenizer "
-                f"{autoencoder_dir}/tokenizer.json`) or train a new autoencoder on this data"
-            )
+
+        def check(data_tokenizer: Tokenizer) -> None:
+            if ae_tokenizer.sha256 != data_tokenizer.sha256:
+                raise ConfigError(
+                    f"the autoencoder in {autoencoder_dir} was trained with a different tokenizer than the data "
+                    f"in {data_dir}; prepare the data with the autoencoder's tokenizer (`calm prepare --tokenizer "
+                    f"{autoencoder_dir}/tokenizer.json`) or train a new autoencoder on this data"
+                )
+
+        self._init_blocks(data_dir, train, check)
         K = ae.config.chunk_size
         if config.chunk_size != K or config.latent_size != ae.config.latent_size:
             config.chunk_size, config.latent_size = K, ae.config.latent_size

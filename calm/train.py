@@ -231,7 +231,7 @@ def run_training(
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            loss_value = dist.all_reduce_mean(totals.get("loss", float(loss)))
+            loss_value = dist.all_reduce_mean(totals.get("loss", float(loss.detach())))
             finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
             if not finite:
                 optimizer.zero_grad(set_to_none=True)

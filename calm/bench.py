@@ -1,0 +1,677 @@
+"""Speed benchmarks of CALM against the token-level Transformer with the same backbone.
+
+``calm bench generate`` measures decoding speed, the practical side of the paper's inference-FLOPs
+claim (Table 1; CALM-SPEC §7, §8.1): one backbone step yields K = 4 tokens (§3), but each step also
+runs the energy head and the autoencoder decoder, whose vocabulary projection is as large as a
+Transformer's LM head; likelihood-free temperature sampling (§5.2, Alg. 2) runs head and decoder
+N = 200 times per step. Both models get random (seeded) weights of the same backbone, vocabulary
+and context, batch 1, a KV cache, a 128-token prompt and 512 new tokens, timed interleaved in one
+process. It reports tokens/s for greedy decoding (GPT argmax vs CALM at T = 1, one head sample per
+step) and at T = 1/2 (GPT softmax sampling vs CALM's batch approximation with N = 200), and a
+per-step profile of where the time goes.
+
+``calm bench train`` measures training tokens/s and model-FLOPs utilisation (MFU): analytic
+training FLOPs per token (``calm.flops``, CALM-SPEC §7) times tokens/s, over a matmul peak measured
+in the same run on the same device.
+
+Random weights cost the same FLOPs and bytes as trained ones; what they do not reproduce is the
+distribution of decoded candidates, which only matters to the (cheap) batch sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm.config import ConfigError, TrainConfig, load_preset
+from calm.flops import calm_flops, gpt_flops
+from calm.generate import generate
+from calm.models.autoencoder import Autoencoder
+from calm.models.calm import CALM
+from calm.models.gpt import GPT
+from calm.train import autocast_context, build_optimizer
+
+SIZES = ("tiny", "S", "M", "L")
+"""Sizes with both a ``calm`` and a ``gpt`` preset (the same backbone in each)."""
+LLAMA3_VOCAB = 128_257
+"""The Llama-3 vocabulary plus PAD, as in the paper; the tiny models use a 4,096-entry BPE."""
+TINY_VOCAB = 4096
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def device_description(device: torch.device) -> str:
+    """'cpu: <model name>' or 'cuda: <GPU name>', for the JSON record."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name}"
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def build_pair(
+    size: str,
+    context: int | None = None,
+    min_context: int = 0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[CALM, GPT]:
+    """A CALM and a GPT with the same backbone, vocabulary and context, random weights, eval mode.
+
+    The vocabulary is 128,257 (Llama-3) with the ``paper`` autoencoder, or 4,096 with the ``tiny``
+    one for ``size="tiny"``. ``context`` (steps for CALM, tokens for the GPT) defaults to the
+    presets'. The energy head's zero-initialised output layer is drawn at random, N(0, 1/d), so
+    that head samples depend on the noise as a trained head's do.
+    """
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; choose one of {list(SIZES)}")
+    vocab = TINY_VOCAB if size == "tiny" else LLAMA3_VOCAB
+    overrides: dict[str, Any] = {"model.vocab_size": vocab}
+    ae_config = load_preset("autoencoder", "tiny" if size == "tiny" else "paper", overrides).model
+    calm_config = load_preset("calm", size, overrides).model
+    gpt_config = load_preset("gpt", size, overrides).model
+    context = max(context or calm_config.max_seq_len, min_context)
+    calm_config.max_seq_len = gpt_config.max_seq_len = context
+    calm_config.chunk_size, calm_config.latent_size = ae_config.chunk_size, ae_config.latent_size
+    torch.manual_seed(seed)
+    calm = CALM(calm_config, Autoencoder(ae_config))
+    nn.init.normal_(calm.head.final_out.weight, std=calm_config.hidden_size**-0.5)
+    gpt = GPT(gpt_config)
+    return calm.to(device).eval(), gpt.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+
+
+def time_calm(
+    model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float, num_samples: int, seed: int = 0
+) -> float:
+    """Wall-clock seconds of one ``calm.generate.generate`` call (prefill included)."""
+    device = prompt.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    _sync(device)
+    start = time.perf_counter()
+    out = generate(model, prompt, new_tokens, temperature=temperature, num_samples=num_samples, generator=gen)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if len(out[0]) != new_tokens:
+        raise RuntimeError(f"CALM generated {len(out[0])} tokens instead of {new_tokens}")
+    return elapsed
+
+
+def time_gpt(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float, seed: int = 0) -> float:
+    """Wall-clock seconds of one ``GPT.generate`` call (prefill included); temperature 0 is argmax."""
+    device = prompt.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    _sync(device)
+    start = time.perf_counter()
+    out = model.generate(prompt, new_tokens, temperature=temperature, generator=gen)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if out.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"GPT generated {out.shape[1] - prompt.shape[1]} tokens instead of {new_tokens}")
+    return elapsed
+
+
+@contextmanager
+def timed_calls(
+    targets: list[tuple[object, str, str]], device: torch.device
+) -> Iterator[dict[str, list[float]]]:
+    """Time every call of ``obj.attr`` under ``name`` while the context is open.
+
+    Each method is shadowed by an instance attribute that wraps the original with
+    ``perf_counter`` (and a CUDA sync on both sides), and removed again on exit, so the profiled
+    run goes through the library's own generation loop. A nested call (``decode_hidden`` inside
+    ``decode_ids``) is counted in both names.
+    """
+    calls: dict[str, list[float]] = {name: [] for _, _, name in targets}
+
+    def wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            _sync(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(device)
+            calls[name].append(time.perf_counter() - start)
+            return out
+
+        return timed
+
+    for obj, attr, name in targets:
+        if attr in vars(obj):
+            raise RuntimeError(f"{type(obj).__name__}.{attr} is already shadowed; cannot profile it")
+        setattr(obj, attr, wrap(getattr(obj, attr), name))
+    try:
+        yield calls
+    finally:
+        for obj, attr, _ in targets:
+            delattr(obj, attr)
+
+
+def _split(total_s: float, parts_s: dict[str, float], steps: int, unit: str) -> dict[str, Any]:
+    """Per-step milliseconds of each part, ``sampler_other`` = the remainder, and fractions."""
+    per_step = {k: 1e3 * v / steps for k, v in parts_s.items()}
+    per_step["sampler_other"] = max(0.0, 1e3 * total_s / steps - sum(per_step.values()))
+    total_ms = sum(per_step.values())
+    return {
+        f"ms_per_{unit}": {k: round(v, 3) for k, v in per_step.items()},
+        "fraction": {k: round(v / total_ms, 4) for k, v in per_step.items()},
+        f"total_ms_per_{unit}": round(total_ms, 3),
+        f"{unit}s": steps,
+    }
+
+
+def profile_calm(
+    model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float, num_samples: int, seed: int = 0
+) -> dict[str, Any]:
+    """Where one CALM generation's time goes, per backbone step (prefill reported apart).
+
+    backbone = input compression + Transformer with KV cache (``hidden_states``); head = the
+    energy head's S samples incl. noise (``head.sample``); ae_decoder = ``decode_ids`` on the S
+    samples, split in ``detail`` into the trunk (``decode_hidden``) and the tied vocabulary
+    projection + argmax; sampler_other = the rest (Alg. 2 batch selection, Python loop).
+    """
+    ae, device = model.autoencoder, prompt.device
+    targets = [
+        (model, "hidden_states", "backbone"),
+        (model.head, "sample", "head"),
+        (ae, "decode_ids", "ae_decoder"),
+        (ae, "decode_hidden", "ae_decoder_trunk"),
+    ]
+    with timed_calls(targets, device) as calls:
+        total = time_calm(model, prompt, new_tokens, temperature, num_samples, seed)
+    prefill = calls["backbone"].pop(0)
+    steps = len(calls["head"])
+    parts = {name: sum(calls[name]) for name in ("backbone", "head", "ae_decoder")}
+    out = _split(total - prefill, parts, steps, "step")
+    trunk = sum(calls["ae_decoder_trunk"])
+    out["detail"] = {
+        "ae_decoder_trunk_ms": round(1e3 * trunk / steps, 3),
+        "ae_vocab_projection_argmax_ms": round(1e3 * (parts["ae_decoder"] - trunk) / steps, 3),
+    }
+    out["prefill_ms"] = round(1e3 * prefill, 3)
+    out["tokens_per_step"] = model.chunk_size
+    return out
+
+
+def profile_gpt(
+    model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float, seed: int = 0
+) -> dict[str, Any]:
+    """Where one GPT generation's time goes, per token: backbone, lm_head, sampler_other (rest)."""
+    targets = [(model.backbone, "forward", "backbone"), (model.lm_head, "forward", "lm_head")]
+    with timed_calls(targets, prompt.device) as calls:
+        total = time_gpt(model, prompt, new_tokens, temperature, seed)
+    prefill = calls["backbone"].pop(0) + calls["lm_head"].pop(0)
+    parts = {name: sum(calls[name]) for name in ("backbone", "lm_head")}
+    out = _split(total - prefill, parts, new_tokens, "token")
+    out["prefill_ms"] = round(1e3 * prefill, 3)
+    return out
+
+
+def distinct_candidates(model: CALM, prompt: torch.Tensor, num_samples: int, seed: int = 0) -> int:
+    """How many distinct chunks N head samples decode to after the prompt (the sampler's input)."""
+    K = model.chunk_size
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    with torch.no_grad():
+        h = model.hidden_states(prompt.view(1, -1, K))[:, -1]
+        ids = model.autoencoder.decode_ids(model.head.sample(h, num_samples, gen))[:, 0]
+    return len({tuple(row) for row in ids.tolist()})
+
+
+def bench_generate_size(
+    size: str,
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 512,
+    repeats: int = 3,
+    warmup: int = 1,
+    num_samples: int = 200,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    profile: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Greedy and T = 1/2 decoding tokens/s of CALM and GPT of one size, timed interleaved.
+
+    Warm-up runs decode min(new_tokens, 64) tokens in each of the four modes. Returns medians,
+    every repetition, the CALM/GPT ratios and (``profile``) one instrumented run per mode.
+    """
+    device = torch.device(device)
+    # the GPT needs prompt + new tokens of context (the tiny presets have 256); CALM gets the same
+    calm, gpt = build_pair(size, min_context=prompt_tokens + new_tokens, device=device, seed=seed)
+    K = calm.chunk_size
+    if prompt_tokens % K != 0 or prompt_tokens < K:
+        raise ConfigError(f"--prompt-tokens={prompt_tokens} must be a positive multiple of K={K}")
+    calm, gpt = calm.to(dtype), gpt.to(dtype)
+    vocab = calm.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(
+        device
+    )
+    modes: dict[str, tuple[Callable[[int], float], Callable[[int], float]]] = {
+        "greedy": (
+            lambda n: time_calm(calm, prompt, n, 1.0, 1, seed),
+            lambda n: time_gpt(gpt, prompt, n, 0.0, seed),
+        ),
+        "t_half": (
+            lambda n: time_calm(calm, prompt, n, 0.5, num_samples, seed),
+            lambda n: time_gpt(gpt, prompt, n, 0.5, seed),
+        ),
+    }
+    for i in range(warmup):
+        for run_calm, run_gpt in modes.values():
+            run_calm(min(new_tokens, 64))
+            run_gpt(min(new_tokens, 64))
+        _log(f"[{size}] warm-up {i + 1}/{warmup} done")
+    times: dict[str, list[float]] = {f"{m}_{mode}": [] for mode in modes for m in ("calm", "gpt")}
+    for rep in range(repeats):
+        for mode, (run_calm, run_gpt) in modes.items():
+            for model_name, run in (("calm", run_calm), ("gpt", run_gpt)):
+                seconds = run(new_tokens)
+                times[f"{model_name}_{mode}"].append(seconds)
+                _log(
+                    f"[{size}] rep {rep + 1}/{repeats} {model_name} {mode}: "
+                    f"{new_tokens / seconds:,.1f} tok/s ({seconds:.1f} s)"
+                )
+    result: dict[str, Any] = {}
+    for mode in modes:
+        calm_tps = new_tokens / _median(times[f"calm_{mode}"])
+        gpt_tps = new_tokens / _median(times[f"gpt_{mode}"])
+        result[f"{mode}_ratio"] = calm_tps / gpt_tps
+        result[f"calm_{mode}_tok_s"] = calm_tps
+        result[f"gpt_{mode}_tok_s"] = gpt_tps
+    result["runs_tok_s"] = {k: [round(new_tokens / s, 2) for s in v] for k, v in times.items()}
+    context = prompt_tokens + new_tokens
+    ae_config = calm.autoencoder.config
+    gpt_inf = gpt_flops(gpt.config, context=context)["inference_flops_per_token"]
+    result["analytic_flops_per_token"] = {
+        "gpt": gpt_inf,
+        "calm_greedy": calm_flops(calm.config, ae_config, context=context // K)["inference_flops_per_token"],
+        "calm_t_half": calm_flops(
+            calm.config, ae_config, context=context // K, num_samples_inference=num_samples
+        )["inference_flops_per_token"],
+    }
+    result["distinct_of_n_candidates"] = distinct_candidates(calm, prompt, num_samples, seed)
+    result["setup"] = {
+        "layers": gpt.config.num_layers,
+        "hidden_size": gpt.config.hidden_size,
+        "heads": gpt.config.num_heads,
+        "vocab_size": vocab,
+        "context": calm.config.max_seq_len,
+        "chunk_size": K,
+        "autoencoder_hidden_size": ae_config.hidden_size,
+        "calm_params": calm.num_parameters(),
+        "gpt_params": gpt.num_parameters(),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "num_samples": num_samples,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if profile:
+        result["profile"] = {
+            "calm_greedy": profile_calm(calm, prompt, new_tokens, 1.0, 1, seed),
+            "gpt_greedy": profile_gpt(gpt, prompt, new_tokens, 0.0, seed),
+            "calm_t_half": profile_calm(calm, prompt, new_tokens, 0.5, num_samples, seed),
+            "gpt_t_half": profile_gpt(gpt, prompt, new_tokens, 0.5, seed),
+        }
+        _log(f"[{size}] profile done")
+    return result
+
+
+def bench_generate(
+    sizes: list[str],
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 512,
+    repeats: int | None = None,
+    warmup: int = 1,
+    num_samples: int = 200,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    threads: int | None = None,
+    profile: bool = True,
+) -> dict[str, Any]:
+    """``calm bench generate`` as a function: {size: result, "device", "torch", "threads"}.
+
+    ``repeats`` defaults to 5 for tiny and 3 for the paper sizes (an S run is a few minutes on a
+    2-core CPU).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    out: dict[str, Any] = {}
+    for size in sizes:
+        _log(f"[{size}] building models")
+        out[size] = bench_generate_size(
+            size,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            repeats=repeats or (5 if size == "tiny" else 3),
+            warmup=warmup,
+            num_samples=num_samples,
+            device=device,
+            dtype=torch_dtype,
+            profile=profile,
+        )
+    out.update(device=device_description(torch.device(device)), torch=torch.__version__)
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def measure_matmul_peak(
+    device: torch.device | str, dtype: torch.dtype, size: int = 2048, repeats: int = 10
+) -> float:
+    """Median FLOP/s of ``size``×``size`` matmuls in ``dtype``: the denominator of MFU."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 2:  # two warm-up products
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / _median(times)
+
+
+def _train_step(
+    kind: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    batch: torch.Tensor,
+    precision: str,
+) -> float:
+    """One forward + backward + clip + AdamW step as ``calm.train`` runs it; returns seconds."""
+    device = batch.device
+    _sync(device)
+    start = time.perf_counter()
+    with autocast_context(device, precision):
+        if kind == "calm":
+            loss, _ = model(batch)
+        else:  # as GPTStage.loss
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    if not math.isfinite(float(loss)):
+        raise RuntimeError(f"non-finite {kind} loss in the training benchmark")
+    return time.perf_counter() - start
+
+
+def bench_train_size(
+    size: str,
+    peaks: dict[str, float],
+    *,
+    steps: int = 5,
+    context: int | None = None,
+    batch_tokens: int | None = None,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Training tokens/s and MFU of CALM and GPT of one size, steps interleaved, per precision.
+
+    ``context`` is in backbone steps: a GPT block is ``context`` tokens and a CALM block
+    ``context``·K tokens (the presets' 2048/8192 shrunk to 256/1024 by default). Both models get
+    ``batch_tokens`` tokens per optimizer step. One untimed warm-up step per model and precision,
+    then the median of ``steps`` steps. The reported precision is the faster one.
+    """
+    device = torch.device(device)
+    context = context or 256
+    calm, gpt = build_pair(size, context=context, device=device, seed=seed)
+    K, vocab = calm.chunk_size, calm.config.vocab_size
+    batch_tokens = batch_tokens or (8192 if size == "tiny" else 2048)
+    blocks = {"calm": context * K, "gpt": context}
+    for kind, block in blocks.items():
+        if batch_tokens % block != 0:
+            raise ConfigError(
+                f"--batch-tokens={batch_tokens} is not a multiple of the {kind} block of {block} tokens "
+                f"(context {context} steps, K={K}); pick a multiple of {context * K}"
+            )
+    models: dict[str, nn.Module] = {"calm": calm, "gpt": gpt}
+    params = {"calm": calm.trainable_parameters(), "gpt": list(gpt.parameters())}
+    flops = {
+        "calm": calm_flops(calm.config, calm.autoencoder.config, context=context, attention="causal"),
+        "gpt": gpt_flops(gpt.config, context=context, attention="causal"),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    batches = {
+        kind: torch.randint(0, vocab, (batch_tokens // block, block), generator=gen).to(device)
+        for kind, block in blocks.items()
+    }
+    result: dict[str, Any] = {kind: {"by_precision": {}} for kind in models}
+    for precision in precisions:
+        optimizers = {kind: build_optimizer(params[kind], TrainConfig()) for kind in models}
+        times: dict[str, list[float]] = {kind: [] for kind in models}
+        for step in range(steps + 1):
+            for kind, model in models.items():
+                model.train()
+                seconds = _train_step(kind, model, optimizers[kind], params[kind], batches[kind], precision)
+                if step > 0:
+                    times[kind].append(seconds)
+                _log(f"[{size}] {precision} {kind} step {step}/{steps}: {batch_tokens / seconds:,.0f} tok/s")
+        del optimizers
+        for kind in models:
+            tps = batch_tokens / _median(times[kind])
+            achieved = tps * flops[kind]["train_flops_per_token"]
+            result[kind]["by_precision"][precision] = {
+                "tokens_per_s": tps,
+                "mfu": achieved / peaks[precision],
+                "achieved_flops": achieved,
+                "step_s": times[kind],
+            }
+    for kind in models:
+        best = max(
+            result[kind]["by_precision"], key=lambda p: result[kind]["by_precision"][p]["tokens_per_s"]
+        )
+        chosen = result[kind]["by_precision"][best]
+        result[kind].update(
+            tokens_per_s=chosen["tokens_per_s"],
+            mfu=chosen["mfu"],
+            precision=best,
+            train_flops_per_token=flops[kind]["train_flops_per_token"],
+            block_tokens=blocks[kind],
+            sequences_per_step=batch_tokens // blocks[kind],
+        )
+    result["setup"] = {
+        "context_steps": context,
+        "batch_tokens": batch_tokens,
+        "vocab_size": vocab,
+        "chunk_size": K,
+        "attention_flops": "causal",
+        "optimizer": "AdamW + clip 1.0 (calm.train recipe)",
+    }
+    models.clear()
+    return result
+
+
+def bench_train(
+    sizes: list[str],
+    *,
+    steps: int = 5,
+    context: int | None = None,
+    batch_tokens: int | None = None,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    device: str = "cpu",
+    threads: int | None = None,
+    peak_size: int = 2048,
+) -> dict[str, Any]:
+    """``calm bench train`` as a function: {"peak_flops", size: {"calm", "gpt"}, "device", ...}."""
+    if threads:
+        torch.set_num_threads(threads)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: measure_matmul_peak(device, dtypes[p], peak_size) for p in ("fp32", "bf16")}
+    _log("matmul peak: " + ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in peaks.items()))
+    out: dict[str, Any] = {"peak_flops": peaks, "peak_matmul_size": peak_size}
+    for size in sizes:
+        _log(f"[{size}] building models")
+        out[size] = bench_train_size(
+            size,
+            peaks,
+            steps=steps,
+            context=context,
+            batch_tokens=batch_tokens,
+            precisions=precisions,
+            device=device,
+        )
+    out.update(device=device_description(torch.device(device)), torch=torch.__version__)
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _print_generate(result: dict[str, Any]) -> None:
+    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads")
+    print(f"{'size':<5} {'mode':<7} {'CALM tok/s':>11} {'GPT tok/s':>10} {'CALM/GPT':>9}")
+    sizes = [k for k, v in result.items() if isinstance(v, dict)]
+    for size in sizes:
+        r = result[size]
+        for mode, label in (("greedy", "greedy"), ("t_half", "T=1/2")):
+            calm_tps, gpt_tps = r[f"calm_{mode}_tok_s"], r[f"gpt_{mode}_tok_s"]
+            print(f"{size:<5} {label:<7} {calm_tps:>11.1f} {gpt_tps:>10.1f} {r[f'{mode}_ratio']:>8.2f}x")
+    for size in sizes:
+        for name, prof in result[size].get("profile", {}).items():
+            unit = "step" if name.startswith("calm") else "token"
+            parts = ", ".join(
+                f"{k} {v:.1f} ms ({100 * prof['fraction'][k]:.0f}%)"
+                for k, v in prof[f"ms_per_{unit}"].items()
+            )
+            print(f"profile {size} {name}: {prof[f'total_ms_per_{unit}']:.1f} ms/{unit} = {parts}")
+            if "detail" in prof:
+                print(f"    ae_decoder = {', '.join(f'{k} {v:.1f}' for k, v in prof['detail'].items())}")
+
+
+def _print_train(result: dict[str, Any]) -> None:
+    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads")
+    peaks = result["peak_flops"]
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.1f} GFLOP/s")
+    print(f"{'size':<5} {'model':<5} {'precision':<9} {'tokens/s':>10} {'MFU':>7}")
+    for size, r in result.items():
+        if not (isinstance(r, dict) and "calm" in r):
+            continue
+        for kind in ("calm", "gpt"):
+            for precision, p in r[kind]["by_precision"].items():
+                mark = " *" if precision == r[kind]["precision"] else ""
+                tps, mfu = p["tokens_per_s"], 100 * p["mfu"]
+                print(f"{size:<5} {kind:<5} {precision:<9} {tps:>10,.0f} {mfu:>6.1f}%{mark}")
+    print("* = the faster precision, reported as tokens_per_s / mfu")
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    result = bench_generate(
+        args.sizes,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        num_samples=args.num_samples,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        profile=not args.no_profile,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_generate(result)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    result = bench_train(
+        args.sizes,
+        steps=args.steps,
+        context=args.context,
+        batch_tokens=args.batch_tokens,
+        precisions=tuple(args.precisions),
+        device=args.device,
+        threads=args.threads,
+        peak_size=args.peak_size,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_train(result)
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``calm bench generate`` and ``calm bench train``."""
+    bench = sub.add_parser("bench", help="speed benchmarks: CALM vs the GPT baseline with the same backbone")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = bench_sub.add_parser("generate", help="decoding tokens/s, greedy and T=1/2, with a per-step profile")
+    p.add_argument("--sizes", nargs="+", choices=SIZES, default=["tiny", "S"])
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, help="timed repetitions per mode (default 5 for tiny, 3 otherwise)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds of min(new tokens, 64) tokens")
+    p.add_argument("--num-samples", type=int, default=200, help="N candidates of CALM's T=1/2 batch sampler")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
+    p.add_argument("--no-profile", action="store_true", help="skip the instrumented profile runs")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    p.set_defaults(func=cmd_bench_generate)
+
+    p = bench_sub.add_parser("train", help="training tokens/s and MFU against a measured matmul peak")
+    p.add_argument("--sizes", nargs="+", choices=SIZES, default=["tiny", "S"])
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model and precision")
+    p.add_argument("--context", type=int, help="context in backbone steps (default 256)")
+    p.add_argument(
+        "--batch-tokens", type=int, help="tokens per optimizer step (default 8192 tiny, 2048 otherwise)"
+    )
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak-FLOP/s matmuls")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    p.set_defaults(func=cmd_bench_train)
