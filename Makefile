@@ -18,7 +18,7 @@ demo: setup
 	$(PY) -m calm demo --out $(RUN)
 
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check calm tests benchmarks

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -258,68 +259,70 @@ def bench_generate_size(
     *,
     prompt_tokens: int = 128,
     new_tokens: int = 512,
+    t_half_new_tokens: int | None = None,
     repeats: int = 3,
     warmup: int = 1,
     num_samples: int = 200,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    profile: bool = True,
+    profile_tokens: int | None = 128,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Greedy and T = 1/2 decoding tokens/s of CALM and GPT of one size, timed interleaved.
 
-    Warm-up runs decode min(new_tokens, 64) tokens in each of the four modes. Returns medians,
-    every repetition, the CALM/GPT ratios and (``profile``) one instrumented run per mode.
+    Each repetition runs CALM greedy, GPT greedy, CALM T=1/2, GPT T=1/2 in turn. Greedy runs
+    decode ``new_tokens``; T = 1/2 runs ``t_half_new_tokens`` (default ``new_tokens``), because
+    CALM's 200 candidates per step cost seconds per step at paper size on a CPU. Warm-up runs
+    decode min(tokens, 64) in each mode. Returns medians, every repetition, the CALM/GPT ratios
+    and one instrumented run per mode over min(tokens, ``profile_tokens``) new tokens (None: no
+    profile; per-step costs barely depend on the position at these lengths).
     """
     device = torch.device(device)
+    tokens = {"greedy": new_tokens, "t_half": t_half_new_tokens or new_tokens}
     # the GPT needs prompt + new tokens of context (the tiny presets have 256); CALM gets the same
-    calm, gpt = build_pair(size, min_context=prompt_tokens + new_tokens, device=device, seed=seed)
+    context = prompt_tokens + max(tokens.values())
+    calm, gpt = build_pair(size, min_context=context, device=device, seed=seed)
     K = calm.chunk_size
     if prompt_tokens % K != 0 or prompt_tokens < K:
         raise ConfigError(f"--prompt-tokens={prompt_tokens} must be a positive multiple of K={K}")
     calm, gpt = calm.to(dtype), gpt.to(dtype)
     vocab = calm.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(
-        device
-    )
-    modes: dict[str, tuple[Callable[[int], float], Callable[[int], float]]] = {
-        "greedy": (
-            lambda n: time_calm(calm, prompt, n, 1.0, 1, seed),
-            lambda n: time_gpt(gpt, prompt, n, 0.0, seed),
-        ),
-        "t_half": (
-            lambda n: time_calm(calm, prompt, n, 0.5, num_samples, seed),
-            lambda n: time_gpt(gpt, prompt, n, 0.5, seed),
-        ),
-    }
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    prompt = prompt.to(device)
+    sampling = {"greedy": (1.0, 1, 0.0), "t_half": (0.5, num_samples, 0.5)}  # CALM T, CALM N, GPT T
+
+    def run(model_name: str, mode: str, n: int) -> float:
+        calm_t, calm_n, gpt_t = sampling[mode]
+        if model_name == "calm":
+            return time_calm(calm, prompt, n, calm_t, calm_n, seed)
+        return time_gpt(gpt, prompt, n, gpt_t, seed)
+
     for i in range(warmup):
-        for run_calm, run_gpt in modes.values():
-            run_calm(min(new_tokens, 64))
-            run_gpt(min(new_tokens, 64))
+        for mode in tokens:
+            for model_name in ("calm", "gpt"):
+                run(model_name, mode, min(tokens[mode], 64))
         _log(f"[{size}] warm-up {i + 1}/{warmup} done")
-    times: dict[str, list[float]] = {f"{m}_{mode}": [] for mode in modes for m in ("calm", "gpt")}
+    times: dict[str, list[float]] = {f"{m}_{mode}": [] for mode in tokens for m in ("calm", "gpt")}
     for rep in range(repeats):
-        for mode, (run_calm, run_gpt) in modes.items():
-            for model_name, run in (("calm", run_calm), ("gpt", run_gpt)):
-                seconds = run(new_tokens)
+        for mode, n in tokens.items():
+            for model_name in ("calm", "gpt"):
+                seconds = run(model_name, mode, n)
                 times[f"{model_name}_{mode}"].append(seconds)
-                _log(
-                    f"[{size}] rep {rep + 1}/{repeats} {model_name} {mode}: "
-                    f"{new_tokens / seconds:,.1f} tok/s ({seconds:.1f} s)"
-                )
+                rate = f"{n / seconds:,.1f} tok/s ({seconds:.1f} s)"
+                _log(f"[{size}] rep {rep + 1}/{repeats} {model_name} {mode}: {rate}")
     result: dict[str, Any] = {}
-    for mode in modes:
-        calm_tps = new_tokens / _median(times[f"calm_{mode}"])
-        gpt_tps = new_tokens / _median(times[f"gpt_{mode}"])
+    for mode, n in tokens.items():
+        calm_tps = n / _median(times[f"calm_{mode}"])
+        gpt_tps = n / _median(times[f"gpt_{mode}"])
         result[f"{mode}_ratio"] = calm_tps / gpt_tps
         result[f"calm_{mode}_tok_s"] = calm_tps
         result[f"gpt_{mode}_tok_s"] = gpt_tps
-    result["runs_tok_s"] = {k: [round(new_tokens / s, 2) for s in v] for k, v in times.items()}
-    context = prompt_tokens + new_tokens
+    result["runs_tok_s"] = {
+        k: [round(tokens[k.split("_", 1)[1]] / s, 2) for s in v] for k, v in times.items()
+    }
     ae_config = calm.autoencoder.config
-    gpt_inf = gpt_flops(gpt.config, context=context)["inference_flops_per_token"]
     result["analytic_flops_per_token"] = {
-        "gpt": gpt_inf,
+        "gpt": gpt_flops(gpt.config, context=context)["inference_flops_per_token"],
         "calm_greedy": calm_flops(calm.config, ae_config, context=context // K)["inference_flops_per_token"],
         "calm_t_half": calm_flops(
             calm.config, ae_config, context=context // K, num_samples_inference=num_samples
@@ -337,17 +340,20 @@ def bench_generate_size(
         "calm_params": calm.num_parameters(),
         "gpt_params": gpt.num_parameters(),
         "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
+        "new_tokens": tokens["greedy"],
+        "t_half_new_tokens": tokens["t_half"],
         "repeats": repeats,
+        "warmup": warmup,
         "num_samples": num_samples,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    if profile:
+    if profile_tokens:
+        greedy_n, half_n = (min(tokens[m], profile_tokens) for m in ("greedy", "t_half"))
         result["profile"] = {
-            "calm_greedy": profile_calm(calm, prompt, new_tokens, 1.0, 1, seed),
-            "gpt_greedy": profile_gpt(gpt, prompt, new_tokens, 0.0, seed),
-            "calm_t_half": profile_calm(calm, prompt, new_tokens, 0.5, num_samples, seed),
-            "gpt_t_half": profile_gpt(gpt, prompt, new_tokens, 0.5, seed),
+            "calm_greedy": profile_calm(calm, prompt, greedy_n, 1.0, 1, seed),
+            "gpt_greedy": profile_gpt(gpt, prompt, greedy_n, 0.0, seed),
+            "calm_t_half": profile_calm(calm, prompt, half_n, 0.5, num_samples, seed),
+            "gpt_t_half": profile_gpt(gpt, prompt, half_n, 0.5, seed),
         }
         _log(f"[{size}] profile done")
     return result
@@ -358,38 +364,41 @@ def bench_generate(
     *,
     prompt_tokens: int = 128,
     new_tokens: int = 512,
+    t_half_new_tokens: int | None = None,
     repeats: int | None = None,
     warmup: int = 1,
     num_samples: int = 200,
     device: str = "cpu",
     dtype: str = "fp32",
     threads: int | None = None,
-    profile: bool = True,
+    profile_tokens: int | None = 128,
 ) -> dict[str, Any]:
     """``calm bench generate`` as a function: {size: result, "device", "torch", "threads"}.
 
-    ``repeats`` defaults to 5 for tiny and 3 for the paper sizes (an S run is a few minutes on a
-    2-core CPU).
+    Defaults sized for a 2-core CPU: ``repeats`` is 5 for tiny and 3 otherwise;
+    ``t_half_new_tokens`` is ``new_tokens`` for tiny and 128 otherwise.
     """
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"load_average_start": list(os.getloadavg())}
     for size in sizes:
         _log(f"[{size}] building models")
         out[size] = bench_generate_size(
             size,
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
+            t_half_new_tokens=t_half_new_tokens or (new_tokens if size == "tiny" else min(new_tokens, 128)),
             repeats=repeats or (5 if size == "tiny" else 3),
             warmup=warmup,
             num_samples=num_samples,
             device=device,
             dtype=torch_dtype,
-            profile=profile,
+            profile_tokens=profile_tokens,
         )
     out.update(device=device_description(torch.device(device)), torch=torch.__version__)
     out["threads"] = torch.get_num_threads()
+    out["load_average_end"] = list(os.getloadavg())
     return out
 
 
@@ -438,9 +447,24 @@ def _train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     _sync(device)
-    if not math.isfinite(float(loss)):
+    if not math.isfinite(float(loss.detach())):
         raise RuntimeError(f"non-finite {kind} loss in the training benchmark")
     return time.perf_counter() - start
+
+
+def train_shapes(size: str, context: int | None, batch_tokens: int | None) -> tuple[int, int, dict[str, int]]:
+    """(context steps, batch tokens, block tokens per model), defaults filled in and checked."""
+    context = context or 256
+    batch_tokens = batch_tokens or (8192 if size == "tiny" else 2048)
+    K = load_preset("autoencoder", "tiny" if size == "tiny" else "paper").model.chunk_size
+    blocks = {"calm": context * K, "gpt": context}
+    for kind, block in blocks.items():
+        if batch_tokens % block != 0:
+            raise ConfigError(
+                f"--batch-tokens={batch_tokens} is not a multiple of the {kind} block of {block} tokens "
+                f"(context {context} steps, K={K}); pick a multiple of {context * K}"
+            )
+    return context, batch_tokens, blocks
 
 
 def bench_train_size(
@@ -462,17 +486,9 @@ def bench_train_size(
     then the median of ``steps`` steps. The reported precision is the faster one.
     """
     device = torch.device(device)
-    context = context or 256
+    context, batch_tokens, blocks = train_shapes(size, context, batch_tokens)
     calm, gpt = build_pair(size, context=context, device=device, seed=seed)
     K, vocab = calm.chunk_size, calm.config.vocab_size
-    batch_tokens = batch_tokens or (8192 if size == "tiny" else 2048)
-    blocks = {"calm": context * K, "gpt": context}
-    for kind, block in blocks.items():
-        if batch_tokens % block != 0:
-            raise ConfigError(
-                f"--batch-tokens={batch_tokens} is not a multiple of the {kind} block of {block} tokens "
-                f"(context {context} steps, K={K}); pick a multiple of {context * K}"
-            )
     models: dict[str, nn.Module] = {"calm": calm, "gpt": gpt}
     params = {"calm": calm.trainable_parameters(), "gpt": list(gpt.parameters())}
     flops = {
@@ -544,10 +560,13 @@ def bench_train(
     """``calm bench train`` as a function: {"peak_flops", size: {"calm", "gpt"}, "device", ...}."""
     if threads:
         torch.set_num_threads(threads)
+    for size in sizes:  # fail on impossible shapes before any work
+        train_shapes(size, context, batch_tokens)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {p: measure_matmul_peak(device, dtypes[p], peak_size) for p in ("fp32", "bf16")}
     _log("matmul peak: " + ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in peaks.items()))
     out: dict[str, Any] = {"peak_flops": peaks, "peak_matmul_size": peak_size}
+    out["load_average_start"] = list(os.getloadavg())
     for size in sizes:
         _log(f"[{size}] building models")
         out[size] = bench_train_size(
@@ -561,6 +580,7 @@ def bench_train(
         )
     out.update(device=device_description(torch.device(device)), torch=torch.__version__)
     out["threads"] = torch.get_num_threads()
+    out["load_average_end"] = list(os.getloadavg())
     return out
 
 
@@ -569,7 +589,10 @@ def bench_train(
 
 
 def _print_generate(result: dict[str, Any]) -> None:
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads")
+    load = result["load_average_start"][0]
+    print(
+        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}"
+    )
     print(f"{'size':<5} {'mode':<7} {'CALM tok/s':>11} {'GPT tok/s':>10} {'CALM/GPT':>9}")
     sizes = [k for k, v in result.items() if isinstance(v, dict)]
     for size in sizes:
@@ -590,7 +613,10 @@ def _print_generate(result: dict[str, Any]) -> None:
 
 
 def _print_train(result: dict[str, Any]) -> None:
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads")
+    load = result["load_average_start"][0]
+    print(
+        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}"
+    )
     peaks = result["peak_flops"]
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.1f} GFLOP/s")
     print(f"{'size':<5} {'model':<5} {'precision':<9} {'tokens/s':>10} {'MFU':>7}")
@@ -610,13 +636,14 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         args.sizes,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
+        t_half_new_tokens=args.t_half_new_tokens,
         repeats=args.repeats,
         warmup=args.warmup,
         num_samples=args.num_samples,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
-        profile=not args.no_profile,
+        profile_tokens=None if args.no_profile else args.profile_tokens,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -651,11 +678,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("generate", help="decoding tokens/s, greedy and T=1/2, with a per-step profile")
     p.add_argument("--sizes", nargs="+", choices=SIZES, default=["tiny", "S"])
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=512, help="new tokens per greedy run")
+    p.add_argument(
+        "--t-half-new-tokens",
+        type=int,
+        help="new tokens per T=1/2 run (default: --new-tokens for tiny, 128 else)",
+    )
     p.add_argument("--repeats", type=int, help="timed repetitions per mode (default 5 for tiny, 3 otherwise)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds of min(new tokens, 64) tokens")
     p.add_argument("--num-samples", type=int, default=200, help="N candidates of CALM's T=1/2 batch sampler")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
+    p.add_argument("--profile-tokens", type=int, default=128, help="new tokens per instrumented profile run")
     p.add_argument("--no-profile", action="store_true", help="skip the instrumented profile runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -68,8 +68,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # e.g. ENOSPC: say which file
+            raise OSError(e.errno, f"could not write {path}: {e.strerror}") from e
         raise
 
 
@@ -83,9 +85,11 @@ def _write_json(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- training state
 
 
-def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into flat tensors (for safetensors) and a JSON-able rest."""
-    sd = optimizer.state_dict()
+def optimizer_state_to_tensors(
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer (or its state_dict) into flat tensors (for safetensors) and a JSON-able rest."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -157,19 +161,24 @@ def save_checkpoint(
     config: dict[str, Any],
     tokenizer_json: str,
     training_state: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint directory at ``path`` atomically and return it.
 
     ``config`` must contain ``kind`` and ``model`` (plus anything else worth recording). The
     directory appears only once every file is written and flushed; an existing ``path`` is
-    replaced only after the new one is complete.
+    replaced only after the new one is complete. A failed write (full disk, SIGKILL) leaves at
+    most a hidden ``.NAME.tmp-*`` directory, which ``list_checkpoints`` ignores and
+    ``clean_incomplete`` removes. ``weights`` / an optimizer state dict, when given, replace
+    ``model.state_dict()`` / ``optimizer.state_dict()`` (FSDP gathers them on every rank first).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in _unwrapped_state_dict(model).items()}
+        source = weights if weights is not None else _unwrapped_state_dict(model)
+        weights = {k: v.detach().cpu().contiguous() for k, v in source.items()}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
         if training_state is not None:
@@ -226,15 +235,38 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and leftovers of interrupted writes."""
-    ckpts = list_checkpoints(run_dir)
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest ``keep`` checkpoints, and leftovers of interrupted writes.
+
+    A checkpoint is first renamed to a hidden ``.NAME.del-*`` directory and then deleted, so a
+    crash half-way through the deletion never leaves a partial ``step_*`` directory behind.
+    """
+    for old in list_checkpoints(run_dir)[:-keep]:
+        doomed = old.parent / f".{old.name}.del-{os.getpid()}"
+        try:
+            os.replace(old, doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+    clean_incomplete(run_dir)
+
+
+def clean_incomplete(run_dir: str | Path) -> None:
+    """Remove what interrupted writes and deletions left in ``RUN/checkpoints``.
+
+    A ``.NAME.old-*`` directory is the previous complete ``NAME`` that ``save_checkpoint`` moved
+    aside while replacing it; if the replacement never arrived, it is moved back.
+    """
     root = Path(run_dir) / CHECKPOINT_SUBDIR
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if not p.name.startswith("."):
+            continue
+        name, _, kind = p.name[1:].rpartition(".")
+        if kind.startswith("old-") and not (root / name).exists() and (p / CONFIG_FILE).exists():
+            os.replace(p, root / name)
+        elif kind.startswith(("tmp-", "old-", "del-")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -340,12 +340,13 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError,
 
 def main(argv: list[str] | None = None) -> int:
     from calm.checkpoint import CheckpointError
+    from calm.train import NonFiniteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, *KNOWN_ERRORS, OSError) as e:
+    except (CheckpointError, NonFiniteError, *KNOWN_ERRORS, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -64,6 +64,7 @@ class AutoencoderStage:
         self.chunks = ae_chunks(train_shard, K, tok.eos_id, tok.pad_id)
         val_chunks = ae_chunks(val_shard, K, tok.eos_id, tok.pad_id)
         self.val_chunks = np.asarray(val_chunks[_eval_rows(len(val_chunks), train.eval_tokens // K)])
+        torch.manual_seed(train.seed)  # the initial weights follow --seed
         self.model = Autoencoder(config)
         self.tokenizer_json = tok.to_str()
         self.tokens_per_item = K
@@ -153,6 +154,7 @@ class CALMStage(_BlockStage):
             )
         config.validate()
         self.config, self.train_config = config, train
+        torch.manual_seed(train.seed)
         self.model = CALM(config, ae)
         self.ae_config = ae.config
         from calm.flops import calm_flops
@@ -204,6 +206,7 @@ class GPTStage(_BlockStage):
             )
         config.validate()
         self.config, self.train_config = config, train
+        torch.manual_seed(train.seed)
         self.model = GPT(config)
         self.flops_per_token = gpt_flops(config, context=train.block_size)["train_flops_per_token"]
 

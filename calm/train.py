@@ -6,6 +6,11 @@ paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1
 §6), warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
 autocast, progress bars, ``metrics.jsonl`` logging, periodic checkpoints, exact resume (model,
 optimizer, RNG and data position), SIGTERM handling and non-finite guards.
+
+Under ``torchrun`` every rank runs this loop on its slice of each global batch (``calm.distributed``
+wraps the model in DDP or FSDP2); rank 0 logs and writes. Each micro-batch's noise is seeded by its
+position in the global batch (``micro_batch_seed``), so results do not depend on the world size
+or on interruptions. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
     """Check the output directory; return the checkpoint to resume from, if any."""
     existing = ckpt.list_checkpoints(out)
     if resume:
+        dist.barrier()  # every rank has listed before rank 0 may write
         return existing[-1] if existing else None
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -112,6 +118,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
                 f"output directory {out} already exists and is not empty; pass --resume to continue the run "
                 "or --overwrite to start over (this deletes its checkpoints and metrics)"
             )
+        dist.barrier()  # every rank has checked before rank 0 deletes
         if dist.is_main():
             import shutil
 
@@ -126,11 +133,62 @@ def _write_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint so the log matches an unbroken run."""
+    """On resume, drop records logged after the checkpoint so the log matches an unbroken run.
+
+    A line cut short by a crash (SIGKILL during the append) is dropped too.
+    """
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+_TRAIN_RNG, _EVAL_RNG = 0, 1
+
+
+def micro_batch_seed(seed: int, step: int, slot: int, purpose: int = _TRAIN_RNG) -> int:
+    """The seed of the global RNG for one micro-batch: a hash of (seed, step, slot).
+
+    ``slot = micro * world_size + rank`` is the micro-batch's position in the global batch, the same
+    position ``BatchSampler`` gives its items. So the noise a micro-batch draws (DropToken,
+    DropLatent and the posterior sample in the autoencoder; target samples and head noise in CALM)
+    depends on which items it holds, not on which rank holds them or on the RNG history: a run on
+    2 ranks draws exactly what a run on 1 rank with 2 accumulation steps draws, and a resumed run
+    draws what the unbroken run drew.
+    """
+    words = np.random.SeedSequence([seed & 0xFFFFFFFF, purpose, step, slot]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
+
+
+def _check_resumable(resume_from: Path, stage: Stage) -> None:
+    """The checkpoint must belong to this stage, tokenizer and model configuration."""
+    saved = ckpt.read_config(resume_from)
+    current = stage.checkpoint_config()
+    if saved["kind"] != stage.kind:
+        raise ckpt.CheckpointError(
+            f"{resume_from} is a {saved['kind']} checkpoint but this is a {stage.kind} run; "
+            f"pick the run directory of a {stage.kind} run or start a new one"
+        )
+    if saved.get("tokenizer_sha256") != current.get("tokenizer_sha256"):
+        raise ckpt.CheckpointError(
+            f"{resume_from} was trained with another tokenizer than the data's; resume with the data it was "
+            "trained on, or start a new run with --overwrite"
+        )
+    for section in ("model", "autoencoder"):
+        a, b = saved.get(section), current.get(section)
+        if a != b:
+            keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
+            raise ckpt.CheckpointError(
+                f"{resume_from}: its {section} config differs from this run's in {keys}; resume with the "
+                "same preset and overrides (and the same autoencoder), or start a new run with --overwrite"
+            )
 
 
 def run_training(
@@ -143,7 +201,12 @@ def run_training(
     progress: bool = True,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Train ``stage`` under ``cfg`` into the run directory ``out``; return the final metrics."""
+    """Train ``stage`` under ``cfg`` into the run directory ``out``; return the final metrics.
+
+    Under ``torchrun`` every rank calls this; rank 0 logs and writes. Resuming (``resume=True``)
+    restores weights, optimizer moments, data position and RNG from the newest complete checkpoint,
+    and the continuation is bit-identical to an unbroken run on CPU.
+    """
     out = Path(out)
     ctx = dist.context()
     device = device or ctx.device
@@ -156,35 +219,58 @@ def run_training(
             f"training item; set batch_tokens/micro_batch_tokens to a multiple of {stage.tokens_per_item}"
         )
     items_per_rank = micro_tokens // stage.tokens_per_item
+    sampler = BatchSampler(
+        stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size
+    )
     resume_from = prepare_run_dir(out, resume, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    meta: dict[str, Any] = {}
+    if resume_from is not None:  # read and check everything before touching a file
+        try:
+            ckpt.read_config(resume_from)  # every file present, with its recorded size
+            meta, state_tensors = ckpt.load_training_state(resume_from)
+            weights = ckpt.load_weights(resume_from, device)
+        except ckpt.CheckpointError as e:
+            older = ckpt.list_checkpoints(out)[:-1]
+            hint = ""
+            if older:
+                hint = f"; to resume from the previous one ({older[-1].name}), delete {resume_from}"
+            raise ckpt.CheckpointError(f"cannot resume: {e}{hint}") from e
+        _check_resumable(resume_from, stage)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = stage.model.to(device)
-    params = stage.trainable_parameters()
+    if resume_from is not None:
+        ckpt.load_state_into(model, weights, resume_from)
+        del weights
+    train_model = dist.wrap_model(model, ctx, stage.trainable_parameters())
+    params = stage.trainable_parameters()  # after wrapping: FSDP2 replaces them with sharded ones
     optimizer = build_optimizer(params, cfg)
-    sampler = BatchSampler(
-        stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size
-    )
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_from is not None:
-        meta, tensors = ckpt.load_training_state(resume_from)
-        ckpt.load_state_into(model, ckpt.load_weights(resume_from, device), resume_from)
-        optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(tensors, meta["optimizer"]))
+        opt_state = ckpt.optimizer_state_from_tensors(state_tensors, meta["optimizer"])
+        dist.load_optimizer_state(optimizer, train_model, opt_state)
         sampler.load_state_dict(meta["sampler"])
-        ckpt.restore_rng_state(tensors, meta["rng"])
+        ckpt.restore_rng_state(state_tensors, meta["rng"])
         step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
-        if dist.is_main():
-            _truncate_metrics(metrics_path, step)
-            print(f"resuming {stage.kind} from {resume_from} at step {step}")
-    train_model = dist.wrap_model(model, ctx, params)
+        del state_tensors
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    metrics_path = out / "metrics.jsonl"
     config_record = {**stage.checkpoint_config(), "train": asdict(cfg)}
     if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ckpt.clean_incomplete(out)  # leftovers of a write that a crash interrupted
+            _truncate_metrics(metrics_path, step)
+            if resume_from is not None:
+                print(f"resuming {stage.kind} from {resume_from} at step {step}")
         ckpt.atomic_write_text(out / "run_config.json", json.dumps(config_record, indent=2, sort_keys=True))
 
     def save(at_step: int, elapsed: float) -> None:
+        weights = dist.full_state_dict(train_model)  # FSDP: every rank gathers; None otherwise
+        opt_state = dist.full_optimizer_state(optimizer, train_model)
         if not dist.is_main():
             return
         state = {
@@ -194,14 +280,24 @@ def run_training(
             "sampler": sampler.state_dict(),
             "world_size": ctx.world_size,
         }
-        ckpt.save_checkpoint(
-            ckpt.checkpoint_step_dir(out, at_step),
-            model=model,
-            config={**config_record, "step": at_step},
-            tokenizer_json=stage.tokenizer_json,
-            training_state=state,
-            optimizer=optimizer,
-        )
+        path = ckpt.checkpoint_step_dir(out, at_step)
+        try:
+            ckpt.save_checkpoint(
+                path,
+                model=model,
+                weights=weights,
+                config={**config_record, "step": at_step},
+                tokenizer_json=stage.tokenizer_json,
+                training_state=state,
+                optimizer=opt_state if opt_state is not None else optimizer,
+            )
+        except OSError as e:
+            last = ckpt.list_checkpoints(out)
+            raise ckpt.CheckpointError(
+                f"could not write checkpoint {path} at step {at_step} of stage {stage.kind} ({e}); "
+                f"the previous checkpoint {last[-1] if last else '(none)'} is intact. "
+                "Free disk space and resume with --resume"
+            ) from e
         ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
 
     def log(record: dict[str, Any]) -> None:
@@ -223,41 +319,46 @@ def run_training(
             train_model.train()
             totals: dict[str, float] = {}
             for micro in range(accum):
-                batch = stage.make_batch(sampler.next_indices(), device)
+                indices = sampler.next_indices()
+                torch.manual_seed(micro_batch_seed(cfg.seed, step, micro * ctx.world_size + ctx.rank))
+                batch = stage.make_batch(indices, device)
                 sync = dist.no_sync(train_model) if micro < accum - 1 else nullcontext()
-                with sync, autocast_context(device, cfg.precision):
-                    loss, metrics = stage.loss(train_model, batch)
-                (loss / accum).backward()
+                with sync:
+                    with autocast_context(device, cfg.precision):
+                        loss, metrics = stage.loss(train_model, batch)
+                    (loss / accum).backward()
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             loss_value = dist.all_reduce_mean(totals.get("loss", float(loss.detach())))
             finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
+            if finite:
+                optimizer.step()
+            else:
+                what = "loss" if not math.isfinite(loss_value) else "gradient"
                 msg = (
-                    f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} at step {step + 1} "
-                    f"of stage {stage.kind} (loss={loss_value}, grad_norm={float(grad_norm)})"
+                    f"non-finite {what} at step {step + 1} of stage {stage.kind} "
+                    f"(loss={loss_value}, grad_norm={float(grad_norm)})"
                 )
-                if cfg.skip_nonfinite:
+                if not cfg.skip_nonfinite:
+                    bar.close()
+                    last = ckpt.list_checkpoints(out)
+                    raise NonFiniteError(
+                        f"{msg}; the last good checkpoint is {last[-1] if last else '(none)'}. "
+                        "Lower the learning rate, resume with --resume, or pass --skip-nonfinite to skip "
+                        "bad steps"
+                    )
+                if dist.is_main():
                     print(f"warning: {msg}; skipping this step (--skip-nonfinite)")
-                    log({"step": step + 1, "split": "train", "skipped_nonfinite": True})
-                    step += 1
-                    continue
-                last = ckpt.list_checkpoints(out)
-                raise NonFiniteError(
-                    f"{msg}; the last good checkpoint is {last[-1] if last else 'none'}. Lower the learning rate, "
-                    "resume with --resume, or pass --skip-nonfinite to skip bad steps"
-                )
-            optimizer.step()
+                log({"step": step + 1, "split": "train", "skipped_nonfinite": True})
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_tokens = cfg.batch_tokens
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
             elapsed = elapsed_before + time.perf_counter() - start_time
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if finite:
+                tokens_seen += cfg.batch_tokens
+                window_tokens += cfg.batch_tokens
+            if finite and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_tokens, window_start = 0, now
@@ -275,16 +376,20 @@ def run_training(
                     record["train_flops"] = stage.flops_per_token * tokens_seen
                 log(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}", **last_eval)
-            timed_out = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
+            stopping, timed_out = dist.any_rank(
+                stop.signum is not None, cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
+            )
             if step % cfg.eval_every == 0 or step == cfg.max_steps or timed_out:
-                ev = stage.evaluate(model, device)
+                torch.manual_seed(micro_batch_seed(cfg.seed, step, 0, _EVAL_RNG))  # same on every rank
+                with dist.evaluation(train_model):
+                    ev = stage.evaluate(model, device)
                 log({"step": step, "split": "val", "tokens": tokens_seen, "elapsed_s": round(elapsed, 3), **ev})
                 last_eval = {k: f"{v:.4g}" for k, v in list(ev.items())[:2]}
-            if step % cfg.save_every == 0 or step == cfg.max_steps or timed_out or stop.signum is not None:
+            if step % cfg.save_every == 0 or step == cfg.max_steps or timed_out or stopping:
                 save(step, elapsed)
-            if stop.signum is not None:
+            if stopping:
                 bar.close()
-                raise SystemExit(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, resume with --resume")
+                raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
             if timed_out:
                 if dist.is_main():
                     print(f"time limit of {cfg.max_minutes} min reached at step {step}")

@@ -1,0 +1,76 @@
+"""Smoke tests of ``calm bench``: the JSON it prints has the promised keys and sane numbers.
+
+Tiny models and a handful of tokens, so the timings themselves mean nothing here; the tests check
+the structure (which `benchmarks/README.md` documents) and that every ratio, speed and MFU is a
+positive finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from calm.bench import timed_calls
+from calm.cli import main
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x) and x > 0
+
+
+def test_bench_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "generate", "--sizes", "tiny", "--prompt-tokens", "8", "--new-tokens", "16"]
+    argv += ["--repeats", "1", "--warmup", "0", "--num-samples", "8", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"tiny", "device", "torch", "threads"} <= set(result)
+    tiny = result["tiny"]
+    for key in ("greedy_ratio", "t_half_ratio", "calm_greedy_tok_s", "gpt_greedy_tok_s"):
+        assert _positive(tiny[key]), key
+    assert _positive(tiny["calm_t_half_tok_s"]) and _positive(tiny["gpt_t_half_tok_s"])
+    assert tiny["greedy_ratio"] == pytest.approx(tiny["calm_greedy_tok_s"] / tiny["gpt_greedy_tok_s"])
+    assert tiny["setup"]["vocab_size"] == 4096 and tiny["setup"]["new_tokens"] == 16
+    profile = tiny["profile"]
+    assert set(profile) == {"calm_greedy", "calm_t_half", "gpt_greedy", "gpt_t_half"}
+    calm = profile["calm_t_half"]
+    assert set(calm["ms_per_step"]) == {"backbone", "head", "ae_decoder", "sampler_other"}
+    assert sum(calm["fraction"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert calm["steps"] == 16 // 4
+    assert set(profile["gpt_greedy"]["ms_per_token"]) == {"backbone", "lm_head", "sampler_other"}
+    assert profile["gpt_greedy"]["tokens"] == 16
+    assert 1 <= tiny["distinct_of_n_candidates"] <= 8
+
+
+def test_bench_train_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "train", "--sizes", "tiny", "--steps", "1", "--context", "16", "--batch-tokens", "128"]
+    argv += ["--peak-size", "256", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert _positive(result["peak_flops"]["fp32"]) and _positive(result["peak_flops"]["bf16"])
+    for kind in ("calm", "gpt"):
+        entry = result["tiny"][kind]
+        assert _positive(entry["tokens_per_s"]) and _positive(entry["mfu"])
+        assert entry["precision"] in ("fp32", "bf16")
+        assert set(entry["by_precision"]) == {"fp32", "bf16"}
+    assert result["tiny"]["calm"]["block_tokens"] == 64 and result["tiny"]["gpt"]["block_tokens"] == 16
+
+
+def test_bench_train_rejects_a_batch_that_does_not_divide(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "train", "--sizes", "tiny", "--steps", "1", "--context", "16", "--batch-tokens", "100"]
+    assert main(argv) == 2
+    assert "multiple" in capsys.readouterr().err
+
+
+def test_timed_calls_restores_the_methods() -> None:
+    class Thing:
+        def work(self, x: int) -> int:
+            return 2 * x
+
+    thing = Thing()
+    with timed_calls([(thing, "work", "work")], device=torch.device("cpu")) as calls:
+        assert thing.work(3) == 6 and thing.work(4) == 8
+    assert len(calls["work"]) == 2 and all(t >= 0 for t in calls["work"])
+    assert "work" not in vars(thing) and thing.work(5) == 10
