@@ -93,12 +93,18 @@ def brier_exact_form(prob_target: torch.Tensor, collision: torch.Tensor) -> torc
 
 
 def brierlm(brier_means: Sequence[float]) -> float:
-    """BrierLM = 100 * (prod_n Brier-n)^(1/n_max), clipped at 0, from eval-set *means* (fractions).
+    """BrierLM = 100 * (prod_n Brier-n)^(1/n_max) from eval-set *means* (fractions); 0 if any is <= 0.
 
     Example (paper Table 5): [0.2181, 0.0688, 0.0259, 0.0125] -> 4.70.
+    The official code clips the *product* at 0, so an even number of negative Brier-n (a model
+    worse than uniform guessing at those n) yields a positive score; we measured an untrained
+    CALM scoring 11.7 that way. The geometric mean is only defined for positive terms, so any
+    Brier-n <= 0 makes BrierLM 0 here. Both agree whenever every Brier-n is positive.
     """
-    product = math.prod(float(b) for b in brier_means)
-    return 100.0 * max(product, 0.0) ** (1.0 / len(brier_means))
+    values = [float(b) for b in brier_means]
+    if any(v <= 0 for v in values):
+        return 0.0
+    return 100.0 * math.prod(values) ** (1.0 / len(values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,14 +342,22 @@ class BrierAccumulator:
         return math.sqrt(max(float(var), 0.0))
 
     def summary(self) -> dict[str, float]:
-        """Paper-style numbers: brier1..n and their SEs in percent, BrierLM, its SEs, counts."""
+        """Paper-style numbers: brier1..n and their SEs in percent, BrierLM, its SEs, counts.
+
+        ``*_se`` are cluster-robust (each ``add`` call, one evaluation block, is a cluster) when there
+        are at least 10 clusters, since positions within a block are correlated; i.i.d. otherwise.
+        ``brierlm_se_iid`` is always the i.i.d. figure, for comparison.
+        """
+        clustered = self.groups >= 10
         out: dict[str, float] = {}
-        for n, (m, se) in enumerate(zip(self.means(), self.standard_errors()), start=1):
+        for n, (m, se) in enumerate(zip(self.means(), self.standard_errors(clustered)), start=1):
             out[f"brier{n}"] = 100 * m
             out[f"brier{n}_se"] = 100 * se
         out["brierlm"] = self.brierlm()
-        out["brierlm_se"] = self.brierlm_se()
+        out["brierlm_se"] = self.brierlm_se(clustered)
+        out["brierlm_se_iid"] = self.brierlm_se()
         out["brierlm_se_clustered"] = self.brierlm_se(clustered=True)
+        out["se_method"] = "clustered by block" if clustered else "iid positions"
         out["positions"] = self.count
         out["blocks"] = self.groups
         return out

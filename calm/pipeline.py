@@ -109,6 +109,8 @@ def run_demo(
     _banner("6/6 report and generations")
     summary["samples"] = _samples(calm_dir, gpt_dir)
     atomic_write_text(out / "samples.json", json.dumps(summary["samples"], indent=2) + "\n")
+    summary["speed"] = _generation_speed(calm_dir, gpt_dir)
+    atomic_write_text(out / "generation_speed.json", json.dumps(summary["speed"], indent=2) + "\n")
     from calm.report import write_report
 
     report = write_report(out)
@@ -166,3 +168,37 @@ def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int 
             print(f"[T={temperature:g}] CALM: {prompt}{calm_text}")
             print(f"[T={temperature:g}] GPT:  {prompt}{gpt_text}")
     return rows
+
+
+def _generation_speed(calm_dir: Path, gpt_dir: Path, new_tokens: int = 256, repeats: int = 3) -> dict[str, Any]:
+    """Greedy generation tokens/s of both models (batch 1, KV cache, 32-token prompt), median of
+    ``repeats`` interleaved runs. ``calm bench generate`` is the full benchmark."""
+    import statistics
+
+    import torch
+
+    from calm.checkpoint import load_model
+    from calm.generate import generate
+
+    calm_model, tok, _ = load_model(calm_dir, kind="calm")
+    gpt_model, _, _ = load_model(gpt_dir, kind="gpt")
+    prompt = torch.tensor([[tok.bos_id] + tok.encode("The history of the city of London began") * 4])[:, :32]
+    K = calm_model.chunk_size
+    steps = min(new_tokens // K, calm_model.config.max_seq_len - prompt.shape[1] // K)
+    n_calm = steps * K
+    n_gpt = min(new_tokens, gpt_model.config.max_seq_len - prompt.shape[1])
+    times: dict[str, list[float]] = {"calm": [], "gpt": []}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up
+            t0 = time.perf_counter()
+            generate(calm_model, prompt, n_calm, generator=torch.Generator().manual_seed(0))
+            t1 = time.perf_counter()
+            gpt_model.generate(prompt, n_gpt, temperature=0.0)
+            t2 = time.perf_counter()
+            times["calm"].append(t1 - t0)
+            times["gpt"].append(t2 - t1)
+    calm_tps = n_calm / statistics.median(times["calm"][1:])
+    gpt_tps = n_gpt / statistics.median(times["gpt"][1:])
+    print(f"greedy generation: CALM {calm_tps:,.0f} tokens/s, GPT {gpt_tps:,.0f} tokens/s ({calm_tps / gpt_tps:.2f}x)")
+    return {"calm_tokens_per_s": calm_tps, "gpt_tokens_per_s": gpt_tps, "ratio": calm_tps / gpt_tps,
+            "new_tokens": {"calm": n_calm, "gpt": n_gpt}, "repeats": repeats}

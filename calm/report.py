@@ -51,7 +51,7 @@ def _summary_row(run: Path, kind: str, evaluation: dict[str, Any] | None) -> dic
     flops = _model_flops(run) or {}
     tokens = train[-1]["tokens"] if train else 0
     rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
-    done = _read_json(run / "DONE.json") or {}
+    speed = _read_json(run.parent / "generation_speed.json") or {}
     return {
         "model": kind.upper(),
         "params": flops.get("params"),
@@ -63,7 +63,7 @@ def _summary_row(run: Path, kind: str, evaluation: dict[str, Any] | None) -> dic
         "brierlm": evaluation.get("brierlm") if evaluation else None,
         "brierlm_se": evaluation.get("brierlm_se") if evaluation else None,
         "perplexity": evaluation.get("perplexity") if evaluation else None,
-        "generate_tokens_per_s": done.get("generate_tokens_per_s"),
+        "generate_tokens_per_s": speed.get(f"{kind}_tokens_per_s"),
     }
 
 
@@ -173,8 +173,9 @@ def write_report(run: str | Path) -> Path:
         lines += [
             "",
             f"BrierLM is ×100 (paper convention), estimated on the evaluation set with the context "
-            f"`{ctx.get('description', 'n/a')}`; ± is one standard error. Perplexity exists for the GPT only: "
-            "CALM has no likelihood. FLOPs are analytic (`calm flops`).", "",
+            f"`{ctx.get('description', 'n/a')}`; ± is one standard error (clustered by block). Perplexity "
+            "exists for the GPT only: CALM has no likelihood. FLOPs are analytic (`calm flops`); generation "
+            "tokens/s is greedy, batch 1, KV cache, median of 3 (`generation_speed.json`).", "",
         ]
     for name in plots:
         lines += [f"![{name}]({name})", ""]

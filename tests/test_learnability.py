@@ -34,7 +34,7 @@ def test_autoencoder_and_calm_learn_next_chunk_exactly():
     gen = torch.Generator().manual_seed(0)
     passages = torch.randint(0, VOCAB, (PASSAGES, PASSAGE_LEN), generator=gen)
     train, held_out = make_stream(passages, 400, gen), make_stream(passages, 40, gen)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the budget is two CPU minutes
 
     ae = Autoencoder(AutoencoderConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, latent_size=16,
                                        chunk_size=K))
@@ -75,6 +75,6 @@ def test_autoencoder_and_calm_learn_next_chunk_exactly():
     exact = (pred == chunks[:, 1:]).all(-1)
     # a context-dependent prediction: skip the first steps, where the passage is not yet identified
     accuracy = exact[:, 3:].float().mean().item()
-    elapsed = time.perf_counter() - start
-    assert accuracy >= 0.90, f"next-chunk exact match {accuracy:.3f} on held-out positions ({elapsed:.0f} s)"
-    assert elapsed < 120, f"took {elapsed:.0f} s, the test's budget is two CPU minutes"
+    elapsed = time.process_time() - start
+    assert accuracy >= 0.90, f"next-chunk exact match {accuracy:.3f} on held-out positions ({elapsed:.0f} CPU s)"
+    assert elapsed < 120, f"took {elapsed:.0f} CPU seconds, the test's budget is two CPU minutes"

@@ -264,3 +264,10 @@ def test_two_sample_enumeration_identity(n: int) -> None:
             est = brier_two_sample(torch.tensor([a]), torch.tensor([b]), y)[0, n - 1]
             total += weight * float(est)
     assert total == pytest.approx(2 * 0.6**n - float(p.pow(2).sum()) ** n)
+
+
+def test_brierlm_is_zero_when_any_brier_n_is_not_positive() -> None:
+    # four negative terms multiply to a positive product; that must not read as a good model
+    assert brierlm([-0.1, -0.05, -0.02, -0.01]) == 0.0
+    assert brierlm([0.2, -0.05, 0.02, 0.01]) == 0.0
+    assert brierlm([0.2181, 0.0688, 0.0259, 0.0125]) == pytest.approx(4.70, abs=0.01)
