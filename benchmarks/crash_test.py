@@ -199,10 +199,7 @@ def main() -> int:
         time.sleep(0.01)
     startup = time.perf_counter() - t0
     assert child.wait() == 0, (work / "unbroken.log").read_text()
-    print(
-        f"unbroken run: {args.steps} steps in {time.perf_counter() - t0:.1f}s "
-        f"({startup:.1f}s to the first step)"
-    )
+    print(f"unbroken run: {args.steps} steps in {time.perf_counter() - t0:.1f}s ({startup:.1f}s to the first step)")
 
     broken = work / "broken"
     metrics = broken / "metrics.jsonl"
@@ -223,9 +220,7 @@ def main() -> int:
                 if moment == "training" and metrics.exists() and metrics.stat().st_mtime > started:
                     time.sleep(rng.uniform(0.0, 1.0))
                     break
-                if moment == "write" and any(
-                    ".tmp-" in name and name not in before for name in leftovers_of(broken)
-                ):
+                if moment == "write" and any(".tmp-" in name and name not in before for name in leftovers_of(broken)):
                     time.sleep(rng.uniform(0.0, 2 * args.write_delay))
                     break
                 time.sleep(0.002)
@@ -235,9 +230,7 @@ def main() -> int:
                 kills += 1
                 leftovers = leftovers_of(broken)
                 in_write = any(".tmp-" in name and name not in before for name in leftovers)
-                landed[
-                    "checkpoint write" if in_write else ("start-up" if moment == "start-up" else "training")
-                ] += 1
+                landed["checkpoint write" if in_write else ("start-up" if moment == "start-up" else "training")] += 1
                 visible = check_visible_checkpoints(broken)
                 newest = ckpt.list_checkpoints(broken)
                 print(
@@ -259,10 +252,7 @@ def main() -> int:
     a, b = ckpt.load_weights(work / "unbroken"), ckpt.load_weights(broken)
     same_weights = set(a) == set(b) and all(bool((a[k] == b[k]).all()) for k in a)
     where = ", ".join(f"{n} in {k}" for k, n in landed.items())
-    print(
-        f"{kills} SIGKILLs ({where}); {attempts} starts, {resumes} of them reached a resume; "
-        "every restart succeeded"
-    )
+    print(f"{kills} SIGKILLs ({where}); {attempts} starts, {resumes} of them reached a resume; every restart succeeded")
     print(f"metrics.jsonl equal to the unbroken run's (loss, grad_norm, lr, eval): {same_log}")
     print(f"final weights bit-identical: {same_weights}")
     return 0 if same_log and same_weights else 1

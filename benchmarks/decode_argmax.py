@@ -76,11 +76,7 @@ def screened_argmax(h: torch.Tensor, weight: torch.Tensor, top: int = 64) -> tor
 def auto_argmax(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The proposed ``vocab_argmax``: the fastest exact variant for the shape."""
     rows = h.shape[0]
-    if (
-        rows * weight.shape[0] >= SCREEN_MIN_LOGITS
-        and h.device.type == "cpu"
-        and weight.dtype == torch.float32
-    ):
+    if rows * weight.shape[0] >= SCREEN_MIN_LOGITS and h.device.type == "cpu" and weight.dtype == torch.float32:
         return screened_argmax(h, weight)
     return weight_left_argmax(h, weight) if rows < 64 else (h @ weight.t()).argmax(-1)
 

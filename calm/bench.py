@@ -150,9 +150,7 @@ def time_gpt(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: flo
 
 
 @contextmanager
-def timed_calls(
-    targets: list[tuple[object, str, str]], device: torch.device
-) -> Iterator[dict[str, list[float]]]:
+def timed_calls(targets: list[tuple[object, str, str]], device: torch.device) -> Iterator[dict[str, list[float]]]:
     """Time every call of ``obj.attr`` under ``name`` while the context is open.
 
     Each method is shadowed by an instance attribute that wraps the original with
@@ -230,9 +228,7 @@ def profile_calm(
     return out
 
 
-def profile_gpt(
-    model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float, seed: int = 0
-) -> dict[str, Any]:
+def profile_gpt(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float, seed: int = 0) -> dict[str, Any]:
     """Where one GPT generation's time goes, per token: backbone, lm_head, sampler_other (rest)."""
     targets = [(model.backbone, "forward", "backbone"), (model.lm_head, "forward", "lm_head")]
     with timed_calls(targets, prompt.device) as calls:
@@ -317,16 +313,14 @@ def bench_generate_size(
         result[f"{mode}_ratio"] = calm_tps / gpt_tps
         result[f"calm_{mode}_tok_s"] = calm_tps
         result[f"gpt_{mode}_tok_s"] = gpt_tps
-    result["runs_tok_s"] = {
-        k: [round(tokens[k.split("_", 1)[1]] / s, 2) for s in v] for k, v in times.items()
-    }
+    result["runs_tok_s"] = {k: [round(tokens[k.split("_", 1)[1]] / s, 2) for s in v] for k, v in times.items()}
     ae_config = calm.autoencoder.config
     result["analytic_flops_per_token"] = {
         "gpt": gpt_flops(gpt.config, context=context)["inference_flops_per_token"],
         "calm_greedy": calm_flops(calm.config, ae_config, context=context // K)["inference_flops_per_token"],
-        "calm_t_half": calm_flops(
-            calm.config, ae_config, context=context // K, num_samples_inference=num_samples
-        )["inference_flops_per_token"],
+        "calm_t_half": calm_flops(calm.config, ae_config, context=context // K, num_samples_inference=num_samples)[
+            "inference_flops_per_token"
+        ],
     }
     result["distinct_of_n_candidates"] = distinct_candidates(calm, prompt, num_samples, seed)
     result["setup"] = {
@@ -406,9 +400,7 @@ def bench_generate(
 # training
 
 
-def measure_matmul_peak(
-    device: torch.device | str, dtype: torch.dtype, size: int = 2048, repeats: int = 10
-) -> float:
+def measure_matmul_peak(device: torch.device | str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
     """Median FLOP/s of ``size``×``size`` matmuls in ``dtype``: the denominator of MFU."""
     device = torch.device(device)
     a = torch.randn(size, size, device=device).to(dtype)
@@ -522,9 +514,7 @@ def bench_train_size(
                 "step_s": times[kind],
             }
     for kind in models:
-        best = max(
-            result[kind]["by_precision"], key=lambda p: result[kind]["by_precision"][p]["tokens_per_s"]
-        )
+        best = max(result[kind]["by_precision"], key=lambda p: result[kind]["by_precision"][p]["tokens_per_s"])
         chosen = result[kind]["by_precision"][best]
         result[kind].update(
             tokens_per_s=chosen["tokens_per_s"],
@@ -590,9 +580,7 @@ def bench_train(
 
 def _print_generate(result: dict[str, Any]) -> None:
     load = result["load_average_start"][0]
-    print(
-        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}"
-    )
+    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}")
     print(f"{'size':<5} {'mode':<7} {'CALM tok/s':>11} {'GPT tok/s':>10} {'CALM/GPT':>9}")
     sizes = [k for k, v in result.items() if isinstance(v, dict)]
     for size in sizes:
@@ -604,8 +592,7 @@ def _print_generate(result: dict[str, Any]) -> None:
         for name, prof in result[size].get("profile", {}).items():
             unit = "step" if name.startswith("calm") else "token"
             parts = ", ".join(
-                f"{k} {v:.1f} ms ({100 * prof['fraction'][k]:.0f}%)"
-                for k, v in prof[f"ms_per_{unit}"].items()
+                f"{k} {v:.1f} ms ({100 * prof['fraction'][k]:.0f}%)" for k, v in prof[f"ms_per_{unit}"].items()
             )
             print(f"profile {size} {name}: {prof[f'total_ms_per_{unit}']:.1f} ms/{unit} = {parts}")
             if "detail" in prof:
@@ -614,9 +601,7 @@ def _print_generate(result: dict[str, Any]) -> None:
 
 def _print_train(result: dict[str, Any]) -> None:
     load = result["load_average_start"][0]
-    print(
-        f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}"
-    )
+    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}")
     peaks = result["peak_flops"]
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:,.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.1f} GFLOP/s")
     print(f"{'size':<5} {'model':<5} {'precision':<9} {'tokens/s':>10} {'MFU':>7}")
@@ -699,9 +684,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", nargs="+", choices=SIZES, default=["tiny", "S"])
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model and precision")
     p.add_argument("--context", type=int, help="context in backbone steps (default 256)")
-    p.add_argument(
-        "--batch-tokens", type=int, help="tokens per optimizer step (default 8192 tiny, 2048 otherwise)"
-    )
+    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step (default 8192 tiny, 2048 otherwise)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak-FLOP/s matmuls")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

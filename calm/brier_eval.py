@@ -177,11 +177,20 @@ def gpt_step_logits(model: Any) -> Callable[..., torch.Tensor]:
 
 @torch.no_grad()
 def gpt_block_brier(
-    model: Any, block: torch.Tensor, *, generator: torch.Generator | None = None, mode: str = "exact", n_max: int = 4
+    model: Any,
+    block: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    mode: str = "exact",
+    n_max: int = 4,
 ) -> torch.Tensor:
     est, _ = token_lm_block_brier(
-        gpt_step_logits(model), lambda n: model.backbone.new_cache(1, max_len=n), block,
-        mode=mode, generator=generator, n_max=n_max,
+        gpt_step_logits(model),
+        lambda n: model.backbone.new_cache(1, max_len=n),
+        block,
+        mode=mode,
+        generator=generator,
+        n_max=n_max,
     )
     return est
 
@@ -220,8 +229,11 @@ def evaluate_brier(
             acc.add(calm_block_brier(model, block, generator=gen))
         else:
             est, logp = token_lm_block_brier(
-                gpt_step_logits(model), lambda n: model.backbone.new_cache(1, max_len=n), block,
-                mode=mode, generator=gen,
+                gpt_step_logits(model),
+                lambda n: model.backbone.new_cache(1, max_len=n),
+                block,
+                mode=mode,
+                generator=gen,
             )
             acc.add(est)
             nll -= float(logp.sum())
@@ -261,7 +273,11 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
         mask4 = torch.zeros(1, 1, T, past + T, device=ids.device, dtype=model.dtype)
         mask4.masked_fill_(~attn_mask[None, None], torch.finfo(model.dtype).min)
         out = model(
-            input_ids=ids, past_key_values=cache.kv, position_ids=positions[None], attention_mask=mask4, use_cache=True
+            input_ids=ids,
+            past_key_values=cache.kv,
+            position_ids=positions[None],
+            attention_mask=mask4,
+            use_cache=True,
         )
         cache.length = past + T
         if cache.base is None:
@@ -274,11 +290,17 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
 def _context_blocks(kind: str, chunk_size: int, max_seq_len: int, steps: int | None, tokens: int | None):
     if tokens is not None:
         block = tokens - tokens % chunk_size if kind == "calm" else tokens
-        return block, {"unit": "tokens", "tokens": block, "description": f"{block} tokens per block (same for every model)"}
+        return block, {
+            "unit": "tokens",
+            "tokens": block,
+            "description": f"{block} tokens per block (same for every model)",
+        }
     steps = steps or max_seq_len
     block = steps * chunk_size if kind == "calm" else steps
     return block, {
-        "unit": "steps", "steps": steps, "tokens": block,
+        "unit": "steps",
+        "steps": steps,
+        "tokens": block,
         "description": f"{steps} backbone steps per block ({block} tokens; paper protocol)",
     }
 
@@ -352,8 +374,13 @@ def evaluate_checkpoint(
         result["estimator"] = mode
     result.update(
         {
-            "model": name, "kind": kind, "data": str(data), "seed": seed, "context": context,
-            "blocks": int(len(blocks)), "tokens": int(blocks.size),
+            "model": name,
+            "kind": kind,
+            "data": str(data),
+            "seed": seed,
+            "context": context,
+            "blocks": int(len(blocks)),
+            "tokens": int(blocks.size),
         }
     )
     return result

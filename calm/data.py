@@ -89,9 +89,7 @@ class ShardWriter:
             return
         lengths = np.fromiter((len(d) for d in documents), np.int64, len(documents))
         flat = np.fromiter(itertools.chain.from_iterable(documents), np.int64, int(lengths.sum()))
-        if flat.size and (
-            flat.min() < 0 or flat.max() > (self.max_id if self.max_id is not None else 2**32 - 1)
-        ):
+        if flat.size and (flat.min() < 0 or flat.max() > (self.max_id if self.max_id is not None else 2**32 - 1)):
             raise DataError(
                 f"token id {int(flat.max())} or {int(flat.min())} is outside [0, {self.max_id}] of the "
                 "vocabulary; the tokenizer and the meta vocab_size disagree"
@@ -186,9 +184,7 @@ def prepare(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise DataError(
-            f"{out_dir} already exists and is not empty; choose another folder or pass overwrite=True"
-        )
+        raise DataError(f"{out_dir} already exists and is not empty; choose another folder or pass overwrite=True")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     resolved = resolve_sources(sources, cache, wikitext)
@@ -471,13 +467,9 @@ class BatchSampler:
     the concatenation of what two ranks with ``b`` each see.
     """
 
-    def __init__(
-        self, num_items: int, items_per_rank: int, seed: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, num_items: int, items_per_rank: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if items_per_rank < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(
-                f"bad sampler setup: items_per_rank={items_per_rank}, rank={rank}, world_size={world_size}"
-            )
+            raise DataError(f"bad sampler setup: items_per_rank={items_per_rank}, rank={rank}, world_size={world_size}")
         self.global_batch = items_per_rank * world_size
         if num_items < self.global_batch:
             raise DataError(

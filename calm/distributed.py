@@ -170,9 +170,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> 
     return gather(optimizer)
 
 
-def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, model: nn.Module, state_dict: dict[str, Any]
-) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state_dict: dict[str, Any]) -> None:
     """Load a full optimizer state, sharding it when the model is sharded."""
     if _is_sharded(model):
         from calm.fsdp import load_optimizer_state as load

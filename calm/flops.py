@@ -123,9 +123,7 @@ def ae_flops(config: AutoencoderConfig) -> dict[str, int | float]:
     # the token-level stage runs on each of the K positions, the chunk-level stage once
     enc_matmul = K * enc_half * ae_layer_matmul + K * d * d + enc_half * ae_layer_matmul + d * 2 * latent
     vocab_matmul = K * d * V
-    dec_matmul = (
-        latent * d + dec_half * ae_layer_matmul + d * K * d + K * dec_half * ae_layer_matmul + vocab_matmul
-    )
+    dec_matmul = latent * d + dec_half * ae_layer_matmul + d * K * d + K * dec_half * ae_layer_matmul + vocab_matmul
     embedding = V * d
     encoder_params = (2 * enc_half) * ae_layer + (K * d * d + d) + d + (d * 2 * latent + 2 * latent)
     decoder_params = (latent * d + d) + (2 * dec_half) * ae_layer + (d * K * d + K * d) + d

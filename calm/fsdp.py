@@ -104,10 +104,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with sharded moments gathered to whole CPU tensors (every rank)."""
     sd = optimizer.state_dict()
-    state = {
-        idx: {k: _full(v) if torch.is_tensor(v) else v for k, v in s.items()}
-        for idx, s in sd["state"].items()
-    }
+    state = {idx: {k: _full(v) if torch.is_tensor(v) else v for k, v in s.items()} for idx, s in sd["state"].items()}
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
@@ -120,9 +117,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str,
         out = {}
         for k, v in s.items():
             if isinstance(param, DTensor) and torch.is_tensor(v) and v.shape == param.shape:
-                v = distribute_tensor(
-                    v.to(param.device), param.device_mesh, param.placements, src_data_rank=None
-                )
+                v = distribute_tensor(v.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
             out[k] = v
         state[int(idx)] = out
     optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})

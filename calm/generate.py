@@ -64,15 +64,21 @@ def sample_chunks(
         return batch_temperature_sample(cands.transpose(0, 1), temperature, generator=generator)
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
-    rows = []
-    for b in range(h.shape[0]):
+
+    def make_draw(row: torch.Tensor) -> Callable[[], tuple[int, ...]]:
         buffer: list[tuple[int, ...]] = []
 
-        def draw(row: torch.Tensor = h[b : b + 1]) -> tuple[int, ...]:
+        def draw() -> tuple[int, ...]:
             if not buffer:  # draw head samples 64 at a time; each is an independent sample
                 ids = ae.decode_ids(model.head.sample(row, 64, generator))[:, 0]
                 buffer.extend(tuple(x) for x in ids.tolist())
             return buffer.pop()
+
+        return draw
+
+    rows = []
+    for b in range(h.shape[0]):
+        draw = make_draw(h[b : b + 1])
 
         chunk, _ = exact_temperature_sample(draw, temperature, max_attempts=max_attempts, on_exhausted="fallback")
         rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
@@ -180,8 +186,15 @@ def generate_text(
                 printed[0] = text
 
     out = generate(
-        model, prompt, max_new_tokens, temperature=temperature, num_samples=num_samples, sampler=sampler,
-        eos_id=tokenizer.eos_id, generator=generator, on_chunk=on_chunk,
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        num_samples=num_samples,
+        sampler=sampler,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+        on_chunk=on_chunk,
     )
     texts = [tokenizer.decode(o) for o in out]
     if stream is not None and len(texts[0]) > len(printed[0]):

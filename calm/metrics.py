@@ -86,9 +86,7 @@ def brier_exact_form(prob_target: torch.Tensor, collision: torch.Tensor) -> torc
     P(path)^2, where S(a) is the next-step sum of squares after the shared prefix a.
     """
     if prob_target.shape != collision.shape:
-        raise ValueError(
-            f"prob_target {tuple(prob_target.shape)} and collision {tuple(collision.shape)} must match"
-        )
+        raise ValueError(f"prob_target {tuple(prob_target.shape)} and collision {tuple(collision.shape)} must match")
     return 2 * prob_target.cumprod(dim=-1) - collision
 
 
@@ -185,9 +183,7 @@ def token_lm_brier(
             out.append(F.softmax(step(prefixes, t + 1 + depth).float(), dim=-1))
         return torch.cat(out)
 
-    def next_probs(
-        rows: torch.Tensor, depth: int, on_target: torch.Tensor, paths: torch.Tensor
-    ) -> torch.Tensor:
+    def next_probs(rows: torch.Tensor, depth: int, on_target: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         """Distributions at ``depth`` for ``rows``: teacher-forced where the path is the target."""
         probs = torch.empty(len(rows), tf_logits.shape[-1], device=device)
         hit = on_target[rows]
@@ -278,9 +274,7 @@ class BrierAccumulator:
     def add(self, estimates: torch.Tensor) -> None:
         """Add (P, max_n) per-position estimates of Brier-1..max_n; the call is one cluster."""
         if estimates.ndim != 2 or estimates.shape[1] != self.max_n:
-            raise ValueError(
-                f"estimates must have shape (positions, {self.max_n}), got {tuple(estimates.shape)}"
-            )
+            raise ValueError(f"estimates must have shape (positions, {self.max_n}), got {tuple(estimates.shape)}")
         if estimates.shape[0] == 0:
             return
         x = estimates.detach().to("cpu", torch.float64)
@@ -318,10 +312,7 @@ class BrierAccumulator:
         # sum_g (S_g - n_g mu)(S_g - n_g mu)^T, expanded into the accumulated moments
         b = self.group_weighted_sum
         resid = (
-            self.group_sum_outer
-            - torch.outer(mu, b)
-            - torch.outer(b, mu)
-            + self.group_count_sq * torch.outer(mu, mu)
+            self.group_sum_outer - torch.outer(mu, b) - torch.outer(b, mu) + self.group_count_sq * torch.outer(mu, mu)
         )
         return resid * (G / (G - 1)) / N**2
 

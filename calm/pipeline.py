@@ -75,7 +75,13 @@ def run_demo(
     if (data_dir / "meta.json").exists():
         print(f"reusing {data_dir}")
     else:
-        prepare(data_dir, sources=corpus or ["default"], tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
+        prepare(
+            data_dir,
+            sources=corpus or ["default"],
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            progress=progress,
+        )
     summary["data"] = json.loads((data_dir / "meta.json").read_text())
 
     def train(kind: str, run_dir: Path, make_stage, preset_name: str) -> dict[str, Any]:
@@ -143,7 +149,10 @@ def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_blocks: int | N
     from calm.brier_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(run_dir), str(eval_data), max_blocks=max_blocks, progress=progress)
-    print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {result['brierlm_se']:.3f} over {result['tokens']:,} tokens")
+    print(
+        f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {result['brierlm_se']:.3f} "
+        f"over {result['tokens']:,} tokens"
+    )
     atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -200,5 +209,10 @@ def _generation_speed(calm_dir: Path, gpt_dir: Path, new_tokens: int = 256, repe
     calm_tps = n_calm / statistics.median(times["calm"][1:])
     gpt_tps = n_gpt / statistics.median(times["gpt"][1:])
     print(f"greedy generation: CALM {calm_tps:,.0f} tokens/s, GPT {gpt_tps:,.0f} tokens/s ({calm_tps / gpt_tps:.2f}x)")
-    return {"calm_tokens_per_s": calm_tps, "gpt_tokens_per_s": gpt_tps, "ratio": calm_tps / gpt_tps,
-            "new_tokens": {"calm": n_calm, "gpt": n_gpt}, "repeats": repeats}
+    return {
+        "calm_tokens_per_s": calm_tps,
+        "gpt_tokens_per_s": gpt_tps,
+        "ratio": calm_tps / gpt_tps,
+        "new_tokens": {"calm": n_calm, "gpt": n_gpt},
+        "repeats": repeats,
+    }

@@ -90,9 +90,17 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     val = [r for r in ae if r.get("split") == "val"]
     if val:
-        axes[0].plot([r["elapsed_s"] / 60 for r in val], [100 * r["token_accuracy"] for r in val], "o-", label="decode μ")
         axes[0].plot(
-            [r["elapsed_s"] / 60 for r in val], [100 * r["token_accuracy_sampled"] for r in val], "s--", label="decode z~q"
+            [r["elapsed_s"] / 60 for r in val],
+            [100 * r["token_accuracy"] for r in val],
+            "o-",
+            label="decode μ",
+        )
+        axes[0].plot(
+            [r["elapsed_s"] / 60 for r in val],
+            [100 * r["token_accuracy_sampled"] for r in val],
+            "s--",
+            label="decode z~q",
         )
         axes[0].set(xlabel="training minutes", ylabel="token accuracy (%)", title="Autoencoder reconstruction (val)")
         axes[0].legend()
@@ -112,18 +120,36 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
         flops = _model_flops(run / kind)
         if val and flops:
             axes[0].plot(
-                [flops["train_flops_per_token"] * r["tokens"] for r in val], [r["brierlm"] for r in val],
-                marker + "-", label=f"{kind.upper()} (validation)",
+                [flops["train_flops_per_token"] * r["tokens"] for r in val],
+                [r["brierlm"] for r in val],
+                marker + "-",
+                label=f"{kind.upper()} (validation)",
             )
     for row, marker in zip(rows, ("o", "s")):
         if row["brierlm"] is not None and row["train_flops"]:
-            axes[0].plot([row["train_flops"]], [row["brierlm"]], marker, ms=11, mfc="none", label=f"{row['model']} (test)")
+            axes[0].plot(
+                [row["train_flops"]],
+                [row["brierlm"]],
+                marker,
+                ms=11,
+                mfc="none",
+                label=f"{row['model']} (test)",
+            )
             axes[1].errorbar(
-                [row["inference_flops_per_token"]], [row["brierlm"]], yerr=[row["brierlm_se"] or 0], fmt=marker,
-                ms=9, capsize=4, label=row["model"],
+                [row["inference_flops_per_token"]],
+                [row["brierlm"]],
+                yerr=[row["brierlm_se"] or 0],
+                fmt=marker,
+                ms=9,
+                capsize=4,
+                label=row["model"],
             )
     axes[0].set(xscale="log", xlabel="training FLOPs", ylabel="BrierLM", title="BrierLM vs training compute")
-    axes[1].set(xlabel="inference FLOPs per token", ylabel="BrierLM (WikiText-103 test)", title="BrierLM vs inference cost")
+    axes[1].set(
+        xlabel="inference FLOPs per token",
+        ylabel="BrierLM (WikiText-103 test)",
+        title="BrierLM vs inference cost",
+    )
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
@@ -148,15 +174,18 @@ def write_report(run: str | Path) -> Path:
     ae_eval = _read_json(run / "autoencoder_eval.json")
     if ae_eval:
         lines += [
-            "## Autoencoder (WikiText-103 test)", "",
+            "## Autoencoder (WikiText-103 test)",
+            "",
             "| token accuracy (decode μ) | token accuracy (decode z ~ q) | chunk exact match | text tokens |",
             "|---|---|---|---|",
             f"| {ae_eval['token_accuracy']:.4%} | {ae_eval['token_accuracy_sampled']:.4%} | "
-            f"{ae_eval['chunk_exact_match']:.4%} | {ae_eval['tokens']:,} |", "",
+            f"{ae_eval['chunk_exact_match']:.4%} | {ae_eval['tokens']:,} |",
+            "",
         ]
     if rows:
         lines += [
-            "## Side by side", "",
+            "## Side by side",
+            "",
             "| model | params | train tokens | train FLOPs | inference FLOPs/token | BrierLM ± SE | perplexity "
             "| train tokens/s | generate tokens/s | train minutes |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -175,7 +204,8 @@ def write_report(run: str | Path) -> Path:
             f"BrierLM is ×100 (paper convention), estimated on the evaluation set with the context "
             f"`{ctx.get('description', 'n/a')}`; ± is one standard error (clustered by block). Perplexity "
             "exists for the GPT only: CALM has no likelihood. FLOPs are analytic (`calm flops`); generation "
-            "tokens/s is greedy, batch 1, KV cache, median of 3 (`generation_speed.json`).", "",
+            "tokens/s is greedy, batch 1, KV cache, median of 3 (`generation_speed.json`).",
+            "",
         ]
     for name in plots:
         lines += [f"![{name}]({name})", ""]
@@ -186,9 +216,11 @@ def write_report(run: str | Path) -> Path:
         lines += ["## Generations", ""]
         for s in samples:
             lines += [
-                f"**T = {s['temperature']:g}**, prompt `{s['prompt']}`", "",
+                f"**T = {s['temperature']:g}**, prompt `{s['prompt']}`",
+                "",
                 f"- CALM: {s['prompt']}{s['calm']!r}",
-                f"- GPT: {s['prompt']}{s['gpt']!r}", "",
+                f"- GPT: {s['prompt']}{s['gpt']!r}",
+                "",
             ]
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

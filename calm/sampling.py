@@ -115,9 +115,7 @@ def exact_temperature_sample(
     """
     whole, alpha = _split_inverse_temperature(temperature)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(
-            f"max_attempts must be a positive int (a budget of draw calls); got {max_attempts!r}"
-        )
+        raise ValueError(f"max_attempts must be a positive int (a budget of draw calls); got {max_attempts!r}")
     if on_exhausted not in ("raise", "fallback"):
         raise ValueError(f"on_exhausted must be 'raise' or 'fallback'; got {on_exhausted!r}")
     rng = random.Random() if rng is None else rng
@@ -184,9 +182,7 @@ def expected_draws(probs: Sequence[float] | Tensor, temperature: float, early_ex
     whole, alpha = _split_inverse_temperature(temperature)
     p = torch.as_tensor(probs, dtype=torch.float64)
     if p.dim() != 1 or p.numel() == 0:
-        raise ValueError(
-            f"probs must be a non-empty 1-D sequence of probabilities; got shape {tuple(p.shape)}"
-        )
+        raise ValueError(f"probs must be a non-empty 1-D sequence of probabilities; got shape {tuple(p.shape)}")
     if not torch.isfinite(p).all() or (p < 0).any():
         raise ValueError("probs must be finite and non-negative")
     total = p.sum().item()
@@ -233,9 +229,7 @@ def batch_temperature_probs(candidates: Tensor, temperature: float) -> Tensor:
     _check_candidates(candidates)
     batch, num_candidates, _ = candidates.shape
     if whole == 1 and alpha == 0.0:
-        return torch.full(
-            (batch, num_candidates), 1.0 / num_candidates, dtype=torch.float64, device=candidates.device
-        )
+        return torch.full((batch, num_candidates), 1.0 / num_candidates, dtype=torch.float64, device=candidates.device)
     counts = _tuple_counts(candidates).to(torch.float64)  # (B, N)
     max_count = counts.max(dim=1, keepdim=True).values  # (B, 1)
     inverse = whole + alpha

@@ -81,11 +81,18 @@ class AutoencoderStage:
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch)
         acc = (out.logits.argmax(-1) == batch).float().mean()
-        return out.loss, {"loss": out.loss.detach(), "ce": out.ce.detach(), "kl": out.kl.detach(), "accuracy": acc}
+        return out.loss, {
+            "loss": out.loss.detach(),
+            "ce": out.ce.detach(),
+            "kl": out.kl.detach(),
+            "accuracy": acc,
+        }
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         tok = self.tokenizer
-        r = evaluate_autoencoder(model, self.val_chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), device=device)
+        r = evaluate_autoencoder(
+            model, self.val_chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), device=device
+        )
         return {k: r[k] for k in ("token_accuracy", "token_accuracy_sampled", "chunk_exact_match", "ce")}
 
     def checkpoint_config(self) -> dict[str, Any]:
@@ -125,7 +132,9 @@ class _BlockStage:
 class CALMStage(_BlockStage):
     kind = "calm"
 
-    def __init__(self, data_dir: str | Path, config: CALMConfig, train: TrainConfig, autoencoder_dir: str | Path) -> None:
+    def __init__(
+        self, data_dir: str | Path, config: CALMConfig, train: TrainConfig, autoencoder_dir: str | Path
+    ) -> None:
         from calm.checkpoint import load_model
         from calm.models.calm import CALM
 

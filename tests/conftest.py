@@ -30,9 +30,7 @@ def make_texts(num_docs: int = 48, seed: int = 0) -> list[str]:
         sentences = []
         for _ in range(rng.randrange(2, 6)):
             year = rng.randrange(1800, 2000)
-            sentences.append(
-                f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} in {year} ."
-            )
+            sentences.append(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} in {year} .")
         if i % 5 == 0:
             sentences.append(rng.choice(_EXTRAS))
         docs.append(f" = Document {i} = \n \n " + " ".join(sentences) + " \n")

@@ -132,9 +132,7 @@ def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     text = root / "other.txt"
     text.write_text("entirely different words for a different tokenizer, again and again. " * 300)
     paths["other_data"] = root / "other_data"
-    prepare(
-        paths["other_data"], [str(text)], tokenizer="train", vocab_size=300, val_fraction=0.0, progress=False
-    )
+    prepare(paths["other_data"], [str(text)], tokenizer="train", vocab_size=300, val_fraction=0.0, progress=False)
 
     def damaged(name: str, source: Path, damage: Callable[[Path], None]) -> None:
         paths[name] = root / name
@@ -369,9 +367,7 @@ CASE_NAMES = [
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_bad_input_is_refused_cleanly(
-    name: str, runs: dict[str, Path], capsys: pytest.CaptureFixture
-) -> None:
+def test_bad_input_is_refused_cleanly(name: str, runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     _, argv, message = next(c for c in cases(runs) if c[0] == name)
     before = snapshot(runs["root"], runs["data"])
     code, err = run_cli(argv, capsys)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_metrics import N_MAX, assert_unbiased, enumerate_exact_brier, tiny_gpt
+from test_metrics import assert_unbiased, enumerate_exact_brier, tiny_gpt
 
 from calm.brier_eval import calm_block_brier, gpt_block_brier, make_blocks
 from calm.config import AutoencoderConfig, CALMConfig
@@ -24,12 +24,22 @@ def test_gpt_driver_is_unbiased_against_enumeration(mode):
 
 def tiny_calm(K: int) -> CALM:
     torch.manual_seed(0)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=3, hidden_size=16, intermediate_size=16, latent_size=4, chunk_size=K,
-                                       init_std=0.5))
+    ae = Autoencoder(
+        AutoencoderConfig(vocab_size=3, hidden_size=16, intermediate_size=16, latent_size=4, chunk_size=K, init_std=0.5)
+    )
     # a large init makes the hidden state depend strongly on the context, so a rollout that sees the
     # wrong prefix changes the collision rate measurably
-    cfg = CALMConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_seq_len=32,
-                     chunk_size=K, latent_size=4, init_std=0.5)
+    cfg = CALMConfig(
+        vocab_size=3,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        max_seq_len=32,
+        chunk_size=K,
+        latent_size=4,
+        init_std=0.5,
+    )
     m = CALM(cfg, ae).eval()
     torch.nn.init.normal_(m.head.final_out.weight, std=1.0)
     return m

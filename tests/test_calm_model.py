@@ -11,10 +11,21 @@ from calm.models.calm import CALM
 
 def tiny_calm(K=4, latent=8, vocab=50, seed=0) -> CALM:
     torch.manual_seed(seed)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, latent_size=latent,
-                                       chunk_size=K))
-    cfg = CALMConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     max_seq_len=32, chunk_size=K, latent_size=latent, num_samples=4, num_target_samples=16)
+    ae = Autoencoder(
+        AutoencoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, latent_size=latent, chunk_size=K)
+    )
+    cfg = CALMConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=32,
+        chunk_size=K,
+        latent_size=latent,
+        num_samples=4,
+        num_target_samples=16,
+    )
     return CALM(cfg, ae)
 
 
@@ -52,9 +63,18 @@ def test_loss_trains_only_the_language_model():
 
 
 def test_mismatched_autoencoder_is_refused():
-    ae = Autoencoder(AutoencoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=8))
-    cfg = CALMConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, chunk_size=4,
-                     latent_size=8)
+    ae = Autoencoder(
+        AutoencoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=8)
+    )
+    cfg = CALMConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        chunk_size=4,
+        latent_size=8,
+    )
     with pytest.raises(ValueError, match="chunk_size=8 but the language model expects 4"):
         CALM(cfg, ae)
 

@@ -93,9 +93,7 @@ def test_hf_source_without_datasets_says_how_to_install(monkeypatch: pytest.Monk
 
 
 def test_wikitext_style_matches_wikitext_conventions() -> None:
-    line = wikitext_line(
-        "The well-known \"Carmen\" (1875) sold 1,000 copies at $2.50, didn't it? Bizet's U.S. tour."
-    )
+    line = wikitext_line("The well-known \"Carmen\" (1875) sold 1,000 copies at $2.50, didn't it? Bizet's U.S. tour.")
     assert line == (
         'The well @-@ known " Carmen " ( 1875 ) sold 1 @,@ 000 copies at $ 2 @.@ 50 , didn \'t it ? '
         "Bizet 's U.S. tour ."
@@ -164,9 +162,7 @@ def test_prepare_layout_and_content(tiny_data_dir: Path, tiny_texts: list[str]) 
             assert doc[0] == tok.bos_id and tok.eos_id not in doc[1:]  # [BOS] + tokens, no EOS
             decoded.append(tok.decode(doc[1:]))
     assert sorted(decoded) == sorted(tiny_texts)
-    assert sum(meta["splits"][s]["num_bytes"] for s in ("train", "val")) == sum(
-        len(t.encode()) for t in tiny_texts
-    )
+    assert sum(meta["splits"][s]["num_bytes"] for s in ("train", "val")) == sum(len(t.encode()) for t in tiny_texts)
 
 
 def test_prepare_is_deterministic(tmp_path: Path, tiny_corpus: Path, tiny_data_dir: Path) -> None:
@@ -209,9 +205,7 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
 
 
-def test_prepare_failures_leave_nothing_behind(
-    tmp_path: Path, tiny_corpus: Path, tiny_data_dir: Path
-) -> None:
+def test_prepare_failures_leave_nothing_behind(tmp_path: Path, tiny_corpus: Path, tiny_data_dir: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "  "}\n')
     bad = tmp_path / "bad.txt"
@@ -346,9 +340,7 @@ def test_read_text_file_tokens_keeps_documents_whole(tmp_path: Path, tiny_tokeni
 
 def test_prepare_warns_when_no_document_is_held_out(tmp_path: Path, tiny_corpus: Path) -> None:
     with pytest.warns(UserWarning, match="no document fell into the validation split"):
-        meta = prepare(
-            tmp_path / "out", [str(tiny_corpus)], vocab_size=280, val_fraction=1e-9, progress=False
-        )
+        meta = prepare(tmp_path / "out", [str(tiny_corpus)], vocab_size=280, val_fraction=1e-9, progress=False)
     assert meta["splits"]["val"] == {"num_tokens": 0, "num_documents": 0, "num_bytes": 0}
     val = TokenShard(tmp_path / "out", "val")
     with pytest.raises(DataError, match="has no documents"):

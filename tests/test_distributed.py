@@ -56,9 +56,7 @@ def _stage(kind: str, data_dir: Path, ae_dir: Path, world_size: int = 1):
     torch.manual_seed(0)  # the same initial weights in every process
     cfg = _train_config(kind, world_size)
     if kind == "autoencoder":
-        return AutoencoderStage(
-            data_dir, AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8), cfg
-        )
+        return AutoencoderStage(data_dir, AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8), cfg)
     if kind == "calm":
         model = CALMConfig(
             hidden_size=32,
@@ -216,9 +214,7 @@ def test_two_ranks_match_one_rank(two_rank_runs: Path, one_rank_runs: Path, stra
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_distributed_checkpoints_are_whole_and_match(
-    two_rank_runs: Path, one_rank_runs: Path, strategy: str
-) -> None:
+def test_distributed_checkpoints_are_whole_and_match(two_rank_runs: Path, one_rank_runs: Path, strategy: str) -> None:
     """Rank 0 writes the usual single-directory checkpoint (FSDP gathers it), no ``module.`` prefix,
     the frozen autoencoder included and unchanged; the weights match the 1-rank run's."""
     from calm import checkpoint as ckpt
@@ -230,9 +226,7 @@ def test_distributed_checkpoints_are_whole_and_match(
     assert set(single) == set(double)
     assert all(torch.allclose(single[k], double[k], atol=1e-5) for k in single)
     assert all(torch.equal(single[k], double[k]) for k in single if k.startswith("autoencoder."))
-    state = json.loads(
-        (ckpt.resolve_checkpoint(two_rank_runs / strategy / "calm") / "training_state.json").read_text()
-    )
+    state = json.loads((ckpt.resolve_checkpoint(two_rank_runs / strategy / "calm") / "training_state.json").read_text())
     assert state["world_size"] == 2
 
 

@@ -91,9 +91,7 @@ def test_headline_savings() -> None:
     rows = table1()
     s, m = rows["Transformer-S"], rows["CALM-M"]
     assert 1 - m["train_flops_total"] / s["train_flops_total"] == pytest.approx(0.44, abs=0.03)
-    assert 1 - m["inference_flops_per_token"] / s["inference_flops_per_token"] == pytest.approx(
-        0.34, abs=0.02
-    )
+    assert 1 - m["inference_flops_per_token"] / s["inference_flops_per_token"] == pytest.approx(0.34, abs=0.02)
 
 
 def test_inference_samples_and_errors() -> None:
@@ -101,12 +99,9 @@ def test_inference_samples_and_errors() -> None:
     one = calm_flops(calm, ae)
     many = calm_flops(calm, ae, num_samples_inference=200)
     per_sample = (
-        (calm_flops(calm, ae, num_samples_inference=2)["inference_flops_per_token"])
-        - one["inference_flops_per_token"]
+        (calm_flops(calm, ae, num_samples_inference=2)["inference_flops_per_token"]) - one["inference_flops_per_token"]
     )
-    assert many["inference_flops_per_token"] == pytest.approx(
-        one["inference_flops_per_token"] + 199 * per_sample
-    )
+    assert many["inference_flops_per_token"] == pytest.approx(one["inference_flops_per_token"] + 199 * per_sample)
     with pytest.raises(ValueError, match="chunk_size=8"):
         calm_flops(CALMConfig(chunk_size=8), ae)
     with pytest.raises(ValueError, match="attention"):
@@ -131,9 +126,7 @@ CPU_SDPA = {
 
 
 def tiny_gpt_config() -> GPTConfig:
-    return GPTConfig(
-        vocab_size=500, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, max_seq_len=32
-    )
+    return GPTConfig(vocab_size=500, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, max_seq_len=32)
 
 
 def test_gpt_forward_flops_match_flop_counter() -> None:
@@ -167,9 +160,7 @@ def test_gpt_training_flops_match_flop_counter() -> None:
 
 def test_autoencoder_flops_match_flop_counter() -> None:
     torch.manual_seed(0)
-    config = AutoencoderConfig(
-        vocab_size=500, hidden_size=64, intermediate_size=128, latent_size=16, chunk_size=4
-    )
+    config = AutoencoderConfig(vocab_size=500, hidden_size=64, intermediate_size=128, latent_size=16, chunk_size=4)
     model = Autoencoder(config).eval()
     chunks = 6
     ids = torch.randint(0, 500, (chunks, 4))

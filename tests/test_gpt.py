@@ -8,9 +8,7 @@ from calm.models.gpt import GPT
 
 
 def tiny_config(**overrides) -> GPTConfig:
-    values = dict(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=64
-    )
+    values = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=64)
     values.update(overrides)
     return GPTConfig(**values)
 

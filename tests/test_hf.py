@@ -14,9 +14,15 @@ from calm.brier_eval import _hf_adapter, _rollout_mask, evaluate_checkpoint  # n
 def hf_dir(tmp_path_factory, tiny_tokenizer):
     out = tmp_path_factory.mktemp("hf")
     cfg = transformers.LlamaConfig(
-        vocab_size=tiny_tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        bos_token_id=tiny_tokenizer.bos_id, eos_token_id=tiny_tokenizer.eos_id,
+        vocab_size=tiny_tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tiny_tokenizer.bos_id,
+        eos_token_id=tiny_tokenizer.eos_id,
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out)

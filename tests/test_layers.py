@@ -8,8 +8,15 @@ from calm.models.layers import Backbone
 
 def make_backbone(kv_heads=None) -> Backbone:
     torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=kv_heads, max_seq_len=64)
+    cfg = TransformerConfig(
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        max_seq_len=64,
+    )
     return Backbone(cfg).eval()
 
 

@@ -2,9 +2,10 @@
 
 The corpus is a random concatenation of a few fixed passages (a "repeated passages" language): inside
 a passage the next chunk is fully determined by the context; only at passage boundaries (one chunk
-in 32) is it random, so a perfect model scores about 97.6%. Held-out text is a fresh concatenation. A wiring bug anywhere between the autoencoder's
-posterior, the input compression, the backbone, the energy head, the energy loss or the decoder
-shows up as accuracy near chance instead of the >= 90% this test demands.
+in 32) is it random, so a perfect model scores about 97.6%. Held-out text is a fresh
+concatenation. A wiring bug anywhere between the autoencoder's posterior, the input compression,
+the backbone, the energy head, the energy loss or the decoder shows up as accuracy near chance
+instead of the >= 90% this test demands.
 """
 
 import time
@@ -36,8 +37,9 @@ def test_autoencoder_and_calm_learn_next_chunk_exactly():
     train, held_out = make_stream(passages, 400, gen), make_stream(passages, 40, gen)
     start = time.process_time()  # CPU time: the budget is two CPU minutes
 
-    ae = Autoencoder(AutoencoderConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, latent_size=16,
-                                       chunk_size=K))
+    ae = Autoencoder(
+        AutoencoderConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, latent_size=16, chunk_size=K)
+    )
     opt = torch.optim.AdamW(ae.parameters(), lr=3e-3)
     ae.train()
     for _ in range(300):
@@ -55,8 +57,18 @@ def test_autoencoder_and_calm_learn_next_chunk_exactly():
     # init_std scaled to the width (0.02 * sqrt(1024 / d)): with the paper's 0.02 at d = 64 every
     # Linear of the energy head shrinks its input ~6x and the head barely learns in this budget
     # (measured: energy loss stuck near 6.4 after 300 steps, against 0.74 with 0.08)
-    cfg = CALMConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     max_seq_len=BLOCK // K, chunk_size=K, latent_size=16, num_head_blocks=2, init_std=0.08)
+    cfg = CALMConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=BLOCK // K,
+        chunk_size=K,
+        latent_size=16,
+        num_head_blocks=2,
+        init_std=0.08,
+    )
     model = CALM(cfg, ae)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     model.train()

@@ -23,9 +23,7 @@ def naive_energy_score(samples: torch.Tensor, targets: torch.Tensor, alpha: floa
             for n in range(num_samples)
             for m in range(num_targets)
         )
-        scores.append(
-            diversity / (num_samples * (num_samples - 1)) - 2 * fidelity / (num_samples * num_targets)
-        )
+        scores.append(diversity / (num_samples * (num_samples - 1)) - 2 * fidelity / (num_samples * num_targets))
     return torch.stack(scores)
 
 
@@ -34,9 +32,7 @@ def test_matches_naive_double_loop(alpha):
     generator = torch.Generator().manual_seed(0)
     samples = torch.randn(4, 3, 5, generator=generator, dtype=torch.float64) + 2.0
     targets = torch.randn(6, 3, 5, generator=generator, dtype=torch.float64)
-    torch.testing.assert_close(
-        energy_score(samples, targets, alpha), naive_energy_score(samples, targets, alpha)
-    )
+    torch.testing.assert_close(energy_score(samples, targets, alpha), naive_energy_score(samples, targets, alpha))
     torch.testing.assert_close(
         energy_loss(samples, targets, alpha), -naive_energy_score(samples, targets, alpha).mean()
     )

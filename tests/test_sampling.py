@@ -110,9 +110,7 @@ def test_budget_exhausted_raises_with_count():
 
 def test_budget_exhausted_fallback_returns_most_frequent_draw():
     cycle = itertools.cycle(["a", "b", "a", "c"])  # pairs (a, b), (a, c): stage 1 never agrees
-    sample, num_draws = exact_temperature_sample(
-        lambda: next(cycle), 0.5, max_attempts=41, on_exhausted="fallback"
-    )
+    sample, num_draws = exact_temperature_sample(lambda: next(cycle), 0.5, max_attempts=41, on_exhausted="fallback")
     assert (sample, num_draws) == ("a", 41)
 
 
@@ -224,9 +222,7 @@ def batch_tv(temperature: float, num_candidates: int, seed: int, repetitions: in
     """
     generator = torch.Generator().manual_seed(seed)
     probs = torch.tensor(PROBS, dtype=torch.float64)
-    draws = torch.multinomial(
-        probs.expand(repetitions, len(PROBS)), num_candidates, True, generator=generator
-    )
+    draws = torch.multinomial(probs.expand(repetitions, len(PROBS)), num_candidates, True, generator=generator)
     weights = batch_temperature_probs(draws.unsqueeze(-1), temperature)  # (R, N)
     law = torch.zeros(len(PROBS), dtype=torch.float64).index_add_(0, draws.flatten(), weights.flatten())
     law /= repetitions

@@ -17,8 +17,19 @@ def ae_config() -> AutoencoderConfig:
 
 
 def train_config(**kw) -> TrainConfig:
-    base = dict(lr=3e-3, batch_tokens=256, max_steps=8, eval_every=4, save_every=4, log_every=1,
-                eval_tokens=256, precision="fp32", warmup_steps=2, lr_schedule="cosine", block_size=32)
+    base = dict(
+        lr=3e-3,
+        batch_tokens=256,
+        max_steps=8,
+        eval_every=4,
+        save_every=4,
+        log_every=1,
+        eval_tokens=256,
+        precision="fp32",
+        warmup_steps=2,
+        lr_schedule="cosine",
+        block_size=32,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -30,8 +41,11 @@ def train_ae(data_dir, out, resume=False, **kw):
 
 
 def losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"]
+    return [
+        r["loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "train"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +59,13 @@ def test_checkpoint_layout_and_bit_identical_reload(ae_run):
     stage, out = ae_run
     path = ckpt.resolve_checkpoint(out)
     assert path.name == "step_00000008"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_state.json",
-                 "training_state.safetensors"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_state.json",
+        "training_state.safetensors",
+    ):
         assert (path / name).exists(), name
     model, tok, config = ckpt.load_model(out, kind="autoencoder")
     ids = torch.randint(0, tok.vocab_size, (5, 4))
@@ -124,8 +143,15 @@ def test_nonfinite_loss_stops_with_step_and_stage(tiny_data_dir, tmp_path, monke
 
 def test_calm_and_gpt_stages_train_and_reload(tiny_data_dir, ae_run, tmp_path):
     _, ae_dir = ae_run
-    cfg = CALMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16,
-                     num_samples=4, num_target_samples=8)
+    cfg = CALMConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=16,
+        num_samples=4,
+        num_target_samples=8,
+    )
     torch.manual_seed(0)
     stage = CALMStage(tiny_data_dir, cfg, train_config(max_steps=4, batch_tokens=64), ae_dir)
     run_training(stage, stage.train_config, tmp_path / "calm", progress=False)

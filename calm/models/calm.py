@@ -73,14 +73,12 @@ class EnergyHead(nn.Module):
             x = block(x, c)
         return self.final_out(F.silu(self.final_fc(self.final_norm(x))))
 
-    def sample(
-        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``num_samples`` latents per row of h: (..., d) -> (num_samples, ..., l)."""
         hs = h.unsqueeze(0).expand(num_samples, *h.shape)
-        noise = torch.rand(
-            (num_samples, *h.shape[:-1], self.noise_size), device=h.device, generator=generator
-        ).sub_(0.5)
+        noise = torch.rand((num_samples, *h.shape[:-1], self.noise_size), device=h.device, generator=generator).sub_(
+            0.5
+        )
         return self(hs, noise.to(h.dtype))
 
 

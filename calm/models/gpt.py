@@ -29,9 +29,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
         init_weights(self, config.init_std)
 
-    def new_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens (default: context)."""
         return self.backbone.new_cache(batch_size, max_len, dtype)
 
@@ -51,9 +49,7 @@ class GPT(nn.Module):
         labels = ids if labels is None else labels
         logits = self(ids)[:, :-1]  # (B, T-1, V)
         targets = labels[:, 1:]
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-        )
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         tokens = (targets != -100).sum()
         return ce, {"ce": ce.detach(), "tokens": tokens.detach()}
 
