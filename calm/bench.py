@@ -14,8 +14,10 @@ per-step profile of where the time goes.
 training FLOPs per token (``calm.flops``, CALM-SPEC §7) times tokens/s, over a matmul peak measured
 in the same run on the same device.
 
-Random weights cost the same FLOPs and bytes as trained ones; what they do not reproduce is the
-distribution of decoded candidates, which only matters to the (cheap) batch sampler.
+Random weights cost the same FLOPs and bytes as trained ones. What they do not reproduce is how
+peaked the decoder's logits are and so which candidates come out, which matters only to the cheap
+batch selection (and to any shortcut in the vocabulary argmax, for which flat random logits are
+the pessimistic case; see ``benchmarks/decode_argmax.py``). Figures: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -250,6 +252,24 @@ def distinct_candidates(model: CALM, prompt: torch.Tensor, num_samples: int, see
     return len({tuple(row) for row in ids.tolist()})
 
 
+def weight_bytes_per_token(calm: CALM, gpt: GPT) -> dict[str, float]:
+    """Bytes of weights one decoding step streams, per generated token.
+
+    At batch 1 a decoding step is a chain of matrix-vector products, so on a CPU its time follows
+    the bytes of weights read more than the FLOPs: GPT reads its blocks and LM head per token;
+    CALM reads input compression, blocks, head and AE decoder (incl. the tied V×d table) once per
+    K tokens, whatever the number of head samples. Embedding lookups read one row and are left out.
+    """
+
+    def size(*modules: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    ae = calm.autoencoder
+    decoder = (ae.latent_to_hidden, ae.dec_chunk_layers, ae.expand_layer, ae.dec_token_layers, ae.dec_norm)
+    calm_step = size(calm.embed_proj, calm.backbone, calm.head, *decoder, ae.embed_tokens)
+    return {"gpt": float(size(gpt.backbone, gpt.lm_head)), "calm": calm_step / calm.chunk_size}
+
+
 def bench_generate_size(
     size: str,
     *,
@@ -322,6 +342,7 @@ def bench_generate_size(
             "inference_flops_per_token"
         ],
     }
+    result["weight_bytes_per_token"] = weight_bytes_per_token(calm, gpt)
     result["distinct_of_n_candidates"] = distinct_candidates(calm, prompt, num_samples, seed)
     result["setup"] = {
         "layers": gpt.config.num_layers,

@@ -42,6 +42,8 @@ def test_bench_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(profile["gpt_greedy"]["ms_per_token"]) == {"backbone", "lm_head", "sampler_other"}
     assert profile["gpt_greedy"]["tokens"] == 16
     assert 1 <= tiny["distinct_of_n_candidates"] <= 8
+    # the tiny GPT streams its blocks and 4k LM head per token; CALM its whole step per 4 tokens
+    assert tiny["weight_bytes_per_token"]["gpt"] > tiny["weight_bytes_per_token"]["calm"] > 0
 
 
 def test_bench_train_json(capsys: pytest.CaptureFixture[str]) -> None:
