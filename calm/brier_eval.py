@@ -315,10 +315,15 @@ def evaluate_checkpoint(
     mode: str = "exact",
     seed: int = 0,
     max_blocks: int | None = None,
+    max_tokens: int | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir."""
+    """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir.
+
+    ``max_tokens`` evaluates only the blocks within the first that many tokens of the text, so
+    models with different block lengths are scored on the same text.
+    """
     from calm.distributed import default_device
     from calm.evaluate import load_eval_documents
 
@@ -353,6 +358,8 @@ def evaluate_checkpoint(
     if steps_needed > max_len:
         raise ValueError(f"context of {block} tokens needs {steps_needed} steps but the model has {max_len}")
     blocks = make_blocks(docs, block)
+    if max_tokens:
+        blocks = blocks[: max(1, max_tokens // block)]
     if max_blocks:
         blocks = blocks[:max_blocks]
     if kind == "calm":

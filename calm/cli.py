@@ -194,6 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         hf_model=args.hf_model,
         context_steps=args.context_steps,
         context_tokens=args.context_tokens,
+        max_tokens=args.max_tokens,
         mode=args.mode,
         seed=args.seed,
         max_blocks=args.max_blocks,
@@ -261,7 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ae_preset=args.ae_preset,
         lm_preset=args.lm_preset,
         eval_data=args.eval_data,
-        eval_max_blocks=args.eval_max_blocks,
+        eval_max_tokens=args.eval_max_tokens or None,
         overrides=overrides,
         progress=not args.no_progress,
     )
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["exact", "two_sample"], default="exact", help="token-LM estimator form")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
+    p.add_argument("--max-tokens", type=int, help="evaluate only the blocks within the first N tokens")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -365,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae-preset", default="tiny")
     p.add_argument("--lm-preset", default="tiny", help="preset for both CALM and the GPT baseline")
     p.add_argument("--eval-data", help="evaluation text (default: the shipped WikiText-103 test set)")
-    p.add_argument("--eval-max-blocks", type=int)
+    p.add_argument(
+        "--eval-max-tokens", type=int, default=131072, help="score the first N tokens of the eval set (0: all)"
+    )
     p.add_argument("--set", action="append", metavar="KIND:KEY=VALUE", help="e.g. calm:train.max_steps=100")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -52,7 +52,7 @@ def run_demo(
     ae_preset: str = "tiny",
     lm_preset: str = "tiny",
     eval_data: str | Path | None = None,
-    eval_max_blocks: int | None = None,
+    eval_max_tokens: int | None = 131072,
     overrides: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def run_demo(
 
     _banner("5/6 evaluate on WikiText-103 test")
     summary["eval"] = {
-        kind: _eval_lm(run_dir, eval_data, out / f"eval_{kind}.json", eval_max_blocks, progress)
+        kind: _eval_lm(run_dir, eval_data, out / f"eval_{kind}.json", eval_max_tokens, progress)
         for kind, run_dir in (("calm", calm_dir), ("gpt", gpt_dir))
     }
 
@@ -143,12 +143,13 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
     return result
 
 
-def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_blocks: int | None, progress: bool) -> dict[str, Any]:
+def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | None, progress: bool) -> dict[str, Any]:
+    """BrierLM on the first ``max_tokens`` tokens of the evaluation set (the same text for both models)."""
     if out_json.exists():
         return json.loads(out_json.read_text())
     from calm.brier_eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(str(run_dir), str(eval_data), max_blocks=max_blocks, progress=progress)
+    result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
     print(
         f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {result['brierlm_se']:.3f} "
         f"over {result['tokens']:,} tokens"
