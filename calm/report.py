@@ -11,6 +11,7 @@ written without plots and says so.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ def _summary_row(run: Path, kind: str, evaluation: dict[str, Any] | None) -> dic
         "train_minutes": (train[-1]["elapsed_s"] / 60) if train else None,
         "brierlm": evaluation.get("brierlm") if evaluation else None,
         "brierlm_se": evaluation.get("brierlm_se") if evaluation else None,
+        "brier_n": [evaluation.get(f"brier{n}") for n in range(1, 5)] if evaluation else None,
         "perplexity": evaluation.get("perplexity") if evaluation else None,
         "generate_tokens_per_s": speed.get(f"{kind}_tokens_per_s"),
     }
@@ -114,17 +116,14 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     plt.close(fig)
     made.append("training_curves.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for kind, marker in (("calm", "o"), ("gpt", "s")):
         val = [r for r in lm[kind] if r.get("split") == "val" and "brierlm" in r]
         flops = _model_flops(run / kind)
         if val and flops:
-            axes[0].plot(
-                [flops["train_flops_per_token"] * r["tokens"] for r in val],
-                [r["brierlm"] for r in val],
-                marker + "-",
-                label=f"{kind.upper()} (validation)",
-            )
+            x = [flops["train_flops_per_token"] * r["tokens"] for r in val]
+            axes[0].plot(x, [r["brierlm"] for r in val], marker + "-", label=f"{kind.upper()} (validation)")
+            axes[2].plot(x, [r["brier1"] for r in val], marker + "-", label=f"{kind.upper()} (validation)")
     for row, marker in zip(rows, ("o", "s")):
         if row["brierlm"] is not None and row["train_flops"]:
             axes[0].plot(
@@ -145,6 +144,7 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
                 label=row["model"],
             )
     axes[0].set(xscale="log", xlabel="training FLOPs", ylabel="BrierLM", title="BrierLM vs training compute")
+    axes[2].set(xscale="log", xlabel="training FLOPs", ylabel="Brier-1 (%)", title="Brier-1 vs training compute")
     axes[1].set(
         xlabel="inference FLOPs per token",
         ylabel="BrierLM (WikiText-103 test)",
@@ -186,15 +186,21 @@ def write_report(run: str | Path) -> Path:
         lines += [
             "## Side by side",
             "",
-            "| model | params | train tokens | train FLOPs | inference FLOPs/token | BrierLM ± SE | perplexity "
-            "| train tokens/s | generate tokens/s | train minutes |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| model | params | train tokens | train FLOPs | inference FLOPs/token | BrierLM ± SE | Brier-1..4 (%) "
+            "| perplexity | train tokens/s | generate tokens/s | train minutes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            brier = f"{r['brierlm']:.3f} ± {r['brierlm_se']:.3f}" if r["brierlm"] is not None else "–"
+            if r["brierlm"] is None:
+                brier = "–"
+            elif r["brierlm_se"] is None or math.isnan(r["brierlm_se"]):
+                brier = f"{r['brierlm']:.3f}"
+            else:
+                brier = f"{r['brierlm']:.3f} ± {r['brierlm_se']:.3f}"
             lines.append(
                 f"| {r['model']} | {_fmt(r['params'] and r['params'] / 1e6, '.2f')}M | {_fmt(r['train_tokens'], ',')} "
                 f"| {_fmt(r['train_flops'], '.3g')} | {_fmt(r['inference_flops_per_token'], '.3g')} | {brier} "
+                f"| {' / '.join(_fmt(b, '.2f') for b in r['brier_n']) if r['brier_n'] else '–'} "
                 f"| {_fmt(r['perplexity'], '.2f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} "
                 f"| {_fmt(r['generate_tokens_per_s'], ',.0f')} | {_fmt(r['train_minutes'], '.1f')} |"
             )
@@ -202,7 +208,8 @@ def write_report(run: str | Path) -> Path:
         lines += [
             "",
             f"BrierLM is ×100 (paper convention), estimated on the evaluation set with the context "
-            f"`{ctx.get('description', 'n/a')}`; ± is one standard error (clustered by block). Perplexity "
+            f"`{ctx.get('description', 'n/a')}`; ± is one standard error (clustered by block). BrierLM is 0 "
+            "when any Brier-n is <= 0 (a model worse than chance on n-grams), so Brier-1..4 are shown too. Perplexity "
             "exists for the GPT only: CALM has no likelihood. FLOPs are analytic (`calm flops`); generation "
             "tokens/s is greedy, batch 1, KV cache, median of 3 (`generation_speed.json`).",
             "",
