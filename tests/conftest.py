@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,10 @@ def _one_thread_per_test_process() -> None:
     """Tiny models gain nothing from intra-op threads, and OpenMP threads spinning on a shared 2-core
     machine made a 2-step GPT run take 10 s instead of 0.1 s (measured)."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the tiny data for one test module: the stages write caches into their data
+    folder, and a test of ``prepare``'s output must not see them."""
+    return Path(shutil.copytree(tiny_data_dir, tmp_path_factory.mktemp("data") / "data"))

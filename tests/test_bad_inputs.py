@@ -68,21 +68,6 @@ CALM = [
 GPT = [*LM, "--batch-tokens", "64", "--set", "model.max_seq_len=32", "--set", "train.block_size=16"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the tiny data: the stages write caches into their data folder."""
-    return Path(shutil.copytree(tiny_data_dir, tmp_path_factory.mktemp("data") / "data"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     capsys.readouterr()
     code = main(argv)

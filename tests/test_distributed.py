@@ -113,21 +113,6 @@ def _check_wrapping(model: torch.nn.Module, strategy: str) -> None:
             assert isinstance(p, DTensor) == (name not in frozen), name
 
 
-@pytest.fixture(scope="module")
-def data_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the tiny data: the stages write caches into their data folder."""
-    return Path(shutil.copytree(tiny_data_dir, tmp_path_factory.mktemp("data") / "data"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
