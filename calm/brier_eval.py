@@ -318,16 +318,21 @@ def evaluate_checkpoint(
     max_tokens: int | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir.
 
     ``max_tokens`` evaluates only the blocks within the first that many tokens of the text, so
-    models with different block lengths are scored on the same text.
+    models with different block lengths are scored on the same text. ``precision`` (auto | fp32 |
+    bf16) is resolved by ``calm.precision`` and recorded in the result; the estimators themselves
+    always accumulate in fp32.
     """
     from calm.distributed import default_device
     from calm.evaluate import load_eval_documents
+    from calm.precision import autocast, resolve_precision
 
     device = device or default_device()
+    precision = resolve_precision(precision, device)
     if (checkpoint is None) == (hf_model is None):
         raise ValueError("pass exactly one of --checkpoint or --hf-model")
     if hf_model is not None:
@@ -351,6 +356,7 @@ def evaluate_checkpoint(
         max_len = model.config.max_seq_len
         decode = tok.decode
         name = str(checkpoint)
+        step = new_cache = None
         if kind == "gpt":
             step, new_cache = gpt_step_logits(model), (lambda n: model.backbone.new_cache(1, max_len=n))
     block, context = _context_blocks(kind, K, max_len, context_steps, context_tokens)
@@ -362,6 +368,24 @@ def evaluate_checkpoint(
         blocks = blocks[: max(1, max_tokens // block)]
     if max_blocks:
         blocks = blocks[:max_blocks]
+    with autocast(device, precision):
+        result = _score_blocks(model, kind, blocks, step, new_cache, decode, mode, seed, device, progress)
+    result.update(
+        {
+            "model": name,
+            "kind": kind,
+            "data": str(data),
+            "seed": seed,
+            "precision": precision,
+            "context": context,
+            "blocks": int(len(blocks)),
+            "tokens": int(blocks.size),
+        }
+    )
+    return result
+
+
+def _score_blocks(model, kind, blocks, step, new_cache, decode, mode, seed, device, progress) -> dict[str, Any]:
     if kind == "calm":
         result = evaluate_brier(model, "calm", blocks, seed=seed, device=device, progress=progress)
     else:
@@ -379,15 +403,4 @@ def evaluate_checkpoint(
         result["perplexity"] = math.exp(result["ce"])
         result["bits_per_byte"] = nll / math.log(2) / max(n_bytes, 1)
         result["estimator"] = mode
-    result.update(
-        {
-            "model": name,
-            "kind": kind,
-            "data": str(data),
-            "seed": seed,
-            "context": context,
-            "blocks": int(len(blocks)),
-            "tokens": int(blocks.size),
-        }
-    )
     return result

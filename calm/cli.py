@@ -46,7 +46,9 @@ def _add_train_args(p: argparse.ArgumentParser, presets: list[str], default: str
     p.add_argument("--batch-tokens", type=int, help="global batch per optimizer step, in tokens")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 where the hardware runs it fast"
+    )
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.hidden_size=512")
@@ -199,6 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_blocks=args.max_blocks,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     rows = [("BrierLM", f"{result['brierlm']:.3f} ± {result['brierlm_se']:.3f}")]
     rows += [(f"Brier-{n} (%)", f"{result[f'brier{n}']:.3f} ± {result[f'brier{n}_se']:.3f}") for n in range(1, 5)]
@@ -206,6 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
     rows += [("tokens evaluated", f"{result['tokens']:,}"), ("context", result["context"]["description"])]
+    rows.append(("precision", result["precision"]))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -346,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
     p.add_argument("--max-tokens", type=int, help="evaluate only the blocks within the first N tokens")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 where the hardware runs it fast",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -184,8 +184,8 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 1
-    precision: str = "bf16"
-    """fp32 | bf16 (autocast)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16 (autocast). auto: bf16 where the device runs it fast, else fp32 (``calm.precision``)."""
     compile: bool = False
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is not finite instead of stopping."""
@@ -207,7 +207,9 @@ class TrainConfig:
         _require(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _require(self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
         _require(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        _require(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
+        _require(
+            self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"
+        )
         _require(self.eval_every >= 1 and self.save_every >= 1 and self.log_every >= 1, "intervals must be >= 1")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         self.grad_accum_steps(world_size)

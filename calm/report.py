@@ -160,6 +160,25 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     return made
 
 
+def _precision_lines(run: Path) -> list[str]:
+    """Which precision each stage trained in (``train.precision`` of its run_config.json, resolved)."""
+    used = []
+    for kind in ("autoencoder", "calm", "gpt"):
+        cfg = _read_json(run / kind / "run_config.json")
+        if cfg:
+            train = cfg.get("train", {})
+            asked = train.get("precision_requested")
+            note = f" (from `{asked}`)" if asked and asked != train.get("precision") else ""
+            used.append(f"{kind} {train.get('precision', '?')}{note}")
+    if not used:
+        return []
+    return [
+        f"Training precision: {', '.join(used)}. Validation metrics during training are computed in fp32 "
+        "whatever the training precision, so curves compare across precisions.",
+        "",
+    ]
+
+
 def write_report(run: str | Path) -> Path:
     """Write ``run/report.md`` (and plots) from whatever the run has logged; return its path."""
     run = Path(run)
@@ -214,6 +233,7 @@ def write_report(run: str | Path) -> Path:
             "tokens/s is greedy, batch 1, KV cache, median of 3 (`generation_speed.json`).",
             "",
         ]
+    lines += _precision_lines(run)
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     if not plots:

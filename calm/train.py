@@ -33,6 +33,9 @@ from calm import checkpoint as ckpt
 from calm import distributed as dist
 from calm.config import ConfigError, TrainConfig
 from calm.data import BatchSampler
+from calm.precision import autocast, describe, resolve_precision
+
+autocast_context = autocast  # the name calm.bench imports
 
 
 class Stage(Protocol):
@@ -77,10 +80,21 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def autocast_context(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def resolve_run_precision(cfg: TrainConfig, device: torch.device, saved: dict[str, Any] | None) -> str:
+    """The precision this run computes in: ``cfg.precision`` resolved for ``device`` (``calm.precision``).
+
+    A resumed run keeps the precision it was started in: ``auto`` takes the checkpoint's, and an
+    explicit different one is refused (the continuation would no longer match an unbroken run).
+    """
+    if saved is None or "precision" not in saved:
+        return resolve_precision(cfg.precision, device)
+    started = saved["precision"]
+    if cfg.precision not in ("auto", started):
+        raise ConfigError(
+            f"this run was started in {started} and resumes in {started}; drop --precision {cfg.precision} "
+            f"(or pass --precision {started}), or start a new run with --overwrite to train in {cfg.precision}"
+        )
+    return resolve_precision(started, device)
 
 
 class _StopFlag:
@@ -234,6 +248,10 @@ def run_training(
                 hint = f"; to resume from the previous one ({older[-1].name}), delete {resume_from}"
             raise ckpt.CheckpointError(f"cannot resume: {e}{hint}") from e
         _check_resumable(resume_from, stage)
+    saved_train = ckpt.read_config(resume_from).get("train") if resume_from is not None else None
+    precision = resolve_run_precision(cfg, device, saved_train)
+    if dist.is_main():
+        print(f"{stage.kind}: {describe(precision, device)} (requested: {cfg.precision})", flush=True)
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -256,7 +274,10 @@ def run_training(
         train_model = torch.compile(train_model)
 
     metrics_path = out / "metrics.jsonl"
-    config_record = {**stage.checkpoint_config(), "train": asdict(cfg)}
+    config_record = {
+        **stage.checkpoint_config(),
+        "train": {**asdict(cfg), "precision": precision, "precision_requested": cfg.precision},
+    }
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -325,7 +346,7 @@ def run_training(
                 batch = stage.make_batch(indices, device)
                 sync = dist.no_sync(train_model) if micro < accum - 1 else nullcontext()
                 with sync:
-                    with autocast_context(device, cfg.precision):
+                    with autocast(device, precision):
                         loss, metrics = stage.loss(train_model, batch)
                     (loss / accum).backward()
                 for k, v in metrics.items():

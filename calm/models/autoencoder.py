@@ -22,6 +22,7 @@ from torch import nn
 
 from calm.config import AutoencoderConfig
 from calm.models.layers import RMSNorm, SwiGLU, init_weights
+from calm.precision import bf16_is_fast
 
 
 class AELayer(nn.Module):
@@ -72,7 +73,7 @@ def vocab_argmax(hidden: torch.Tensor, weight: torch.Tensor, top: int = 64) -> t
         rows * vocab >= SCREEN_MIN_LOGITS
         and hidden.dtype == weight.dtype == torch.float32
         and hidden.device.type == "cpu"
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and bf16_is_fast("cpu")
     )
     if not screen:
         return (weight @ hidden.t()).argmax(0) if rows < 64 else (hidden @ weight.t()).argmax(-1)
