@@ -268,6 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         eval_max_tokens=args.eval_max_tokens or None,
         overrides=overrides,
+        lm_flops=args.lm_flops or None,
         progress=not args.no_progress,
     )
     return 0
@@ -282,6 +283,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from calm.config import preset_names
+    from calm.pipeline import DEMO_LM_FLOPS
 
     parser = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -381,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-max-tokens", type=int, default=131072, help="score the first N tokens of the eval set (0: all)"
     )
     p.add_argument("--set", action="append", metavar="KIND:KEY=VALUE", help="e.g. calm:train.max_steps=100")
+    p.add_argument(
+        "--lm-flops",
+        type=float,
+        default=DEMO_LM_FLOPS,
+        help=f"training FLOPs for each of CALM and the GPT (default {DEMO_LM_FLOPS:.2g}; 0: the presets' max_steps)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -26,6 +26,19 @@ from calm.checkpoint import atomic_write_text
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = REPO_ROOT / "data" / "wikitext103" / "test.jsonl"
 PROMPTS = ["The history of the city", "In 1905 , the company"]
+DEMO_LM_FLOPS = 2.4e13
+"""Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
+equal compute). With the tiny presets that is 212 GPT steps (0.87M tokens) and 411 CALM steps (1.68M
+tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without native bf16 (README)."""
+
+
+def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: int) -> int:
+    """Optimizer steps that spend ``budget_flops`` training FLOPs (analytic, ``calm.flops``), at least 1."""
+    if budget_flops <= 0 or flops_per_token <= 0:
+        raise ValueError(
+            f"the FLOPs budget and FLOPs per token must be positive, got {budget_flops}, {flops_per_token}"
+        )
+    return max(1, round(budget_flops / (flops_per_token * batch_tokens)))
 
 
 def _done(path: Path) -> dict[str, Any] | None:
@@ -54,9 +67,15 @@ def run_demo(
     eval_data: str | Path | None = None,
     eval_max_tokens: int | None = 131072,
     overrides: dict[str, dict[str, Any]] | None = None,
+    lm_flops: float | None = DEMO_LM_FLOPS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or finish) the whole pipeline under ``out``; return a summary of every stage."""
+    """Run (or finish) the whole pipeline under ``out``; return a summary of every stage.
+
+    ``lm_flops``: training FLOPs for each of CALM and the GPT; their step counts (and evaluation
+    and checkpoint intervals, four per run) follow from it unless ``train.max_steps`` is overridden.
+    None: the presets' step counts.
+    """
     from calm.config import load_preset
     from calm.data import prepare
     from calm.stages import AutoencoderStage, CALMStage, GPTStage
@@ -91,6 +110,14 @@ def run_demo(
             return done
         preset = load_preset(kind, preset_name, overrides.get(kind))
         stage = make_stage(preset)
+        given = overrides.get(kind) or {}
+        if kind != "autoencoder" and lm_flops and "train.max_steps" not in given:
+            steps = steps_for_budget(lm_flops, stage.flops_per_token, preset.train.batch_tokens)
+            preset.train.max_steps = steps
+            for key in ("eval_every", "save_every"):
+                if f"train.{key}" not in given:
+                    setattr(preset.train, key, max(1, -(-steps // 4)))
+            print(f"{kind}: {steps} steps for {lm_flops:.3g} training FLOPs ({stage.flops_per_token:.3g} per token)")
         start = time.perf_counter()
         result = run_training(stage, preset.train, run_dir, resume=True, progress=progress)
         return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
