@@ -220,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from calm.convert import convert
 
-    result = convert(args.source, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    result = convert(args.source, args.out, tokenizer=args.tokenizer, kind=args.kind, overwrite=args.overwrite)
     for note in result.notes:
         print(note)
     print(f"wrote {result.kind} checkpoint {result.path} ({result.num_tensors} tensors, {result.dtype})")
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="official checkpoint folder, or hf:REPO_ID[@REVISION] (needs calm[hub])")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--tokenizer", default="llama3", help="'llama3' (the paper's, + [PAD]) or a tokenizer.json path")
+    p.add_argument("--kind", choices=["autoencoder", "calm"], help="what SOURCE must hold (default: either)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_convert)
 

@@ -223,6 +223,7 @@ def convert(
     out: str | Path,
     *,
     tokenizer: str | Path = "llama3",
+    kind: str | None = None,
     overwrite: bool = False,
     cache_dir: str | Path | None = None,
 ) -> Conversion:
@@ -231,7 +232,8 @@ def convert(
     The result holds ``config.json``, ``model.safetensors`` (same dtype as the source; a CALM embeds
     its autoencoder) and ``tokenizer.json``; load it with ``calm.checkpoint.load_model``. Raises
     ConvertError (a ValueError) with the cause and the fix; nothing is written unless every check
-    passed. ``out`` must not exist unless ``overwrite``.
+    passed. ``out`` must not exist unless ``overwrite``. ``kind`` (``autoencoder`` | ``calm``), when
+    given, is what the source must hold; for the released ``hf:`` repositories it is known anyway.
     """
     from calm.checkpoint import save_checkpoint
 
@@ -240,7 +242,15 @@ def convert(
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     folder = resolve_source(source, cache_dir)
     config, state, weight_file = read_official(folder)
-    kind = detect_kind(config, state)
+    found = detect_kind(config, state)
+    kind = kind or RELEASED.get(str(source)[len(HUB_PREFIX) :].partition("@")[0])
+    if kind is not None and kind != found:
+        wanted = "a CALM (CALM-M/L/XL)" if kind == "calm" else "a CALM-Autoencoder"
+        raise ConvertError(
+            f"{source} holds {'a CALM-Autoencoder' if found == 'autoencoder' else 'a CALM'}, not {wanted}; "
+            f"pass the {'CALM-M/L/XL' if kind == 'calm' else 'CALM-Autoencoder'} folder instead"
+        )
+    kind = found
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
     notes = [f"read {folder / weight_file} ({len(state)} tensors, {'/'.join(dtypes)})"]
     if kind == "autoencoder":

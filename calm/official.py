@@ -62,6 +62,9 @@ OFFICIAL_HEAD_LN_EPS = 1e-6
 """The official head's LayerNorms hard-code eps 1e-6; ours use ``rms_norm_eps`` (§5)."""
 
 
+_KIND_NAMES = {"autoencoder": "a CALM-Autoencoder", "calm": "a CALM (EnergyTransformer)"}
+
+
 class ConvertError(ValueError):
     """An official checkpoint cannot be converted; the message names the problem and the fix."""
 
@@ -133,24 +136,30 @@ def calm_key_map(num_layers: int, num_head_blocks: int, ae_encoder: int, ae_deco
 def detect_kind(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> str:
     """``autoencoder`` or ``calm`` from ``architectures`` (§4), else from the keys."""
     arch = config.get("architectures") or []
-    if "Autoencoder" in arch:
-        return "autoencoder"
-    if "EnergyTransformer" in arch:
-        return "calm"
-    for name in arch:
-        if name in ("FlowTransformer", "DiffusionTransformer") or config.get("model_type") in ("flow", "diffusion"):
-            raise ConvertError(
-                f"architectures={arch}: only the energy head is supported by this converter (CALM-M/L/XL "
-                "use it); flow and diffusion heads are not implemented in calm yet"
-            )
-    if any(k.startswith("transformer.") for k in sd):
-        return "calm"
-    if any(k.startswith("encoder.") for k in sd):
-        return "autoencoder"
-    raise ConvertError(
-        f"cannot tell the model kind: config.json has architectures={arch} and the weights have neither "
-        "'encoder.*' (CALM-Autoencoder) nor 'transformer.*' (CALM) keys; pass an official checkpoint folder"
+    if config.get("model_type") in ("flow", "diffusion") or {"FlowTransformer", "DiffusionTransformer"} & set(arch):
+        raise ConvertError(
+            f"architectures={arch}, model_type={config.get('model_type')!r}: only the energy head (CALM-M/L/XL) "
+            "is supported by this converter; flow and diffusion heads are not implemented in calm yet"
+        )
+    by_keys = (
+        "calm"
+        if any(k.startswith("transformer.") for k in sd)
+        else "autoencoder"
+        if any(k.startswith("encoder.") for k in sd)
+        else None
     )
+    by_config = "autoencoder" if "Autoencoder" in arch else "calm" if "EnergyTransformer" in arch else None
+    if by_keys is None:
+        raise ConvertError(
+            "cannot tell the model kind: the weights have neither 'encoder.*' (CALM-Autoencoder) nor "
+            "'transformer.*' (CALM) keys; pass the folder of an official checkpoint"
+        )
+    if by_config is not None and by_config != by_keys:
+        raise ConvertError(
+            f"config.json says architectures={arch} but the weights are {_KIND_NAMES[by_keys]}'s; config.json and "
+            "the weights come from different repositories: download both from the same one"
+        )
+    return by_keys
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
