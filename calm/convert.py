@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from calm.corpus import CorpusError
 from calm.official import ConvertError, convert_autoencoder, convert_calm, detect_kind
 from calm.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -198,8 +199,11 @@ def attach_tokenizer(spec: str | Path, config: dict[str, Any], vocab_size: int, 
     """
     try:
         tok = load_tokenizer(spec)
-    except (TokenizerError, OSError) as e:
-        raise ConvertError(f"cannot get the tokenizer {str(spec)!r}: {e}") from None
+    except (TokenizerError, CorpusError, OSError) as e:
+        raise ConvertError(
+            f"cannot get the tokenizer {str(spec)!r}: {e}. Alternatively pass --tokenizer PATH with the Llama-3 "
+            "tokenizer.json (e.g. llama3_tokenizer/tokenizer.json of github.com/shaochenze/calm; [PAD] is appended)"
+        ) from None
     if tok.vocab_size != vocab_size:
         raise ConvertError(
             f"the tokenizer {str(spec)!r} has {tok.vocab_size} tokens but the {kind} embeds {vocab_size}; the "

@@ -177,3 +177,39 @@ def test_converted_checkpoints_work_with_commands(
     args = ["train-calm", "--data", str(data_dir), "--autoencoder", ae, "--out", str(run), "--max-steps", "1"]
     assert main([*args, "--set", "train.batch_tokens=256", "--set", "train.block_size=64", "--no-progress"]) == 0
     assert load_model(run)[2]["autoencoder"]["hidden_size"] == 16
+
+
+def test_hub_source_uses_the_hub_cache(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``hf:REPO@REV`` goes through ``snapshot_download`` (replaced here: no network in tests), and a
+    released repository's kind is known: the autoencoder's files under CALM-M's name are refused."""
+    hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, revision=None, allow_patterns=None, cache_dir=None) -> str:
+        calls.append((repo_id, revision))
+        return str(FIXTURES / ("calm_bin" if repo_id == "someone/tiny-calm" else "autoencoder_bin"))
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    tok = str(data_dir / "tokenizer.json")
+    result = convert("hf:someone/tiny-calm@v1", tmp_path / "a", tokenizer=tok)
+    assert result.kind == "calm" and calls[-1] == ("someone/tiny-calm", "v1")
+    assert load_model(result.path)[2]["converted_from"]["source"] == "hf:someone/tiny-calm@v1"
+    code = main(["convert", "hf:cccczshao/CALM-M", "--out", str(tmp_path / "b"), "--tokenizer", tok])
+    assert code == 2 and "holds a CALM-Autoencoder, not a CALM" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bf16_source(data_dir: Path, tmp_path: Path) -> None:
+    """A bf16 state dict converts as bf16 and loads into the fp32 model (values exactly preserved)."""
+    source = tmp_path / "ae_bf16"
+    source.mkdir()
+    (source / "config.json").write_text((FIXTURES / "autoencoder_bin" / "config.json").read_text())
+    sd = torch.load(FIXTURES / "autoencoder_bin" / "pytorch_model.bin", weights_only=True)
+    torch.save({k: v.to(torch.bfloat16) for k, v in sd.items()}, source / "pytorch_model.bin")
+    result = convert(source, tmp_path / "out", tokenizer=data_dir / "tokenizer.json")
+    assert result.dtype == "bfloat16"
+    model, _, _ = load_model(result.path)
+    expected = sd["encoder.embed_tokens.weight"].to(torch.bfloat16).float()
+    assert torch.equal(model.embed_tokens.weight, expected)
