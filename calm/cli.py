@@ -221,6 +221,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from calm.convert import convert
+
+    result = convert(args.source, args.out, tokenizer=args.tokenizer, kind=args.kind, overwrite=args.overwrite)
+    for note in result.notes:
+        print(note)
+    print(f"wrote {result.kind} checkpoint {result.path} ({result.num_tensors} tensors, {result.dtype})")
+    return 0
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
     from calm.config import load_preset
     from calm.flops import calm_flops, format_flops, gpt_flops
@@ -360,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="convert the authors' released CALM / CALM-Autoencoder into a calm checkpoint")
+    p.add_argument("source", help="official checkpoint folder, or hf:REPO_ID[@REVISION] (needs calm[hub])")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--tokenizer", default="llama3", help="'llama3' (the paper's, + [PAD]) or a tokenizer.json path")
+    p.add_argument("--kind", choices=["autoencoder", "calm"], help="what SOURCE must hold (default: either)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("flops", help="analytic FLOPs per token (paper Table 1 accounting)")
     p.add_argument("--model", choices=["gpt", "calm"], required=True)
