@@ -28,7 +28,7 @@ DEFAULT_EVAL = REPO_ROOT / "data" / "wikitext103" / "test.jsonl"
 PROMPTS = ["The history of the city", "In 1905 , the company"]
 DEMO_LM_FLOPS = 2.4e13
 """Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
-equal compute). With the tiny presets that is 212 GPT steps (0.87M tokens) and 411 CALM steps (1.68M
+equal compute). With the tiny presets that is 204 GPT steps (0.84M tokens) and 394 CALM steps (1.61M
 tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without native bf16 (README)."""
 
 
