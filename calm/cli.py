@@ -78,11 +78,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, kind: str) -> int:
     from calm import distributed
-    from calm.config import load_preset
+    from calm.config import check_overrides, load_preset
     from calm.train import run_training
 
     distributed.set_strategy(args.strategy)
-    preset = load_preset(kind, args.preset, _overrides(args))
+    overrides = _overrides(args)
+    check_overrides(kind, overrides)
+    preset = load_preset(kind, args.preset, overrides)
     if args.skip_nonfinite:
         preset.train.skip_nonfinite = True
     preset.train.validate()
@@ -243,15 +245,17 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from calm.config import MODEL_CONFIGS
     from calm.pipeline import run_demo
 
     overrides: dict[str, dict[str, Any]] = {}
     for text in args.set or []:
         key, value = parse_override(text)
         kind, _, rest = key.partition(":")
-        if kind not in ("autoencoder", "calm", "gpt") or not rest:
+        if kind not in MODEL_CONFIGS or not rest:
             raise ConfigError(
-                f"demo override {text!r} must look like KIND:section.key=value, e.g. calm:train.max_steps=100"
+                f"demo override {text!r} must look like KIND:section.key=value with KIND one of "
+                f"{', '.join(MODEL_CONFIGS)}, e.g. calm:train.max_steps=100"
             )
         overrides.setdefault(kind, {})[rest] = value
     run_demo(

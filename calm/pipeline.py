@@ -56,8 +56,12 @@ def run_demo(
     overrides: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or finish) the whole pipeline under ``out``; return a summary of every stage."""
-    from calm.config import load_preset
+    """Run (or finish) the whole pipeline under ``out``; return a summary of every stage.
+
+    ``overrides`` maps a kind (autoencoder | calm | gpt) to ``section.key`` overrides; all of them
+    are checked before any work starts.
+    """
+    from calm.config import check_overrides, load_preset
     from calm.data import prepare
     from calm.stages import AutoencoderStage, CALMStage, GPTStage
     from calm.train import run_training
@@ -67,6 +71,11 @@ def run_demo(
     if not eval_data.exists():
         raise FileNotFoundError(f"evaluation set {eval_data} is missing; pass --eval-data")
     overrides = overrides or {}
+    for kind, preset_name in (("autoencoder", ae_preset), ("calm", lm_preset), ("gpt", lm_preset)):
+        check_overrides(kind, overrides.get(kind))
+        preset = load_preset(kind, preset_name, overrides.get(kind))  # types and values, up front
+        preset.model.validate()
+        preset.train.validate()
     summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
     data_dir, ae_dir, calm_dir, gpt_dir = out / "data", out / "autoencoder", out / "calm", out / "gpt"
