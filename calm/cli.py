@@ -8,12 +8,12 @@ line that says what is wrong and how to fix it, and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from calm.config import ConfigError, parse_override
+from calm.jsonio import to_json
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         progress=not args.no_progress,
     )
     if distributed.is_main():
-        print(f"{kind} training done: {json.dumps(result)}; checkpoints in {args.out}/checkpoints")
+        print(f"{kind} training done: {to_json(result)}; checkpoints in {args.out}/checkpoints")
     return 0
 
 
@@ -131,7 +131,7 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
     )
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
     if args.json:
-        print(json.dumps(result))
+        print(to_json(result))
     else:
         print(f"token accuracy (decode μ):       {result['token_accuracy']:.5f}")
         print(f"token accuracy (decode z ~ q):   {result['token_accuracy_sampled']:.5f}")
@@ -202,8 +202,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_blocks=args.max_blocks,
         progress=not args.no_progress,
     )
-    rows = [("BrierLM", f"{result['brierlm']:.3f} ± {result['brierlm_se']:.3f}")]
-    rows += [(f"Brier-{n} (%)", f"{result[f'brier{n}']:.3f} ± {result[f'brier{n}_se']:.3f}") for n in range(1, 5)]
+
+    def pm(key: str) -> str:  # "value ± SE"; an undefined SE (None, reason in result["undefined"]) prints as n/a
+        se = result[f"{key}_se"]
+        return f"{result[key]:.3f} ± {'n/a' if se is None else f'{se:.3f}'}"
+
+    rows = [("BrierLM", pm("brierlm"))] + [(f"Brier-{n} (%)", pm(f"brier{n}")) for n in range(1, 5)]
     for key in ("perplexity", "bits_per_byte"):
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
@@ -214,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         from calm.checkpoint import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(args.json), to_json(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -234,7 +238,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         result = calm_flops(cfg, ae, context=args.context or cfg.max_seq_len, num_samples_inference=args.num_samples)
     result = {"model": args.model, "preset": args.preset, **result}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
     else:
         for key, value in result.items():
             if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) >= 1e4:

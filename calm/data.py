@@ -37,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from calm.corpus import Document, iter_documents, resolve_sources
+from calm.jsonio import to_json
 from calm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
@@ -59,7 +60,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+            f.write(to_json(obj, indent=2))
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

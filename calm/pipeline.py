@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.checkpoint import atomic_write_text
+from calm.jsonio import to_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = REPO_ROOT / "data" / "wikitext103" / "test.jsonl"
@@ -35,7 +36,7 @@ def _done(path: Path) -> dict[str, Any] | None:
 
 def _mark(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "DONE.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path / "DONE.json", to_json(result, indent=2) + "\n")
     return result
 
 
@@ -123,9 +124,9 @@ def run_demo(
 
     _banner("6/6 report and generations")
     summary["samples"] = _samples(calm_dir, gpt_dir)
-    atomic_write_text(out / "samples.json", json.dumps(summary["samples"], indent=2) + "\n")
+    atomic_write_text(out / "samples.json", to_json(summary["samples"], indent=2) + "\n")
     summary["speed"] = _generation_speed(calm_dir, gpt_dir)
-    atomic_write_text(out / "generation_speed.json", json.dumps(summary["speed"], indent=2) + "\n")
+    atomic_write_text(out / "generation_speed.json", to_json(summary["speed"], indent=2) + "\n")
     from calm.report import write_report
 
     report = write_report(out)
@@ -148,7 +149,7 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
         f"autoencoder on {eval_data.name}: token accuracy {result['token_accuracy']:.4%} (μ), "
         f"{result['token_accuracy_sampled']:.4%} (z ~ q), chunk exact match {result['chunk_exact_match']:.4%}"
     )
-    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
     return result
 
 
@@ -159,11 +160,9 @@ def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | N
     from calm.brier_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
-    print(
-        f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {result['brierlm_se']:.3f} "
-        f"over {result['tokens']:,} tokens"
-    )
-    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    se = "n/a" if result["brierlm_se"] is None else f"{result['brierlm_se']:.3f}"
+    print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {se} over {result['tokens']:,} tokens")
+    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
     return result
 
 
