@@ -142,9 +142,8 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from calm.checkpoint import load_model
+    from calm.generate import generate_text
 
     model, tok, config = load_model(args.checkpoint)
     if config["kind"] == "autoencoder":
@@ -158,28 +157,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = None if args.quiet else (lambda text: print(text, end="", flush=True))
     if not args.quiet:
         print(args.prompt, end="", flush=True)
-    if config["kind"] == "calm":
-        from calm.generate import generate_text
-
-        texts = generate_text(
-            model,
-            tok,
-            [args.prompt],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            num_samples=args.num_samples,
-            sampler=args.sampler,
-            seed=args.seed,
-            stream=stream,
-        )
-    else:
-        gen = torch.Generator()
-        gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
-        ids = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
-        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, generator=gen, eos_id=tok.eos_id)
-        texts = [tok.decode(out[0, ids.shape[1] :].tolist())]
-        if stream:
-            stream(texts[0])
+    texts = generate_text(
+        model,
+        tok,
+        [args.prompt],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        num_samples=args.num_samples,
+        sampler=args.sampler,
+        seed=args.seed,
+        stream=stream,
+        stop_at_document_end=not args.no_stop_at_document_end,
+    )
     if args.quiet:
         print(args.prompt + texts[0])
     else:
@@ -336,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["batch", "exact"], default="batch", help="Alg. 2 (batch) or Alg. 1 (exact)")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="print only the final text")
+    p.add_argument(
+        "--no-stop-at-document-end",
+        action="store_true",
+        help="keep generating after the model ends the document (BOS/EOS); special tokens are never printed",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="BrierLM (and perplexity for token LMs) on a text set")

@@ -167,7 +167,6 @@ def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | N
 
 
 def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int = 0) -> list[dict[str, Any]]:
-    import torch
 
     from calm.checkpoint import load_model
     from calm.generate import generate_text
@@ -178,10 +177,7 @@ def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int 
     for temperature in (1.0, 0.5):
         for prompt in PROMPTS:
             calm_text = generate_text(calm_model, tok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
-            gen = torch.Generator().manual_seed(seed)
-            ids = torch.tensor([[gtok.bos_id] + gtok.encode(prompt)])
-            gout = gpt_model.generate(ids, max_new_tokens, temperature=temperature, generator=gen, eos_id=gtok.eos_id)
-            gpt_text = gtok.decode(gout[0, ids.shape[1] :].tolist())
+            gpt_text = generate_text(gpt_model, gtok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
             rows.append({"temperature": temperature, "prompt": prompt, "calm": calm_text, "gpt": gpt_text})
             print(f"[T={temperature:g}] CALM: {prompt}{calm_text}")
             print(f"[T={temperature:g}] GPT:  {prompt}{gpt_text}")
