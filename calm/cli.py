@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     splits = meta.get("splits", {})
     summary = ", ".join(f"{k}: {v['num_tokens']:,} tokens / {v['num_documents']:,} docs" for k, v in splits.items())
-    print(f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})")
+    validation = meta.get("validation", {}).get("description", "")
+    print(
+        f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})" + (f"; {validation}" if validation else "")
+    )
     return 0
 
 
@@ -391,11 +395,22 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError,
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # restores the default display when main returns
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, file=None, line=None) -> None:
+    """Warnings, ours and libraries', read as one ``warning:`` line, not as Python source locations."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from calm.checkpoint import CheckpointError
     from calm.train import NonFiniteError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (CheckpointError, NonFiniteError, *KNOWN_ERRORS, OSError) as e:
