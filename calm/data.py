@@ -5,7 +5,8 @@ CALM-SPEC §1 (packing). ``prepare`` tokenizes a corpus once into a self-contain
     train.bin / val.bin   uint32 token ids; each document stored as [BOS] + tokens (no EOS)
     train.idx / val.idx   uint64 document start offsets, num_documents + 1 entries (last = total)
     tokenizer.json        the tokenizer that produced the ids
-    meta.json             tokenizer sha256 and special ids, per-split counts, sources, seed, format
+    meta.json             tokenizer sha256 and special ids, per-split counts, how the validation split
+                          was made (``calm.split``), sources, seed, format
 
 Ids are ``uint32`` because the paper's Llama-3 vocabulary (128,257 ids) overflows ``uint16``.
 Two views serve the two stages:

@@ -115,9 +115,10 @@ def plan_split(
             groups.setdefault(key, []).append(i)
     cap = floor + floor // 2  # whole documents may overshoot the minimum by half of it
     order = sorted(groups, key=lambda k: hashlib.sha1(f"{seed}\0holdout\0{k}".encode()).digest())
+    train_count = sum(map(len, groups.values()))
     for key in order:
         size = sum(sizes[i] for i in groups[key])
-        if val + size <= cap and len(plan.moved) + len(groups[key]) < sum(map(len, groups.values())):
+        if val + size <= cap and len(plan.moved) + len(groups[key]) < train_count:  # train keeps a document
             plan.moved.update(groups[key])
             val += size
             if val >= floor:
