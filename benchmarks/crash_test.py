@@ -76,7 +76,7 @@ def make_corpus(path: Path, num_docs: int = 300, seed: int = 0) -> None:
     with open(path, "w") as f:
         for i in range(num_docs):
             text = " ".join(rng.choice(words) for _ in range(rng.randrange(20, 80)))
-            f.write(json.dumps({"text": f" = Document {i} = \n {text} .\n"}) + "\n")
+            f.write(json.dumps({"text": f" = Document {i} = \n {text} .\n"}, allow_nan=False) + "\n")
 
 
 def cli(args: list[str], delay: float, log: Path) -> subprocess.Popen:

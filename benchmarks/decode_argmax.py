@@ -26,7 +26,6 @@ Usage: ``PYTHONPATH=. python benchmarks/decode_argmax.py [--threads 1] [--ae pap
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from calm.config import load_preset
+from calm.jsonio import to_json
 from calm.models.autoencoder import Autoencoder
 
 SCREEN_MIN_LOGITS = 2**24
@@ -153,7 +153,7 @@ def main() -> None:
             if not args.json:
                 print(f"near ties (gap {gap:g}), agreement with an fp64 argmax: {result}")
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(to_json(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ the pessimistic case; see ``benchmarks/decode_argmax.py``). Figures: ``benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -41,6 +40,7 @@ from torch import nn
 from calm.config import ConfigError, TrainConfig, load_preset
 from calm.flops import calm_flops, gpt_flops
 from calm.generate import generate
+from calm.jsonio import to_json
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
@@ -652,7 +652,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         profile_tokens=None if args.no_profile else args.profile_tokens,
     )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
     else:
         _print_generate(result)
     return 0
@@ -670,7 +670,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         peak_size=args.peak_size,
     )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
     else:
         _print_train(result)
     return 0

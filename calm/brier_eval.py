@@ -19,6 +19,7 @@ than O(positions).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -247,13 +248,29 @@ def evaluate_brier(
 
 
 def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callable[..., torch.Tensor], Callable]:
-    """A local Hugging Face causal LM behind the same incremental interface as our GPT."""
+    """A local Hugging Face causal LM behind the same incremental interface as our GPT.
+
+    The cache is a ``transformers.DynamicCache`` used through its public interface only: it is
+    passed as ``cache=`` (the name since transformers 5.x; older versions call it
+    ``past_key_values``, chosen from the model's signature), read with ``get_seq_length()``, and
+    shortened with ``crop(-n)``, which removes the last n positions in every version (a positive
+    argument, "keep this many", was dropped in transformers 5). A rollout group appends its chain
+    tokens after the teacher-forced prefix; the next group first crops them away again.
+    """
     try:
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
     except ImportError as e:
         raise ImportError("--hf-model needs the optional extra: pip install 'calm[hf]'") from e
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
     hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    params = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    if cache_kwarg not in params:
+        raise ValueError(
+            f"{type(model).__name__}.forward (transformers {transformers.__version__}) takes neither `cache` nor "
+            "`past_key_values`; --hf-model needs a causal LM with a KV cache"
+        )
 
     class _Cache:
         def __init__(self) -> None:
@@ -263,8 +280,10 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
 
     def step(ids, cache, positions=None, attn_mask=None):
         T = ids.shape[1]
-        if cache.base is not None and cache.length == cache.base and cache.kv.get_seq_length() > cache.base:
-            cache.kv.crop(cache.base)  # a new rollout group: drop the previous group's chain tokens
+        if cache.base is not None and cache.length == cache.base:
+            extra = cache.kv.get_seq_length() - cache.base
+            if extra > 0:
+                cache.kv.crop(-extra)  # a new rollout group: drop the previous group's chain tokens
         past = cache.kv.get_seq_length()
         if positions is None:
             positions = torch.arange(past, past + T, device=ids.device)
@@ -274,10 +293,10 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
         mask4.masked_fill_(~attn_mask[None, None], torch.finfo(model.dtype).min)
         out = model(
             input_ids=ids,
-            past_key_values=cache.kv,
             position_ids=positions[None],
             attention_mask=mask4,
             use_cache=True,
+            **{cache_kwarg: cache.kv},
         )
         cache.length = past + T
         if cache.base is None:

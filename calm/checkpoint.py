@@ -31,6 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from calm.jsonio import to_json
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,7 +79,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write(to_json(obj, indent=2, sort_keys=True))
         f.flush()
         os.fsync(f.fileno())
 

@@ -8,12 +8,13 @@ line that says what is wrong and how to fix it, and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from calm.config import ConfigError, parse_override
+from calm.jsonio import to_json
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,17 +75,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     splits = meta.get("splits", {})
     summary = ", ".join(f"{k}: {v['num_tokens']:,} tokens / {v['num_documents']:,} docs" for k, v in splits.items())
-    print(f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})")
+    validation = meta.get("validation", {}).get("description", "")
+    print(
+        f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})" + (f"; {validation}" if validation else "")
+    )
     return 0
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
     from calm import distributed
-    from calm.config import load_preset
+    from calm.config import check_overrides, load_preset
     from calm.train import run_training
 
     distributed.set_strategy(args.strategy)
-    preset = load_preset(kind, args.preset, _overrides(args))
+    overrides = _overrides(args)
+    check_overrides(kind, overrides)
+    preset = load_preset(kind, args.preset, overrides)
     if args.skip_nonfinite:
         preset.train.skip_nonfinite = True
     preset.train.validate()
@@ -109,7 +115,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         progress=not args.no_progress,
     )
     if distributed.is_main():
-        print(f"{kind} training done: {json.dumps(result)}; checkpoints in {args.out}/checkpoints")
+        print(f"{kind} training done: {to_json(result)}; checkpoints in {args.out}/checkpoints")
     return 0
 
 
@@ -131,7 +137,7 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
     )
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
     if args.json:
-        print(json.dumps(result))
+        print(to_json(result))
     else:
         print(f"token accuracy (decode μ):       {result['token_accuracy']:.5f}")
         print(f"token accuracy (decode z ~ q):   {result['token_accuracy_sampled']:.5f}")
@@ -142,9 +148,8 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from calm.checkpoint import load_model
+    from calm.generate import generate_text
 
     model, tok, config = load_model(args.checkpoint)
     if config["kind"] == "autoencoder":
@@ -158,28 +163,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = None if args.quiet else (lambda text: print(text, end="", flush=True))
     if not args.quiet:
         print(args.prompt, end="", flush=True)
-    if config["kind"] == "calm":
-        from calm.generate import generate_text
-
-        texts = generate_text(
-            model,
-            tok,
-            [args.prompt],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            num_samples=args.num_samples,
-            sampler=args.sampler,
-            seed=args.seed,
-            stream=stream,
-        )
-    else:
-        gen = torch.Generator()
-        gen.manual_seed(args.seed) if args.seed is not None else gen.seed()
-        ids = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
-        out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, generator=gen, eos_id=tok.eos_id)
-        texts = [tok.decode(out[0, ids.shape[1] :].tolist())]
-        if stream:
-            stream(texts[0])
+    texts = generate_text(
+        model,
+        tok,
+        [args.prompt],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        num_samples=args.num_samples,
+        sampler=args.sampler,
+        seed=args.seed,
+        stream=stream,
+        stop_at_document_end=not args.no_stop_at_document_end,
+    )
     if args.quiet:
         print(args.prompt + texts[0])
     else:
@@ -203,8 +198,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         precision=args.precision,
     )
-    rows = [("BrierLM", f"{result['brierlm']:.3f} ± {result['brierlm_se']:.3f}")]
-    rows += [(f"Brier-{n} (%)", f"{result[f'brier{n}']:.3f} ± {result[f'brier{n}_se']:.3f}") for n in range(1, 5)]
+
+    def pm(key: str) -> str:  # "value ± SE"; an undefined SE (None, reason in result["undefined"]) prints as n/a
+        se = result[f"{key}_se"]
+        return f"{result[key]:.3f} ± {'n/a' if se is None else f'{se:.3f}'}"
+
+    rows = [("BrierLM", pm("brierlm"))] + [(f"Brier-{n} (%)", pm(f"brier{n}")) for n in range(1, 5)]
     for key in ("perplexity", "bits_per_byte"):
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
@@ -216,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         from calm.checkpoint import atomic_write_text
 
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(args.json), to_json(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -246,7 +245,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         result = calm_flops(cfg, ae, context=args.context or cfg.max_seq_len, num_samples_inference=args.num_samples)
     result = {"model": args.model, "preset": args.preset, **result}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(to_json(result, indent=2))
     else:
         for key, value in result.items():
             if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) >= 1e4:
@@ -257,15 +256,17 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from calm.config import MODEL_CONFIGS
     from calm.pipeline import run_demo
 
     overrides: dict[str, dict[str, Any]] = {}
     for text in args.set or []:
         key, value = parse_override(text)
         kind, _, rest = key.partition(":")
-        if kind not in ("autoencoder", "calm", "gpt") or not rest:
+        if kind not in MODEL_CONFIGS or not rest:
             raise ConfigError(
-                f"demo override {text!r} must look like KIND:section.key=value, e.g. calm:train.max_steps=100"
+                f"demo override {text!r} must look like KIND:section.key=value with KIND one of "
+                f"{', '.join(MODEL_CONFIGS)}, e.g. calm:train.max_steps=100"
             )
         overrides.setdefault(kind, {})[rest] = value
     run_demo(
@@ -344,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["batch", "exact"], default="batch", help="Alg. 2 (batch) or Alg. 1 (exact)")
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="print only the final text")
+    p.add_argument(
+        "--no-stop-at-document-end",
+        action="store_true",
+        help="keep generating after the model ends the document (BOS/EOS); special tokens are never printed",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="BrierLM (and perplexity for token LMs) on a text set")
@@ -425,11 +431,22 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError,
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # restores the default display when main returns
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, file=None, line=None) -> None:
+    """Warnings, ours and libraries', read as one ``warning:`` line, not as Python source locations."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from calm.checkpoint import CheckpointError
     from calm.train import NonFiniteError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (CheckpointError, NonFiniteError, *KNOWN_ERRORS, OSError) as e:

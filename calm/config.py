@@ -10,6 +10,9 @@ work starts, with a message that says what to change.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -222,13 +225,46 @@ MODEL_CONFIGS: dict[str, type] = {
 }
 
 
-def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build a dataclass, naming any unknown key instead of a bare TypeError."""
+_TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(cls: type, name: str, value: Any, section: str) -> Any:
+    """``value`` as the declared type of field ``name`` of ``cls``, or a ConfigError naming both.
+
+    Integers are accepted for float fields and integral floats (``1e6``) for int fields; booleans
+    are never numbers; None only where the field is optional.
+    """
+    hint = typing.get_type_hints(cls)[name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return None
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base is str and isinstance(value, str):
+        return value
+    expected = _TYPE_WORDS.get(base, getattr(base, "__name__", str(base))) + (" or null" if optional else "")
+    key = f"{section}.{name}" if section else name
+    raise ConfigError(f"{key}={value!r} is not valid: {cls.__name__}.{name} expects {expected}")
+
+
+def config_from_dict(cls: type, values: dict[str, Any], section: str = "") -> Any:
+    """Build a dataclass, naming any unknown key or wrongly typed value instead of a bare TypeError.
+
+    ``section`` (``model`` / ``train``) prefixes the key in messages, as the user wrote it.
+    """
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
-    return cls(**values)
+    return cls(**{name: _coerce(cls, name, value, section) for name, value in values.items()})
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -274,8 +310,8 @@ def load_preset(kind: str, name: str, overrides: dict[str, Any] | None = None) -
             train_values[sub] = value
         else:
             train_values[key] = value
-    model = config_from_dict(MODEL_CONFIGS[kind], model_values)
-    train = config_from_dict(TrainConfig, train_values)
+    model = config_from_dict(MODEL_CONFIGS[kind], model_values, "model")
+    train = config_from_dict(TrainConfig, train_values, "train")
     extra = {k: v for k, v in raw.items() if k not in ("model", "train")}
     return Preset(name=name, model=model, train=train, extra=extra)
 
@@ -292,3 +328,41 @@ def parse_override(text: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return key.strip(), parsed
+
+
+_FROM_TOKENIZER = (
+    "it is the vocabulary size of the data's tokenizer (DIR/tokenizer.json of --data); choose it when "
+    "preparing the data (`calm prepare --vocab-size N`)"
+)
+DERIVED_FIELDS: dict[str, dict[str, str]] = {
+    "autoencoder": {
+        "model.vocab_size": _FROM_TOKENIZER,
+        "train.block_size": (
+            "the autoencoder trains on single chunks of model.chunk_size tokens and never reads it; "
+            "set train.batch_tokens for the batch size"
+        ),
+    },
+    "calm": {
+        "model.vocab_size": _FROM_TOKENIZER,
+        "model.chunk_size": (
+            "it is K of the frozen autoencoder (--autoencoder); train an autoencoder with "
+            "`calm train-ae --set model.chunk_size=N` to change it"
+        ),
+        "model.latent_size": (
+            "it is the latent size of the frozen autoencoder (--autoencoder); train an autoencoder with "
+            "`calm train-ae --set model.latent_size=N` to change it"
+        ),
+    },
+    "gpt": {"model.vocab_size": _FROM_TOKENIZER},
+}
+"""Per training kind: the override keys a stage takes from another artefact (or never reads), and why.
+An override of one of them would be silently replaced, so ``check_overrides`` refuses it."""
+
+
+def check_overrides(kind: str, overrides: dict[str, Any] | None) -> None:
+    """Refuse overrides that a ``kind`` training run would ignore (``DERIVED_FIELDS``), naming why."""
+    for key, value in (overrides or {}).items():
+        full = key if "." in key else f"train.{key}"
+        reason = DERIVED_FIELDS.get(kind, {}).get(full)
+        if reason is not None:
+            raise ConfigError(f"--set {full}={value!r} cannot be applied to {kind} training: {reason}")

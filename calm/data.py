@@ -5,7 +5,8 @@ CALM-SPEC §1 (packing). ``prepare`` tokenizes a corpus once into a self-contain
     train.bin / val.bin   uint32 token ids; each document stored as [BOS] + tokens (no EOS)
     train.idx / val.idx   uint64 document start offsets, num_documents + 1 entries (last = total)
     tokenizer.json        the tokenizer that produced the ids
-    meta.json             tokenizer sha256 and special ids, per-split counts, sources, seed, format
+    meta.json             tokenizer sha256 and special ids, per-split counts, how the validation split
+                          was made (``calm.split``), sources, seed, format
 
 Ids are ``uint32`` because the paper's Llama-3 vocabulary (128,257 ids) overflows ``uint16``.
 Two views serve the two stages:
@@ -21,14 +22,12 @@ from its ``state_dict``.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from calm.corpus import Document, iter_documents, resolve_sources
+from calm.jsonio import to_json
+from calm.split import MIN_VAL_BYTES, SplitError, plan_split, split_of  # noqa: F401 (split_of: public here too)
 from calm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
@@ -49,17 +50,11 @@ class DataError(ValueError):
     """Prepared data is missing, inconsistent or too small; the message says how to fix it."""
 
 
-def split_of(key: str, seed: int, val_fraction: float) -> str:
-    """``"val"`` or ``"train"``, decided by a seeded sha1 of the document key (stable across runs)."""
-    digest = hashlib.sha1(f"{seed}\0{key}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+            f.write(to_json(obj, indent=2))
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -136,7 +131,7 @@ def check_tokenizer_match(meta: dict[str, Any], tokenizer: Tokenizer) -> None:
         )
 
 
-def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while batch := list(itertools.islice(it, size)):
         yield batch
@@ -164,6 +159,7 @@ def prepare(
     wikitext: bool = True,
     cache: str | Path | None = None,
     batch_documents: int = 256,
+    min_val_bytes: int = MIN_VAL_BYTES,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` into ``out_dir`` (see the module docstring) and return its meta.
 
@@ -176,11 +172,15 @@ def prepare(
         with 4,096 (2,048: 0.12% but 1.90 tokens/word instead of 1.65; 8,192: 0.81%; Llama-3's
         128k: 22.7%, and 1.5% never seen).
     val_fraction: share of documents (by seeded hash of their key) held out for validation.
+    min_val_bytes: a validation split smaller than min(this, a fifth of the corpus) is topped up
+        with whole documents or the tail of the longest one (``calm.split``); 0 keeps the hash split.
+        ``meta["validation"]["description"]`` says what was done. A corpus too small for any split
+        raises ``DataError`` here, before anything is written.
     wikitext: include the WikiText-style rendering of the Wikipedia leads (default corpus only).
 
-    Streaming: documents are read once to train the tokenizer and once to tokenize; the corpus is
-    never held in memory. Everything is written into a temporary folder that replaces ``out_dir``
-    only once complete; on error nothing is left behind.
+    Streaming: documents are read once to plan the split (sizes only), once to train the tokenizer
+    and once to tokenize; the corpus is never held in memory. Everything is written into a
+    temporary folder that replaces ``out_dir`` only once complete; on error nothing is left behind.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -195,6 +195,21 @@ def prepare(
             for doc in source.documents():
                 yield source.name, doc
 
+    def text_of(index: int) -> str:
+        return next(itertools.islice(documents(), index, None))[1].text
+
+    sizes = ((doc.key, len(doc.text.encode("utf-8"))) for _, doc in documents()) if val_fraction > 0 else ()
+    try:
+        plan = plan_split(sizes, seed, val_fraction, min_val_bytes, text_of)
+    except SplitError as e:
+        raise DataError(f"{specs}: {e}") from None
+
+    def split_documents() -> Iterator[tuple[str, str, str]]:
+        """(source name, split, text) of every document part, as planned."""
+        for index, (name, doc) in enumerate(documents()):
+            for split, text in plan.assign(index, doc.key, doc.text):
+                yield name, split, text
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -202,10 +217,10 @@ def prepare(
             seen = [0]
 
             def train_texts() -> Iterator[str]:
-                for _, doc in documents():
-                    if split_of(doc.key, seed, val_fraction) == "train":
+                for _, split, text in split_documents():
+                    if split == "train":
                         seen[0] += 1
-                        yield doc.text
+                        yield text
 
             tok = train_bpe(train_texts(), vocab_size)
             if seen[0] == 0:
@@ -222,13 +237,12 @@ def prepare(
         split_bytes = dict.fromkeys(SPLITS, 0)
         bar = tqdm(desc=f"tokenizing -> {out_dir.name}", unit=" docs", disable=not progress)
         try:
-            for batch in _batched(documents(), batch_documents):
-                ids = tok.encode_batch([doc.text for _, doc in batch])
+            for batch in _batched(split_documents(), batch_documents):
+                ids = tok.encode_batch([text for _, _, text in batch])
                 grouped: dict[str, list[list[int]]] = {split: [] for split in SPLITS}
-                for (name, doc), doc_ids in zip(batch, ids):
-                    split = split_of(doc.key, seed, val_fraction)
+                for (name, split, text), doc_ids in zip(batch, ids):
                     grouped[split].append([tok.bos_id, *doc_ids])
-                    nbytes = len(doc.text.encode("utf-8"))
+                    nbytes = len(text.encode("utf-8"))
                     split_bytes[split] += nbytes
                     stats = components.setdefault(name, {"num_documents": 0, "num_bytes": 0, "num_tokens": 0})
                     stats["num_documents"] += 1
@@ -246,12 +260,6 @@ def prepare(
                 f"the corpus {specs} has no training documents (it is empty, or every document fell "
                 "into the validation split); add text or lower val_fraction"
             )
-        if val_fraction > 0 and counts["val"]["num_documents"] == 0:
-            warnings.warn(
-                f"no document fell into the validation split (val_fraction={val_fraction}, "
-                f"{counts['train']['num_documents']} documents); the corpus is too small to hold one out",
-                stacklevel=2,
-            )
         for split in SPLITS:
             counts[split]["num_bytes"] = split_bytes[split]
         meta = {
@@ -265,6 +273,7 @@ def prepare(
             "wikitext": wikitext,
             "seed": seed,
             "val_fraction": val_fraction,
+            "validation": plan.info,
         }
         _atomic_write_json(tmp / "meta.json", meta)
         _move_into_place(tmp, out_dir)

@@ -14,13 +14,18 @@ offsets inside documents (chunks are aligned to the block, not to document start
 document's BOS appears at every offset of a chunk; the left pad keeps the last prompt token at the
 end of a chunk, so the continuation starts right after it.
 
-Generation stops for a row when a decoded chunk contains EOS; tokens after the EOS in that chunk
-are dropped.
+**Document ends.** Training data is packed: each document starts with BOS and (in the LM stages)
+has no EOS, so a model marks the end of a document by emitting BOS (or EOS). ``generate`` stops a
+row at the first token of ``stop_ids`` (and ``eos_id``) and drops it and the rest of its chunk;
+the text-level entry points (``complete``, ``generate_text``) stop at BOS or EOS by default
+(``stop_at_document_end=False`` keeps going across documents), serve CALM and the GPT baseline
+alike, and never return special tokens in text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,13 +103,47 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_chunk: Callable[[int, list[int]], None] | None = None,
+    stop_ids: Collection[int] | None = None,
 ) -> list[list[int]]:
     """Continue ``prompt`` (B, T), T a multiple of K, by up to ``max_new_tokens`` tokens per row.
 
-    Returns the new tokens of each row (EOS and what follows it excluded). ``on_chunk(row,
-    tokens)`` is called as each chunk is decoded, for streaming. ``use_cache=False`` recomputes the
-    whole prefix each step (for testing cache equivalence).
+    Returns the new tokens of each row. A row stops at the first token that is ``eos_id`` or in
+    ``stop_ids`` (e.g. BOS and EOS: the end of a document); that token and the rest of its chunk
+    are excluded. ``on_chunk(row, tokens)`` is called as each chunk is decoded, for streaming.
+    ``use_cache=False`` recomputes the whole prefix each step (for testing cache equivalence).
     """
+    return _generate(
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        num_samples=num_samples,
+        sampler=sampler,
+        stop_ids=_stop_set(eos_id, stop_ids),
+        generator=generator,
+        use_cache=use_cache,
+        on_chunk=on_chunk,
+    )[0]
+
+
+def _stop_set(eos_id: int | None, stop_ids: Collection[int] | None) -> frozenset[int]:
+    return frozenset(stop_ids or ()) | (frozenset() if eos_id is None else frozenset({eos_id}))
+
+
+def _generate(
+    model: Any,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    num_samples: int,
+    sampler: str,
+    stop_ids: frozenset[int],
+    generator: torch.Generator | None,
+    use_cache: bool,
+    on_chunk: Callable[[int, list[int]], None] | None,
+) -> tuple[list[list[int]], list[bool]]:
+    """``generate``, also returning per row whether it ended at a stop token (else at the length)."""
     _check_temperature(temperature, num_samples)
     K = model.chunk_size
     B, T = prompt.shape
@@ -123,6 +162,7 @@ def generate(
     h = model.hidden_states(chunks, cache)[:, -1]
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    stopped = [False] * B
     for step in range(steps):
         nxt = sample_chunks(
             model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator
@@ -132,9 +172,10 @@ def generate(
                 continue
             room = max_new_tokens - len(out[b])
             row = row[:room]
-            if eos_id is not None and eos_id in row:
-                row = row[: row.index(eos_id)]
-                done[b] = True
+            cut = next((i for i, token in enumerate(row) if token in stop_ids), None)
+            if cut is not None:
+                row = row[:cut]
+                done[b] = stopped[b] = True
             out[b].extend(row)
             if on_chunk is not None and row:
                 on_chunk(b, row)
@@ -147,7 +188,107 @@ def generate(
         else:
             chunks = torch.cat([chunks, nxt[:, None]], dim=1)
             h = model.hidden_states(chunks)[:, -1]
-    return out
+    return out, stopped
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation, as ``complete`` returns it."""
+
+    text: str
+    """The new text: special tokens never appear in it."""
+    token_ids: list[int]
+    """The new token ids, the stop token (BOS/EOS) excluded."""
+    finish_reason: str
+    """``"stop"``: the model ended the document (BOS or EOS); ``"length"``: ``max_new_tokens`` ran out."""
+
+
+def decode_text(tokenizer: Any, ids: list[int]) -> str:
+    """Text of generated ``ids`` without any special token (BOS, EOS, PAD and other special ids)."""
+    specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    return tokenizer.decode([i for i in ids if i not in specials], skip_special_tokens=True)
+
+
+def _make_generator(model: Any, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=next(model.parameters()).device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def complete(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+    stop_at_document_end: bool = True,
+) -> list[Completion]:
+    """Text in, ``Completion`` (text, token ids, finish reason) out, for a CALM or GPT model.
+
+    Each prompt is encoded as ``[BOS] + tokens``. ``temperature``: CALM needs (0, 1] (likelihood-free
+    sampling with ``num_samples`` candidates and ``sampler``, paper §6); the GPT divides its logits
+    by it (0 = greedy). ``stream`` receives decoded text of the first prompt as it is produced.
+    ``stop_at_document_end`` ends a continuation when the model emits BOS or EOS (the end of a
+    document); False keeps going across documents (the boundary tokens are still not in the text).
+    """
+    from calm.models.gpt import GPT
+
+    generator = _make_generator(model, seed)
+    stops = frozenset({tokenizer.bos_id, tokenizer.eos_id}) if stop_at_document_end else frozenset()
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    printed = [""]
+    produced: list[int] = []
+
+    def on_tokens(row: int, tokens: list[int]) -> None:
+        if stream is None or row != 0:
+            return
+        produced.extend(tokens)
+        text = decode_text(tokenizer, produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            stream(text[len(printed[0]) :])
+            printed[0] = text
+
+    if isinstance(model, GPT):
+        out, stopped = [], []
+        for i, row_ids in enumerate(ids):
+            row_stream = (lambda row, token, i=i: on_tokens(i, [token])) if i == 0 else None
+            new = model.generate(
+                torch.tensor([row_ids], device=next(model.parameters()).device),
+                max_new_tokens,
+                temperature=temperature,
+                generator=generator,
+                stop_ids=stops,
+                on_token=row_stream,
+            )[0, len(row_ids) :].tolist()
+            cut = next((j for j, token in enumerate(new) if token in stops), None)
+            out.append(new if cut is None else new[:cut])
+            stopped.append(cut is not None)
+    else:
+        prompt = left_pad_to_chunks(ids, model.chunk_size, tokenizer.bos_id)
+        out, stopped = _generate(
+            model,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            num_samples=num_samples,
+            sampler=sampler,
+            stop_ids=stops,
+            generator=generator,
+            use_cache=True,
+            on_chunk=on_tokens,
+        )
+    texts = [decode_text(tokenizer, o) for o in out]
+    if stream is not None and len(texts[0]) > len(printed[0]):
+        stream(texts[0][len(printed[0]) :])
+    return [Completion(t, o, "stop" if s else "length") for t, o, s in zip(texts, out, stopped)]
 
 
 def generate_text(
@@ -161,42 +302,24 @@ def generate_text(
     sampler: str = "batch",
     seed: int | None = None,
     stream: Callable[[str], None] | None = None,
+    stop_at_document_end: bool = True,
 ) -> list[str]:
-    """Text in, text out: the batch-use Python entry point of ``calm generate``.
+    """Text in, text out: the batch-use Python entry point of ``calm generate`` (CALM or GPT).
 
-    ``stream`` receives decoded text as it is produced (for a single prompt).
+    ``stream`` receives decoded text as it is produced (for a single prompt). Generation stops at
+    the end of a document (BOS or EOS) unless ``stop_at_document_end=False``; the text never holds
+    special tokens. ``complete`` takes the same arguments and also returns ids and finish reasons.
     """
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    prompt = left_pad_to_chunks(ids, model.chunk_size, tokenizer.bos_id)
-    printed = [""] * len(prompts)
-    produced: list[list[int]] = [[] for _ in prompts]
-
-    def on_chunk(row: int, tokens: list[int]) -> None:
-        produced[row].extend(tokens)
-        if stream is not None and row == 0:
-            text = tokenizer.decode(produced[0])
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                stream(text[len(printed[0]) :])
-                printed[0] = text
-
-    out = generate(
+    completions = complete(
         model,
-        prompt,
+        tokenizer,
+        prompts,
         max_new_tokens,
         temperature=temperature,
         num_samples=num_samples,
         sampler=sampler,
-        eos_id=tokenizer.eos_id,
-        generator=generator,
-        on_chunk=on_chunk,
+        seed=seed,
+        stream=stream,
+        stop_at_document_end=stop_at_document_end,
     )
-    texts = [tokenizer.decode(o) for o in out]
-    if stream is not None and len(texts[0]) > len(printed[0]):
-        stream(texts[0][len(printed[0]) :])
-    return texts
+    return [c.text for c in completions]

@@ -332,25 +332,47 @@ class BrierAccumulator:
         var = grad @ self.covariance_of_means(clustered) @ grad
         return math.sqrt(max(float(var), 0.0))
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         """Paper-style numbers: brier1..n and their SEs in percent, BrierLM, its SEs, counts.
 
         ``*_se`` are cluster-robust (each ``add`` call, one evaluation block, is a cluster) when there
         are at least 10 clusters, since positions within a block are correlated; i.i.d. otherwise.
         ``brierlm_se_iid`` is always the i.i.d. figure, for comparison.
+
+        A standard error that is undefined is None (JSON ``null``), never NaN, and
+        ``undefined`` maps its key to the reason: the delta method for BrierLM needs every Brier-n
+        > 0 (BrierLM is 0 otherwise), an i.i.d. SE needs 2 positions, a clustered one 2 blocks.
         """
         clustered = self.groups >= 10
-        out: dict[str, float] = {}
-        for n, (m, se) in enumerate(zip(self.means(), self.standard_errors(clustered)), start=1):
+        undefined: dict[str, str] = {}
+        mu = self.means()
+
+        def defined(key: str, value: float, uses_clusters: bool, of_brierlm: bool) -> float | None:
+            if math.isfinite(value):
+                return value
+            if of_brierlm and min(mu) <= 0:
+                undefined[key] = (
+                    "BrierLM is 0 because some Brier-n <= 0; its delta-method SE (through log Brier-n) is undefined"
+                )
+            elif uses_clusters:
+                undefined[key] = f"a clustered SE needs at least 2 evaluation blocks, got {self.groups}"
+            else:
+                undefined[key] = f"an i.i.d. SE needs at least 2 scored positions, got {self.count}"
+            return None
+
+        out: dict[str, Any] = {}
+        for n, (m, se) in enumerate(zip(mu, self.standard_errors(clustered)), start=1):
             out[f"brier{n}"] = 100 * m
-            out[f"brier{n}_se"] = 100 * se
+            out[f"brier{n}_se"] = defined(f"brier{n}_se", 100 * se, clustered, False)
         out["brierlm"] = self.brierlm()
-        out["brierlm_se"] = self.brierlm_se(clustered)
-        out["brierlm_se_iid"] = self.brierlm_se()
-        out["brierlm_se_clustered"] = self.brierlm_se(clustered=True)
+        out["brierlm_se"] = defined("brierlm_se", self.brierlm_se(clustered), clustered, True)
+        out["brierlm_se_iid"] = defined("brierlm_se_iid", self.brierlm_se(), False, True)
+        out["brierlm_se_clustered"] = defined("brierlm_se_clustered", self.brierlm_se(clustered=True), True, True)
         out["se_method"] = "clustered by block" if clustered else "iid positions"
         out["positions"] = self.count
         out["blocks"] = self.groups
+        if undefined:
+            out["undefined"] = undefined
         return out
 
     def state_dict(self) -> dict[str, Any]:

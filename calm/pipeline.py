@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.checkpoint import atomic_write_text
+from calm.jsonio import to_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = REPO_ROOT / "data" / "wikitext103" / "test.jsonl"
@@ -48,7 +49,7 @@ def _done(path: Path) -> dict[str, Any] | None:
 
 def _mark(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "DONE.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path / "DONE.json", to_json(result, indent=2) + "\n")
     return result
 
 
@@ -74,9 +75,10 @@ def run_demo(
 
     ``lm_flops``: training FLOPs for each of CALM and the GPT; their step counts (and evaluation
     and checkpoint intervals, four per run) follow from it unless ``train.max_steps`` is overridden.
-    None: the presets' step counts.
+    None: the presets' step counts. ``overrides`` maps a kind (autoencoder | calm | gpt) to
+    ``section.key`` overrides; all of them are checked before any work starts.
     """
-    from calm.config import load_preset
+    from calm.config import check_overrides, load_preset
     from calm.data import prepare
     from calm.stages import AutoencoderStage, CALMStage, GPTStage
     from calm.train import run_training
@@ -86,6 +88,11 @@ def run_demo(
     if not eval_data.exists():
         raise FileNotFoundError(f"evaluation set {eval_data} is missing; pass --eval-data")
     overrides = overrides or {}
+    for kind, preset_name in (("autoencoder", ae_preset), ("calm", lm_preset), ("gpt", lm_preset)):
+        check_overrides(kind, overrides.get(kind))
+        preset = load_preset(kind, preset_name, overrides.get(kind))  # types and values, up front
+        preset.model.validate()
+        preset.train.validate()
     summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
     data_dir, ae_dir, calm_dir, gpt_dir = out / "data", out / "autoencoder", out / "calm", out / "gpt"
@@ -141,9 +148,9 @@ def run_demo(
 
     _banner("6/6 report and generations")
     summary["samples"] = _samples(calm_dir, gpt_dir)
-    atomic_write_text(out / "samples.json", json.dumps(summary["samples"], indent=2) + "\n")
+    atomic_write_text(out / "samples.json", to_json(summary["samples"], indent=2) + "\n")
     summary["speed"] = _generation_speed(calm_dir, gpt_dir)
-    atomic_write_text(out / "generation_speed.json", json.dumps(summary["speed"], indent=2) + "\n")
+    atomic_write_text(out / "generation_speed.json", to_json(summary["speed"], indent=2) + "\n")
     from calm.report import write_report
 
     report = write_report(out)
@@ -166,7 +173,7 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
         f"autoencoder on {eval_data.name}: token accuracy {result['token_accuracy']:.4%} (μ), "
         f"{result['token_accuracy_sampled']:.4%} (z ~ q), chunk exact match {result['chunk_exact_match']:.4%}"
     )
-    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
     return result
 
 
@@ -177,16 +184,13 @@ def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | N
     from calm.brier_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
-    print(
-        f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {result['brierlm_se']:.3f} "
-        f"over {result['tokens']:,} tokens"
-    )
-    atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+    se = "n/a" if result["brierlm_se"] is None else f"{result['brierlm_se']:.3f}"
+    print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {se} over {result['tokens']:,} tokens")
+    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
     return result
 
 
 def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int = 0) -> list[dict[str, Any]]:
-    import torch
 
     from calm.checkpoint import load_model
     from calm.generate import generate_text
@@ -197,10 +201,7 @@ def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int 
     for temperature in (1.0, 0.5):
         for prompt in PROMPTS:
             calm_text = generate_text(calm_model, tok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
-            gen = torch.Generator().manual_seed(seed)
-            ids = torch.tensor([[gtok.bos_id] + gtok.encode(prompt)])
-            gout = gpt_model.generate(ids, max_new_tokens, temperature=temperature, generator=gen, eos_id=gtok.eos_id)
-            gpt_text = gtok.decode(gout[0, ids.shape[1] :].tolist())
+            gpt_text = generate_text(gpt_model, gtok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
             rows.append({"temperature": temperature, "prompt": prompt, "calm": calm_text, "gpt": gpt_text})
             print(f"[T={temperature:g}] CALM: {prompt}{calm_text}")
             print(f"[T={temperature:g}] GPT:  {prompt}{gpt_text}")

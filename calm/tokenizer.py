@@ -123,7 +123,9 @@ class Tokenizer:
     @functools.cached_property
     def sha256(self) -> str:
         """sha256 of the canonical JSON (sorted keys, compact): equal for equal tokenizers."""
-        canonical = json.dumps(json.loads(self.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        canonical = json.dumps(
+            json.loads(self.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     # ids ------------------------------------------------------------------------------------

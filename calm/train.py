@@ -33,6 +33,7 @@ from calm import checkpoint as ckpt
 from calm import distributed as dist
 from calm.config import ConfigError, TrainConfig
 from calm.data import BatchSampler
+from calm.jsonio import to_json
 from calm.precision import autocast, describe, resolve_precision
 
 autocast_context = autocast  # the name calm.bench imports
@@ -143,7 +144,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
 
 def _write_metrics(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(to_json(record) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -285,7 +286,7 @@ def run_training(
             _truncate_metrics(metrics_path, step)
             if resume_from is not None:
                 print(f"resuming {stage.kind} from {resume_from} at step {step}")
-        ckpt.atomic_write_text(out / "run_config.json", json.dumps(config_record, indent=2, sort_keys=True))
+        ckpt.atomic_write_text(out / "run_config.json", to_json(config_record, indent=2, sort_keys=True))
 
     def save(at_step: int, elapsed: float) -> None:
         weights = dist.full_state_dict(train_model)  # FSDP: every rank gathers; None otherwise

@@ -65,9 +65,12 @@ def tiny_tokenizer(tiny_texts: list[str]) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
-    """``prepare`` output for the tiny corpus: a 320-entry BPE, 20% of documents held out."""
+    """``prepare`` output for the tiny corpus: a 320-entry BPE, 20% of documents held out by hash
+    (``min_val_bytes=0``: no top-up, so each document's split is ``split_of`` of its text)."""
     out = tmp_path_factory.mktemp("tiny_data") / "data"
-    prepare(out, [str(tiny_corpus)], tokenizer="train", vocab_size=320, val_fraction=0.2, progress=False)
+    prepare(
+        out, [str(tiny_corpus)], tokenizer="train", vocab_size=320, val_fraction=0.2, min_val_bytes=0, progress=False
+    )
     return out
 
 

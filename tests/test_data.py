@@ -167,10 +167,10 @@ def test_prepare_layout_and_content(tiny_data_dir: Path, tiny_texts: list[str]) 
 
 def test_prepare_is_deterministic(tmp_path: Path, tiny_corpus: Path, tiny_data_dir: Path) -> None:
     again = tmp_path / "again"
-    prepare(again, [str(tiny_corpus)], vocab_size=320, val_fraction=0.2, progress=False)
+    prepare(again, [str(tiny_corpus)], vocab_size=320, val_fraction=0.2, min_val_bytes=0, progress=False)
     assert _read_all(again) == _read_all(tiny_data_dir)
     other = tmp_path / "other_seed"
-    prepare(other, [str(tiny_corpus)], vocab_size=320, val_fraction=0.2, seed=1, progress=False)
+    prepare(other, [str(tiny_corpus)], vocab_size=320, val_fraction=0.2, seed=1, min_val_bytes=0, progress=False)
     assert (other / "val.bin").read_bytes() != (tiny_data_dir / "val.bin").read_bytes()
 
 
@@ -336,14 +336,3 @@ def test_read_text_file_tokens_keeps_documents_whole(tmp_path: Path, tiny_tokeni
     docs = read_text_file_tokens(path, tiny_tokenizer)
     assert len(docs) == 2 and all(d.dtype == np.uint32 and d[0] == tiny_tokenizer.bos_id for d in docs)
     assert tiny_tokenizer.decode(docs[1][1:]) == long
-
-
-def test_prepare_warns_when_no_document_is_held_out(tmp_path: Path, tiny_corpus: Path) -> None:
-    with pytest.warns(UserWarning, match="no document fell into the validation split"):
-        meta = prepare(tmp_path / "out", [str(tiny_corpus)], vocab_size=280, val_fraction=1e-9, progress=False)
-    assert meta["splits"]["val"] == {"num_tokens": 0, "num_documents": 0, "num_bytes": 0}
-    val = TokenShard(tmp_path / "out", "val")
-    with pytest.raises(DataError, match="has no documents"):
-        ae_chunks(val, 4)
-    with pytest.raises(DataError, match="fewer than one block"):
-        lm_blocks(val, 8)

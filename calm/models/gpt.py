@@ -11,6 +11,8 @@ same logits as re-running the whole sequence, which the tests check.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,11 +63,15 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         eos_id: int | None = None,
+        stop_ids: Collection[int] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``prompt_ids`` (B, T); returns (B, T + new).
 
-        ``temperature`` 0 decodes greedily (argmax). A sequence that emits ``eos_id`` keeps emitting
-        it; generation stops early once every sequence has, so the output may be shorter.
+        ``temperature`` 0 decodes greedily (argmax). A sequence that emits ``eos_id`` or a token of
+        ``stop_ids`` (e.g. BOS and EOS, the end of a document) keeps emitting that token; generation
+        stops early once every sequence has, so the output may be shorter. ``on_token(row, id)`` is
+        called for each new token before a row's stop token, for streaming.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -76,21 +82,28 @@ class GPT(nn.Module):
                 f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the context of "
                 f"{self.config.max_seq_len}; shorten the prompt or generate fewer tokens"
             )
+        stops = sorted(set(stop_ids or ()) | ({eos_id} if eos_id is not None else set()))
+        stop_tensor = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
         cache = self.new_cache(B, max_len=total)
         out = prompt_ids
         logits = self(prompt_ids, cache)[:, -1]  # (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        last = torch.zeros(B, dtype=torch.long, device=prompt_ids.device)  # the stop token of a finished row
         for step in range(max_new_tokens):
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
                 probs = F.softmax(logits.float() / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done = done | (nxt == eos_id)
+            nxt = torch.where(done, last, nxt)
+            newly = ~done & torch.isin(nxt, stop_tensor)
+            if on_token is not None:
+                for row in (~done & ~newly).nonzero()[:, 0].tolist():
+                    on_token(row, int(nxt[row]))
+            last = torch.where(newly, nxt, last)
+            done = done | newly
             out = torch.cat([out, nxt[:, None]], dim=1)
-            if (eos_id is not None and bool(done.all())) or step == max_new_tokens - 1:
+            if (stops and bool(done.all())) or step == max_new_tokens - 1:
                 break
             logits = self(nxt[:, None], cache)[:, -1]
         return out
