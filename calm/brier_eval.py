@@ -318,11 +318,15 @@ def evaluate_checkpoint(
     max_tokens: int | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    diagnostic_positions: int = 2048,
 ) -> dict[str, Any]:
     """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir.
 
     ``max_tokens`` evaluates only the blocks within the first that many tokens of the text, so
-    models with different block lengths are scored on the same text.
+    models with different block lengths are scored on the same text. For CALM checkpoints the
+    result also holds ``head_diagnostics`` (``calm.diagnostics``: conditioning gap, noise floor,
+    marginal distance, gap closed, next-chunk accuracies) on at most ``diagnostic_positions``
+    evenly spread positions of the same blocks (0 skips them).
     """
     from calm.distributed import default_device
     from calm.evaluate import load_eval_documents
@@ -364,6 +368,11 @@ def evaluate_checkpoint(
         blocks = blocks[:max_blocks]
     if kind == "calm":
         result = evaluate_brier(model, "calm", blocks, seed=seed, device=device, progress=progress)
+        if diagnostic_positions and blocks.shape[0] * (blocks.shape[1] // K - 1) >= 2:
+            from calm.diagnostics import head_diagnostics
+
+            diag = head_diagnostics(model, blocks, max_positions=diagnostic_positions, seed=seed)
+            result["head_diagnostics"] = diag.as_dict()
     else:
         gen = torch.Generator(device=device).manual_seed(seed)
         acc, nll, n_pred, n_bytes = BrierAccumulator(), 0.0, 0, 0

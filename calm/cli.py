@@ -199,12 +199,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_blocks=args.max_blocks,
         progress=not args.no_progress,
+        diagnostic_positions=args.diagnostic_positions,
     )
     rows = [("BrierLM", f"{result['brierlm']:.3f} ± {result['brierlm_se']:.3f}")]
     rows += [(f"Brier-{n} (%)", f"{result[f'brier{n}']:.3f} ± {result[f'brier{n}_se']:.3f}") for n in range(1, 5)]
     for key in ("perplexity", "bits_per_byte"):
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
+    diag = result.get("head_diagnostics")
+    if diag:
+        rows.append(("conditioning gap", f"{diag['cond_gap']:.4f} ± {diag['cond_gap_se']:.4f}"))
+        rows.append(("noise floor / marginal", f"{diag['noise_floor']:.3f} / {diag['marginal_distance']:.3f}"))
+        rows.append(("gap closed", f"{diag['gap_closed']:.4f} (energy loss {diag['diag_energy_loss']:.3f})"))
+        for what in ("point", "sample"):
+            first, chunk = diag[f"first_token_acc_{what}"], diag[f"chunk_acc_{what}"]
+            rows.append((f"next-chunk acc ({what})", f"first token {first:.4f}, chunk {chunk:.4f}"))
     rows += [("tokens evaluated", f"{result['tokens']:,}"), ("context", result["context"]["description"])]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
@@ -346,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-blocks", type=int, help="evaluate only the first N blocks")
     p.add_argument("--max-tokens", type=int, help="evaluate only the blocks within the first N tokens")
+    p.add_argument(
+        "--diagnostic-positions", type=int, default=2048, help="CALM head diagnostics on N positions (0: skip)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
