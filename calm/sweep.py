@@ -379,8 +379,9 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
                 ae_runs = by_group.get(source[1:])
                 if not ae_runs or ae_runs[0].kind != "autoencoder":
                     raise ConfigError(f"{where}: autoencoder {source!r} must name an earlier autoencoder group")
-                autoencoders = [(str(out / r.name), r.name) for r in ae_runs]
+                autoencoders = [(str((out / r.name).resolve()), r.name) for r in ae_runs]
             else:
+                source = str(Path(source).resolve())
                 ae_configs[source] = _autoencoder_config(source)
                 autoencoders = [(source, None)]
         elif group.autoencoder:
