@@ -169,10 +169,13 @@ def _diagnostics_plot(run: Path, records: list[dict[str, Any]], plt: Any) -> boo
     if not val or not flops:
         return False
     x = [flops["train_flops_per_token"] * r["tokens"] for r in val]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4))
     axes[0].errorbar(x, [r["cond_gap"] for r in val], yerr=[r["cond_gap_se"] for r in val], fmt="o-", capsize=3)
     axes[0].axhline(0.0, color="gray", lw=0.8)
     axes[0].set(ylabel="energy score: own h − shuffled h", title="Conditioning gap (> 0: head uses context)")
+    axes[3].plot(x, [100 * r["gap_closed"] for r in val], "o-")
+    axes[3].axhline(0.0, color="gray", lw=0.8)
+    axes[3].set(ylabel="% of (marginal − noise floor)", title="Achievable gap closed (0: best context-free)")
     axes[1].plot(x, [r["diag_energy_loss"] for r in val], "o-", label="energy loss (own h)")
     axes[1].plot(x, [r["diag_energy_loss_shuffled"] for r in val], "s--", label="energy loss (shuffled h)")
     axes[1].plot(x, [r["marginal_distance"] for r in val], ":", color="gray", label="marginal (best context-free)")
@@ -188,7 +191,7 @@ def _diagnostics_plot(run: Path, records: list[dict[str, Any]], plt: Any) -> boo
     for ax in axes:
         ax.set(xscale="log", xlabel="training FLOPs")
         ax.grid(alpha=0.3)
-    for ax in axes[1:]:
+    for ax in axes[1:3]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run / "head_diagnostics.png", dpi=110)

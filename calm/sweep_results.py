@@ -130,6 +130,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
             if curve:
                 ax.plot([x for x, _ in curve], [y for _, y in curve], "o-", ms=3, label=r["run"])
         ax.set(xscale="log", xlabel="training FLOPs", ylabel=metric, title=metric)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor log ticks overlap on short ranges
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
