@@ -353,6 +353,35 @@ def _autoencoder_config(path: str) -> AutoencoderConfig:
     return config_from_dict(AutoencoderConfig, config["model"])
 
 
+def _group_autoencoders(
+    group: Group,
+    spec: SweepSpec,
+    out: Path,
+    by_group: dict[str, list[PlannedRun]],
+    ae_configs: dict[str, AutoencoderConfig],
+) -> list[tuple[str | None, str | None]]:
+    """[(autoencoder path, autoencoder run name or None)] a group trains on; [(None, None)] if not CALM.
+
+    Records the config of a given autoencoder checkpoint in ``ae_configs`` (keyed by its path).
+    """
+    where = f"group {group.name!r}"
+    source = group.autoencoder or spec.autoencoder
+    if group.kind != "calm":
+        if group.autoencoder:
+            raise ConfigError(f"{where}: only calm groups take an 'autoencoder'")
+        return [(None, None)]
+    if not source:
+        raise ConfigError(f"{where} trains CALM: set 'autoencoder' (a run directory or @GROUP)")
+    if source.startswith("@"):
+        ae_runs = by_group.get(source[1:])
+        if not ae_runs or ae_runs[0].kind != "autoencoder":
+            raise ConfigError(f"{where}: autoencoder {source!r} must name an earlier autoencoder group")
+        return [(str((out / r.name).resolve()), r.name) for r in ae_runs]
+    source = str(Path(source).resolve())
+    ae_configs[source] = _autoencoder_config(source)
+    return [(source, None)]
+
+
 def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
     """Expand every group into runs and derive each run's ``max_steps`` from its budget.
 
@@ -370,22 +399,7 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
             raise ConfigError(f"{where} has no budget: set 'budget' at the top of the spec or in the group")
         if "train.max_steps" in group.set or "train.max_steps" in group.grid:
             raise ConfigError(f"{where}: train.max_steps is derived from the budget; set the budget instead")
-        autoencoders: list[tuple[str | None, str | None]] = [(None, None)]
-        source = group.autoencoder or spec.autoencoder
-        if group.kind == "calm":
-            if not source:
-                raise ConfigError(f"{where} trains CALM: set 'autoencoder' (a run directory or @GROUP)")
-            if source.startswith("@"):
-                ae_runs = by_group.get(source[1:])
-                if not ae_runs or ae_runs[0].kind != "autoencoder":
-                    raise ConfigError(f"{where}: autoencoder {source!r} must name an earlier autoencoder group")
-                autoencoders = [(str((out / r.name).resolve()), r.name) for r in ae_runs]
-            else:
-                source = str(Path(source).resolve())
-                ae_configs[source] = _autoencoder_config(source)
-                autoencoders = [(source, None)]
-        elif group.autoencoder:
-            raise ConfigError(f"{where}: only calm groups take an 'autoencoder'")
+        autoencoders = _group_autoencoders(group, spec, out, by_group, ae_configs)
         short = _short_keys(list(group.grid))
         points = list(itertools.product(*group.grid.values()))
         group_runs = []
