@@ -197,6 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_blocks=args.max_blocks,
         progress=not args.no_progress,
         precision=args.precision,
+        diagnostic_positions=args.diagnostic_positions,
     )
 
     def pm(key: str) -> str:  # "value ± SE"; an undefined SE (None, reason in result["undefined"]) prints as n/a
@@ -207,6 +208,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key in ("perplexity", "bits_per_byte"):
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
+    diag = result.get("head_diagnostics")
+    if diag:
+        rows.append(("conditioning gap", f"{diag['cond_gap']:.4f} ± {diag['cond_gap_se']:.4f}"))
+        rows.append(("noise floor / marginal", f"{diag['noise_floor']:.3f} / {diag['marginal_distance']:.3f}"))
+        rows.append(("gap closed", f"{diag['gap_closed']:.4f} (energy loss {diag['diag_energy_loss']:.3f})"))
+        for what in ("point", "sample"):
+            first, chunk = diag[f"first_token_acc_{what}"], diag[f"chunk_acc_{what}"]
+            rows.append((f"next-chunk acc ({what})", f"first token {first:.4f}, chunk {chunk:.4f}"))
     rows += [("tokens evaluated", f"{result['tokens']:,}"), ("context", result["context"]["description"])]
     rows.append(("precision", result["precision"]))
     width = max(len(r[0]) for r in rows)
@@ -292,6 +301,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from calm.sweep import run_sweep, spec_from_cli
+
+    spec = spec_from_cli(
+        args.spec,
+        data=args.data,
+        autoencoder=args.autoencoder,
+        kind=args.kind,
+        name=args.name,
+        preset=args.preset,
+        grid=args.grid,
+        sets=args.set,
+        budget_flops=args.budget_flops,
+        budget_tokens=args.budget_tokens,
+        evals=args.evals,
+        metrics=args.metrics,
+    )
+    run_sweep(spec, args.out, dry_run=args.dry_run, progress=not args.no_progress)
+    return 0
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="train a grid of overrides at a fixed FLOPs/token budget; table + plot")
+    p.add_argument("spec", nargs="?", help="YAML sweep spec (format: `calm/sweep.py` docstring, README)")
+    p.add_argument("--out", required=True, help="sweep directory: one folder per run, results.{md,csv,json,png}")
+    p.add_argument("--data", help="prepared data directory (replaces the spec's)")
+    p.add_argument("--autoencoder", help="autoencoder run/checkpoint for CALM groups (replaces the spec's)")
+    p.add_argument("--kind", choices=["autoencoder", "calm", "gpt"], help="add one group of this stage")
+    p.add_argument("--name", help="the added group's name (default: its kind)")
+    p.add_argument("--preset", help="the added group's preset (default tiny)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a grid axis of the added group")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a fixed override of the added group")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-flops", type=float, help="training FLOPs per run")
+    budget.add_argument("--budget-tokens", type=float, help="training tokens per run")
+    p.add_argument("--evals", type=int, help="validation evaluations per run (default 5)")
+    p.add_argument("--metrics", help="comma-separated metrics for the table and plot")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and their steps; train nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from calm.config import preset_names
     from calm.pipeline import DEMO_LM_FLOPS
@@ -374,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16 where the hardware runs it fast",
     )
+    p.add_argument(
+        "--diagnostic-positions", type=int, default=2048, help="CALM head diagnostics on N positions (0: skip)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -419,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     from calm.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    _add_sweep_parser(sub)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run's logged metrics")
     p.add_argument("--run", required=True)
