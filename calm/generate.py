@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from calm.sampling import batch_temperature_sample, exact_temperature_sample
+from calm.lazy_decode import lazy_batch_sample, reference_batch_sample, reference_decode_ids
+from calm.sampling import exact_temperature_sample
 
 
 def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
@@ -54,14 +55,20 @@ def sample_chunks(
     sampler: str = "batch",
     generator: torch.Generator | None = None,
     max_attempts: int = 100_000,
+    fast: bool = True,
 ) -> torch.Tensor:
-    """Next chunk per row of h (B, d) -> (B, K) token ids."""
+    """Next chunk per row of h (B, d) -> (B, K) token ids.
+
+    ``fast=False`` decodes every candidate in full, as the library did before the exact speed-ups
+    (``calm.lazy_decode``); the samples are the same for the same generator state.
+    """
     ae = model.autoencoder
+    decode_ids = ae.decode_ids if fast else lambda z: reference_decode_ids(ae, z)
     if temperature == 1.0:
-        return ae.decode_ids(model.head.sample(h, 1, generator)[0])
+        return decode_ids(model.head.sample(h, 1, generator)[0])
     if sampler == "batch":
-        cands = ae.decode_ids(model.head.sample(h, num_samples, generator))  # (N, B, K)
-        return batch_temperature_sample(cands.transpose(0, 1), temperature, generator=generator)
+        batch_sample = lazy_batch_sample if fast else reference_batch_sample
+        return batch_sample(ae, model.head.sample(h, num_samples, generator), temperature, generator)
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
@@ -70,7 +77,7 @@ def sample_chunks(
 
         def draw() -> tuple[int, ...]:
             if not buffer:  # draw head samples 64 at a time; each is an independent sample
-                ids = ae.decode_ids(model.head.sample(row, 64, generator))[:, 0]
+                ids = decode_ids(model.head.sample(row, 64, generator))[:, 0]
                 buffer.extend(tuple(x) for x in ids.tolist())
             return buffer.pop()
 
@@ -98,12 +105,14 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_chunk: Callable[[int, list[int]], None] | None = None,
+    fast: bool = True,
 ) -> list[list[int]]:
     """Continue ``prompt`` (B, T), T a multiple of K, by up to ``max_new_tokens`` tokens per row.
 
     Returns the new tokens of each row (EOS and what follows it excluded). ``on_chunk(row,
     tokens)`` is called as each chunk is decoded, for streaming. ``use_cache=False`` recomputes the
-    whole prefix each step (for testing cache equivalence).
+    whole prefix each step (for testing cache equivalence). ``fast=False`` is the reference path of
+    :func:`sample_chunks` (same samples, every candidate decoded).
     """
     _check_temperature(temperature, num_samples)
     K = model.chunk_size
@@ -125,7 +134,7 @@ def generate(
     done = [False] * B
     for step in range(steps):
         nxt = sample_chunks(
-            model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator
+            model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator, fast=fast
         )
         for b, row in enumerate(nxt.tolist()):
             if done[b]:

@@ -1,0 +1,87 @@
+"""Decode head samples only as far as the temperature sampler needs them (exact; CALM-SPEC §5.3, §7).
+
+The batch approximation (paper Alg. 2, :func:`calm.sampling.batch_temperature_select`) looks at
+its N candidate chunks only through which of them are equal: its probabilities are a function of
+each candidate's count c_x. So instead of decoding all N·K tokens (N = 200 candidates of K = 4
+tokens through a 128k-vocabulary argmax, 95% of a step), :func:`lazy_batch_sample` refines a
+partition of the candidates position by position: at position k it decodes token k only for
+candidates whose group (same tokens at positions < k) still has another member, since a
+candidate alone in its group is already distinct from all others. Selection then runs on the
+group labels, which have exactly the counts of the full tuples, so it returns the same index for
+the same generator state; only the chosen candidate's remaining tokens are decoded afterwards.
+With random weights all N first tokens differ, so a step decodes N + K - 1 tokens instead of N·K;
+a peaked trained model decodes more where candidates agree.
+
+Each decoded token goes through ``Autoencoder.vocab_argmax`` (exact: the certified int8 screen of
+``calm.models.vocab_search`` at large vocabularies), and the decoder trunk runs per position on
+the rows that need it: the chunk-level layers and the expansion for all candidates, the
+token-level layers (independent per token) only for the decoded tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calm.models.autoencoder import Autoencoder, vocab_argmax
+from calm.sampling import batch_temperature_sample, batch_temperature_select
+
+__all__ = ["lazy_batch_sample", "reference_batch_sample", "reference_decode_ids"]
+
+
+def _expanded(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
+    """z (..., l) -> the decoder's per-token states before the token-level layers (..., K, d)."""
+    K, d = ae.config.chunk_size, ae.config.hidden_size
+    return ae.expand_layer(ae.dec_chunk_layers(ae.latent_to_hidden(z))).reshape(*z.shape[:-1], K, d)
+
+
+def _token_hidden(ae: Autoencoder, states: torch.Tensor) -> torch.Tensor:
+    """(M, d) expanded token states -> (M, d) final hidden states (the token-level half of ``decode_hidden``)."""
+    return ae.dec_norm(ae.dec_token_layers(states))
+
+
+@torch.no_grad()
+def lazy_batch_sample(
+    ae: Autoencoder, z: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Alg. 2 over the decoded latents z (N, B, l) -> the chosen chunks (B, K), decoding lazily.
+
+    Returns exactly what :func:`reference_batch_sample` returns for the same generator state
+    (module docstring), and leaves the generator in the same state.
+    """
+    num_candidates, batch = z.shape[:2]
+    K = ae.config.chunk_size
+    expanded = _expanded(ae, z)  # (N, B, K, d)
+    tokens = torch.full((num_candidates, batch, K), -1, dtype=torch.long, device=z.device)
+    labels = torch.arange(batch, device=z.device).expand(num_candidates, batch).contiguous()  # (N, B) group ids
+    for k in range(K):
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        shared = counts[inverse] >= 2  # candidates that still have a twin
+        if not bool(shared.any()):
+            break
+        n_idx, b_idx = shared.nonzero(as_tuple=True)
+        tokens[n_idx, b_idx, k] = ae.vocab_argmax(_token_hidden(ae, expanded[n_idx, b_idx, k]))
+        pairs = torch.stack([labels, tokens[..., k]], dim=-1).reshape(-1, 2)
+        labels = torch.unique(pairs, dim=0, return_inverse=True)[1].reshape(num_candidates, batch)
+    choice = batch_temperature_select(labels.t().unsqueeze(-1), temperature, generator)  # (B,)
+    rows = torch.arange(batch, device=z.device)
+    chosen = tokens[choice, rows]  # (B, K), -1 where not decoded yet
+    b_idx, k_idx = (chosen < 0).nonzero(as_tuple=True)
+    if b_idx.numel():
+        hidden = _token_hidden(ae, expanded[choice[b_idx], b_idx, k_idx])
+        chosen[b_idx, k_idx] = ae.vocab_argmax(hidden)
+    return chosen
+
+
+@torch.no_grad()
+def reference_decode_ids(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
+    """z (..., l) -> (..., K) ids: every token decoded, as the library did before the lazy path."""
+    h = ae.decode_hidden(z)
+    return vocab_argmax(h.reshape(-1, h.shape[-1]), ae.embed_tokens.weight).view(h.shape[:-1])
+
+
+@torch.no_grad()
+def reference_batch_sample(
+    ae: Autoencoder, z: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Alg. 2 over z (N, B, l) -> (B, K) after decoding all N·K tokens: the reference of the lazy path."""
+    return batch_temperature_sample(reference_decode_ids(ae, z).transpose(0, 1), temperature, generator=generator)
