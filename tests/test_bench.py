@@ -42,6 +42,9 @@ def test_bench_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(profile["gpt_greedy"]["ms_per_token"]) == {"backbone", "lm_head", "sampler_other"}
     assert profile["gpt_greedy"]["tokens"] == 16
     assert 1 <= tiny["distinct_of_n_candidates"] <= 8
+    assert tiny["output_check"]["greedy_same_samples"] is True and tiny["output_check"]["t_half_same_samples"] is True
+    assert tiny["precision"]["dtype"] == "float32" and isinstance(tiny["precision"]["bf16_native"], bool)
+    assert calm["detail"]["vocab_argmax_rows_per_step"] > 0
     # the tiny GPT streams its blocks and 4k LM head per token; CALM its whole step per 4 tokens
     assert tiny["weight_bytes_per_token"]["gpt"] > tiny["weight_bytes_per_token"]["calm"] > 0
 

@@ -39,6 +39,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights of both models")
     p.add_argument("--profile-tokens", type=int, default=128, help="new tokens per instrumented profile run")
     p.add_argument("--no-profile", action="store_true", help="skip the instrumented profile runs")
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        default=16,
+        help="T=1/2 tokens of the output check against the reference path (greedy: min(new tokens, 64))",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")

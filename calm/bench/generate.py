@@ -37,20 +37,78 @@ from calm.models.calm import CALM
 from calm.models.gpt import GPT
 
 
-def time_calm(
-    model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float, num_samples: int, seed: int = 0
-) -> float:
-    """Wall-clock seconds of one ``calm.generate.generate`` call (prefill included)."""
+def run_calm(
+    model: CALM,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    temperature: float,
+    num_samples: int,
+    seed: int = 0,
+    fast: bool = True,
+) -> tuple[float, list[int]]:
+    """(wall-clock seconds, new tokens) of one ``calm.generate.generate`` call (prefill included).
+
+    ``fast=False`` runs the reference path (every candidate decoded in full; ``calm.lazy_decode``).
+    """
     device = prompt.device
     gen = torch.Generator(device=device).manual_seed(seed)
     sync(device)
     start = time.perf_counter()
-    out = generate(model, prompt, new_tokens, temperature=temperature, num_samples=num_samples, generator=gen)
+    out = generate(
+        model, prompt, new_tokens, temperature=temperature, num_samples=num_samples, generator=gen, fast=fast
+    )
     sync(device)
     elapsed = time.perf_counter() - start
     if len(out[0]) != new_tokens:
         raise RuntimeError(f"CALM generated {len(out[0])} tokens instead of {new_tokens}")
-    return elapsed
+    return elapsed, out[0]
+
+
+def time_calm(
+    model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float, num_samples: int, seed: int = 0
+) -> float:
+    """Wall-clock seconds of one ``calm.generate.generate`` call (prefill included)."""
+    return run_calm(model, prompt, new_tokens, temperature, num_samples, seed)[0]
+
+
+def output_check(
+    model: CALM, prompt: torch.Tensor, new_tokens: dict[str, int], num_samples: int, seed: int = 0
+) -> dict[str, Any]:
+    """Whether the fast path gives the reference path's tokens for the same seed, per mode.
+
+    Greedy (T = 1, one head sample) and T = 1/2 (Alg. 2, ``num_samples`` candidates), each over
+    ``new_tokens[mode]`` tokens; the reference decodes every candidate in full, as the library
+    did before the exact speed-ups. Also returns the reference's T = 1/2 seconds per step.
+    """
+    out: dict[str, Any] = {"new_tokens": dict(new_tokens)}
+    for mode, temperature, n in (("greedy", 1.0, 1), ("t_half", 0.5, num_samples)):
+        _, fast = run_calm(model, prompt, new_tokens[mode], temperature, n, seed)
+        seconds, reference = run_calm(model, prompt, new_tokens[mode], temperature, n, seed, fast=False)
+        out[f"{mode}_same_samples"] = fast == reference
+        if mode == "t_half":
+            out["t_half_reference_tok_s"] = new_tokens[mode] / seconds
+    return out
+
+
+def precision_record(model: CALM) -> dict[str, Any]:
+    """The precision CALM decodes in: weight dtype, the vocabulary screen used, bf16 matmul support."""
+    dtype = next(model.parameters()).dtype
+    screen = model.autoencoder.vocab_screen()
+    if screen is not None:
+        vocab = "int8 screen (torch._int_mm) + re-score in " + str(dtype).removeprefix("torch.")
+    elif dtype == torch.float32 and bf16_matmul_native():
+        vocab = "fp32, bf16 screen from 2^24 logits (calm.models.autoencoder.vocab_argmax)"
+    else:
+        vocab = "plain " + str(dtype).removeprefix("torch.") + " product"
+    return {"dtype": str(dtype).removeprefix("torch."), "vocab_argmax": vocab, "bf16_native": bf16_matmul_native()}
+
+
+def bf16_matmul_native() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (else torch emulates them, ~1 GFLOP/s).
+
+    One small function so that a shared precision resolver can replace it.
+    """
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def time_gpt(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float, seed: int = 0) -> float:
@@ -119,27 +177,39 @@ def profile_calm(
     """Where one CALM generation's time goes, per backbone step (prefill reported apart).
 
     backbone = input compression + Transformer with KV cache (``hidden_states``); head = the
-    energy head's S samples incl. noise (``head.sample``); ae_decoder = ``decode_ids`` on the S
-    samples, split in ``detail`` into the trunk (``decode_hidden``) and the tied vocabulary
-    projection + argmax; sampler_other = the rest (Alg. 2 batch selection, Python loop).
+    energy head's S samples incl. noise (``head.sample``); ae_decoder = the autoencoder decoder,
+    split in ``detail`` into the trunk (its layers, whichever rows the sampler decodes) and the
+    tied vocabulary projection + argmax (``Autoencoder.vocab_argmax``, with the rows it got per
+    step); sampler_other = the rest (Alg. 2 selection, the lazy path's bookkeeping, Python loop).
     """
     ae, device = model.autoencoder, prompt.device
+    trunk = (ae.latent_to_hidden, ae.dec_chunk_layers, ae.expand_layer, ae.dec_token_layers, ae.dec_norm)
     targets = [
         (model, "hidden_states", "backbone"),
         (model.head, "sample", "head"),
-        (ae, "decode_ids", "ae_decoder"),
-        (ae, "decode_hidden", "ae_decoder_trunk"),
+        (ae, "vocab_argmax", "ae_vocab_argmax"),
+        *((module, "forward", f"ae_trunk_{i}") for i, module in enumerate(trunk)),
     ]
+    rows: list[int] = []
     with timed_calls(targets, device) as calls:
+        timed_argmax = ae.vocab_argmax
+
+        def counting(hidden: torch.Tensor) -> torch.Tensor:
+            rows.append(hidden.shape[0])
+            return timed_argmax(hidden)
+
+        ae.vocab_argmax = counting  # type: ignore[method-assign]  # removed again by timed_calls
         total = time_calm(model, prompt, new_tokens, temperature, num_samples, seed)
     prefill = calls["backbone"].pop(0)
     steps = len(calls["head"])
-    parts = {name: sum(calls[name]) for name in ("backbone", "head", "ae_decoder")}
+    trunk_s = sum(sum(calls[f"ae_trunk_{i}"]) for i in range(len(trunk)))
+    parts = {"backbone": sum(calls["backbone"]), "head": sum(calls["head"])}
+    parts["ae_decoder"] = trunk_s + sum(calls["ae_vocab_argmax"])
     out = _split(total - prefill, parts, steps, "step")
-    trunk = sum(calls["ae_decoder_trunk"])
     out["detail"] = {
-        "ae_decoder_trunk_ms": round(1e3 * trunk / steps, 3),
-        "ae_vocab_projection_argmax_ms": round(1e3 * (parts["ae_decoder"] - trunk) / steps, 3),
+        "ae_decoder_trunk_ms": round(1e3 * trunk_s / steps, 3),
+        "ae_vocab_projection_argmax_ms": round(1e3 * sum(calls["ae_vocab_argmax"]) / steps, 3),
+        "vocab_argmax_rows_per_step": round(sum(rows) / steps, 2),
     }
     out["prefill_ms"] = round(1e3 * prefill, 3)
     out["tokens_per_step"] = model.chunk_size
@@ -198,6 +268,7 @@ def bench_generate_size(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     profile_tokens: int | None = 128,
+    check_tokens_t_half: int = 16,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Greedy and T = 1/2 decoding tokens/s of CALM and GPT of one size, timed interleaved.
@@ -207,7 +278,9 @@ def bench_generate_size(
     CALM's 200 candidates per step cost seconds per step at paper size on a CPU. Warm-up runs
     decode min(tokens, 64) in each mode. Returns medians, every repetition, the CALM/GPT ratios
     and one instrumented run per mode over min(tokens, ``profile_tokens``) new tokens (None: no
-    profile; per-step costs barely depend on the position at these lengths).
+    profile; per-step costs barely depend on the position at these lengths), the precision, and
+    the output check (:func:`output_check`; T = 1/2 over ``check_tokens_t_half`` tokens, since the
+    reference path costs seconds per step at paper size).
     """
     device = torch.device(device)
     tokens = {"greedy": new_tokens, "t_half": t_half_new_tokens or new_tokens}
@@ -260,6 +333,12 @@ def bench_generate_size(
     }
     result["weight_bytes_per_token"] = weight_bytes_per_token(calm, gpt)
     result["distinct_of_n_candidates"] = distinct_candidates(calm, prompt, num_samples, seed)
+    result["precision"] = precision_record(calm)
+    check_tokens = {"greedy": min(tokens["greedy"], 64), "t_half": min(tokens["t_half"], check_tokens_t_half)}
+    result["output_check"] = output_check(calm, prompt, check_tokens, num_samples, seed)
+    check = result["output_check"]
+    same = f"greedy {check['greedy_same_samples']}, T=1/2 {check['t_half_same_samples']}"
+    log(f"[{size}] output check, same samples as the reference path: {same}")
     result["setup"] = {
         "layers": gpt.config.num_layers,
         "hidden_size": gpt.config.hidden_size,
@@ -303,6 +382,7 @@ def bench_generate(
     dtype: str = "fp32",
     threads: int | None = None,
     profile_tokens: int | None = 128,
+    check_tokens: int = 16,
 ) -> dict[str, Any]:
     """``calm bench generate`` as a function: {size: result, "device", "torch", "threads"}.
 
@@ -326,6 +406,7 @@ def bench_generate(
             device=device,
             dtype=torch_dtype,
             profile_tokens=profile_tokens,
+            check_tokens_t_half=check_tokens,
         )
     out.update(device=device_description(torch.device(device)), torch=torch.__version__)
     out["threads"] = torch.get_num_threads()
@@ -343,6 +424,15 @@ def _print_generate(result: dict[str, Any]) -> None:
         for mode, label in (("greedy", "greedy"), ("t_half", "T=1/2")):
             calm_tps, gpt_tps = r[f"calm_{mode}_tok_s"], r[f"gpt_{mode}_tok_s"]
             print(f"{size:<5} {label:<7} {calm_tps:>11.1f} {gpt_tps:>10.1f} {r[f'{mode}_ratio']:>8.2f}x")
+    for size in sizes:
+        r = result[size]
+        check, precision = r["output_check"], r["precision"]
+        print(
+            f"{size}: {precision['dtype']} weights, vocabulary argmax: {precision['vocab_argmax']}; "
+            f"same samples as the reference path for seed 0: greedy {check['greedy_same_samples']} "
+            f"({check['new_tokens']['greedy']} tokens), T=1/2 {check['t_half_same_samples']} "
+            f"({check['new_tokens']['t_half']} tokens; reference {check['t_half_reference_tok_s']:.2f} tok/s)"
+        )
     for size in sizes:
         for name, prof in result[size].get("profile", {}).items():
             unit = "step" if name.startswith("calm") else "token"
@@ -367,6 +457,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         threads=args.threads,
         profile_tokens=None if args.no_profile else args.profile_tokens,
+        check_tokens=args.check_tokens,
     )
     if args.json:
         print(json.dumps(result, indent=2))

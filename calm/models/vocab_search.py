@@ -13,10 +13,10 @@ product; the true logit differs from it by h·R_v + s·r·Q_v, so by at most
 
 The reference logit (what a plain fp32 or bf16 matmul returns) differs from the true one by at
 most ``rho``: fp32 accumulation, d·2^-24·||h||·max_v||E_v||, plus for bf16 outputs a rounding of
-2^-8 of the largest |logit|. So the reference argmax has a screen logit within 2·(eps + rho) of the
-row's largest screen logit; every id in that window is re-scored with the reference arithmetic
-(a plain ``F.linear`` of the row against those rows of E), and the lowest id among the best is
-returned, as ``argmax`` does. Ids outside the window are never computed.
+2^-8 of the |logit| (bounded through the row's best screen score). So the reference argmax has a
+screen logit within 2·(eps + rho) of the row's largest screen logit; every id in that window is
+re-scored with the reference arithmetic (a plain ``F.linear`` of the row against those rows of
+E), and the lowest id among the best is returned, as ``argmax`` does. Ids outside the window are never computed.
 """
 
 from __future__ import annotations
@@ -86,29 +86,35 @@ class Int8Screen:
         """Whether this screen was built from ``weight`` as it is now (same tensor, not modified since)."""
         return _tensor_key(weight) == self._key
 
-    def _window(self, hidden: torch.Tensor, t: torch.Tensor, r_norm: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """Per row, the width of the certified window in int32 screen units (M,), rounded up.
+    def _window(self, hidden: torch.Tensor, t: torch.Tensor, r_norm: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The certified window in int32 screen units: width = base + slope·|best| per row (M,).
 
-        ``top`` (M,) bounds the largest |logit| that matters in the row, for the output rounding.
+        ``best`` is the row's largest screen score. ``slope`` is 0 for fp32 references; a reference
+        that rounds each logit to its output dtype (u = finfo.eps / 2) adds eps·|logit| for the
+        logits in the window, |logit| <= |best|·t·s + eps + width, solved for the width. Since
+        slope < 1, best - width never decreases as best grows: a window cut with a running best
+        holds every id of the final one.
         """
-        h_norm = hidden.float().norm(dim=1)
-        eps = h_norm * self.residual_norm + self.scale * r_norm * self.q_norm
-        dim = hidden.shape[1]
-        rho = dim * 2.0**-24 * h_norm * self.weight_norm * 2  # fp32 accumulation, with a factor 2 to spare
-        if hidden.dtype != torch.float32:  # the reference rounds each logit to the output dtype: u = eps / 2,
-            # of a logit in the window, |logit| <= |top| + width; eps (= 2u) leaves room for this rho itself
-            rho = rho + torch.finfo(hidden.dtype).eps * (top + 3 * (eps + rho))
-        width = 2 * (eps + rho) / (t * self.scale)
-        return width.ceil().clamp(max=2**30).to(torch.int64) + 1
+        h_norm = hidden.float().norm(dim=1).double()
+        eps = h_norm * self.residual_norm + self.scale * r_norm.double() * self.q_norm
+        rho = hidden.shape[1] * 2.0**-24 * h_norm * self.weight_norm * 2  # fp32 accumulation, twice over
+        unit = t.double() * self.scale  # one screen unit in logit units
+        if hidden.dtype == torch.float32:
+            return 2 * (eps + rho) / unit + 1, 0.0
+        e = torch.finfo(hidden.dtype).eps
+        rounding = e / (1 - 2 * e)
+        return 2 * (eps + rho) * (1 + 3 * rounding) / unit + 1, 2 * rounding
 
     def candidates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, id) pairs, rows ascending then ids ascending, containing every row's reference argmax."""
         q, t, r_norm = _quantize_rows(hidden.float())
-        # a first window with the loosest bound on |logit| (Cauchy-Schwarz), the final one below
-        h_norm = hidden.float().norm(dim=1)
-        width = self._window(hidden, t, r_norm, h_norm * self.weight_norm)  # (M,)
+        base, slope = self._window(hidden, t, r_norm)
+
+        def threshold(best: torch.Tensor) -> torch.Tensor:  # (M,) int64 -> lowest score in the window
+            return best - (base + slope * best.abs().double()).ceil().clamp(max=2**40).to(torch.int64)
+
         vocab, rows_n = self.q.shape[0], hidden.shape[0]
-        best = torch.full((rows_n,), -(2**62), dtype=torch.int64)
+        best = torch.full((rows_n,), -(2**31), dtype=torch.int64)
         rows, ids, scores = [], [], []
         for start in range(0, vocab, BLOCK):
             block = torch._int_mm(q, self.q[start : start + BLOCK].t())  # (M, B) int32, exact
@@ -117,23 +123,21 @@ class Int8Screen:
             best = torch.maximum(best, groups.amax(1).to(torch.int64))
             if size < block.shape[1]:
                 best = torch.maximum(best, block[:, size:].amax(1).to(torch.int64))
-            threshold = (best - width).to(torch.int32)
-            r, g = (groups >= threshold[:, None]).nonzero(as_tuple=True)
+            low = threshold(best).clamp(min=-(2**31)).to(torch.int32)
+            r, g = (groups >= low[:, None]).nonzero(as_tuple=True)
             cols = (g[:, None] * GROUP + torch.arange(GROUP)).reshape(-1)
             r = r.repeat_interleave(GROUP)
             if size < block.shape[1]:  # the last, partial group
                 tail = torch.arange(size, block.shape[1])
                 r = torch.cat([r, torch.arange(rows_n).repeat_interleave(tail.numel())])
                 cols = torch.cat([cols, tail.repeat(rows_n)])
-            score = block[r, cols]
-            keep = score >= threshold[r]
+            score = block.view(-1).index_select(0, r * block.shape[1] + cols)  # flat: faster than block[r, cols]
+            keep = score >= low[r]
             rows.append(r[keep])
             ids.append(cols[keep] + start)
             scores.append(score[keep])
         row, idx, score = torch.cat(rows), torch.cat(ids), torch.cat(scores).to(torch.int64)
-        top = (best.double() * (t.double() * self.scale)).abs().float()  # |largest screen logit|
-        width = self._window(hidden, t, r_norm, top)
-        keep = score >= (best - width)[row]  # the final window (earlier blocks saw a lower best)
+        keep = score >= threshold(best)[row]  # the final window (earlier blocks saw a lower best)
         row, idx = row[keep], idx[keep]
         order = torch.sort(row * vocab + idx).indices
         return row[order], idx[order]
@@ -151,5 +155,5 @@ class Int8Screen:
             if n == 0 or n > MAX_WINDOW_IDS:  # no ids: only possible with non-finite input
                 out[m] = F.linear(hidden[m : m + 1], self.weight).argmax(-1)[0]
             else:
-                out[m] = ids[F.linear(hidden[m : m + 1], self.weight[ids]).argmax(-1)[0]]
+                out[m] = ids[F.linear(hidden[m : m + 1], self.weight.index_select(0, ids)).argmax(-1)[0]]
         return out
