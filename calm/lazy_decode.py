@@ -34,9 +34,17 @@ def _expanded(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
     return ae.expand_layer(ae.dec_chunk_layers(ae.latent_to_hidden(z))).reshape(*z.shape[:-1], K, d)
 
 
+MIN_ROWS = 4
+"""CPU fp32 matmuls of fewer rows take another kernel whose rounding differs in the last bit; padding to
+this many rows keeps every decoded hidden state bit-identical to the full decode's."""
+
+
 def _token_hidden(ae: Autoencoder, states: torch.Tensor) -> torch.Tensor:
     """(M, d) expanded token states -> (M, d) final hidden states (the token-level half of ``decode_hidden``)."""
-    return ae.dec_norm(ae.dec_token_layers(states))
+    rows = states.shape[0]
+    if 0 < rows < MIN_ROWS:
+        states = torch.cat([states, states[:1].expand(MIN_ROWS - rows, -1)])
+    return ae.dec_norm(ae.dec_token_layers(states))[:rows]
 
 
 @torch.no_grad()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calm.config import AutoencoderConfig, CALMConfig
+from calm.config import AutoencoderConfig, CALMConfig, load_preset
 from calm.generate import generate
-from calm.lazy_decode import lazy_batch_sample, reference_batch_sample
+from calm.lazy_decode import _expanded, _token_hidden, lazy_batch_sample, reference_batch_sample
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 
@@ -80,12 +80,14 @@ def _calm(vocab: int) -> CALM:
     return model
 
 
-@pytest.mark.parametrize("vocab", [50, 40_000])  # the plain vocabulary product and the int8 screen
-@pytest.mark.parametrize(("temperature", "sampler"), [(1.0, "batch"), (0.5, "batch"), (1 / 3, "batch"), (0.5, "exact")])
+@pytest.mark.parametrize(
+    ("vocab", "temperature", "sampler"),
+    [(v, t, "batch") for v in (50, 40_000) for t in (1.0, 0.5, 1 / 3)]  # plain vocabulary product, int8 screen
+    # Alg. 1 only where chunks repeat (random 40k-token chunks never do, and it would exhaust its 100k
+    # draws), and at integer 1/T only: its stage-2 uniforms are unseeded
+    + [(50, 0.5, "exact")],
+)
 def test_fast_generation_equals_the_reference(vocab: int, temperature: float, sampler: str) -> None:
-    """(The exact sampler is reproducible for integer 1/T only: its stage-2 uniforms are unseeded.)"""
-    if sampler == "exact" and vocab > 50:
-        pytest.skip("random 40k-token chunks never repeat: Alg. 1 would exhaust its 100k draws")
     model = _calm(vocab)
     prompt = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(2))
     kw = dict(temperature=temperature, num_samples=32, sampler=sampler)
@@ -102,3 +104,17 @@ def test_fast_generation_equals_the_reference_in_bf16() -> None:
         model, prompt, 24, temperature=0.5, num_samples=64, generator=torch.Generator().manual_seed(6), fast=False
     )
     assert fast == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_hidden_states_are_bit_identical_to_the_full_decode(dtype: torch.dtype) -> None:
+    """Per-position decoding of any number of rows (few rows take another fp32 kernel) must give
+    the very hidden states of ``decode_hidden`` over all candidates, at the paper's AE width."""
+    torch.manual_seed(0)
+    ae = Autoencoder(load_preset("autoencoder", "paper", {"model.vocab_size": 1000}).model).eval().to(dtype)
+    with torch.no_grad():
+        z = torch.randn(200, 1, 128).to(dtype)
+        full = ae.decode_hidden(z)  # (N, 1, K, d)
+        expanded = _expanded(ae, z)
+        for rows in (1, 2, 3, 4, 5, 200):
+            assert torch.equal(_token_hidden(ae, expanded[:rows, 0, 1]), full[:rows, 0, 1]), rows
