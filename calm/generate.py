@@ -20,12 +20,12 @@ are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
-from calm.lazy_decode import lazy_batch_sample, reference_batch_sample, reference_decode_ids
+from calm.lazy_decode import LazyChunk, LazyChunks, lazy_batch_sample, reference_batch_sample, reference_decode_ids
 from calm.sampling import exact_temperature_sample
 
 
@@ -72,13 +72,17 @@ def sample_chunks(
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
-    def make_draw(row: torch.Tensor) -> Callable[[], tuple[int, ...]]:
-        buffer: list[tuple[int, ...]] = []
+    def make_draw(row: torch.Tensor) -> Callable[[], Hashable]:
+        buffer: list[Hashable] = []
 
-        def draw() -> tuple[int, ...]:
+        def draw() -> Hashable:
             if not buffer:  # draw head samples 64 at a time; each is an independent sample
-                ids = decode_ids(model.head.sample(row, 64, generator))[:, 0]
-                buffer.extend(tuple(x) for x in ids.tolist())
+                z = model.head.sample(row, 64, generator)[:, 0]  # (64, l)
+                if fast:  # tokens decoded only as far as comparisons need them
+                    lazy = LazyChunks(ae, z)
+                    buffer.extend(lazy.chunk(i) for i in range(z.shape[0]))
+                else:
+                    buffer.extend(tuple(x) for x in decode_ids(z).tolist())
             return buffer.pop()
 
         return draw
@@ -88,6 +92,7 @@ def sample_chunks(
         draw = make_draw(h[b : b + 1])
 
         chunk, _ = exact_temperature_sample(draw, temperature, max_attempts=max_attempts, on_exhausted="fallback")
+        chunk = chunk.tokens() if isinstance(chunk, LazyChunk) else chunk
         rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
     return torch.stack(rows)
 

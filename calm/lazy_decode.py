@@ -16,6 +16,11 @@ Each decoded token goes through ``Autoencoder.vocab_argmax`` (exact: the certifi
 ``calm.models.vocab_search`` at large vocabularies), and the decoder trunk runs per position on
 the rows that need it: the chunk-level layers and the expansion for all candidates, the
 token-level layers (independent per token) only for the decoded tokens.
+
+The exact sampler (paper Alg. 1) only ever asks whether two draws are equal (and, when its budget
+runs out, which draw was most frequent). :class:`LazyChunks` gives it draws that decode their
+tokens position by position as comparisons need them: two draws that differ in their first token,
+the usual case, cost one token each instead of K.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from calm.models.autoencoder import Autoencoder, vocab_argmax
 from calm.sampling import batch_temperature_sample, batch_temperature_select
 
-__all__ = ["lazy_batch_sample", "reference_batch_sample", "reference_decode_ids"]
+__all__ = ["LazyChunk", "LazyChunks", "lazy_batch_sample", "reference_batch_sample", "reference_decode_ids"]
 
 
 def _expanded(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
@@ -93,3 +98,49 @@ def reference_batch_sample(
 ) -> torch.Tensor:
     """Alg. 2 over z (N, B, l) -> (B, K) after decoding all N·K tokens: the reference of the lazy path."""
     return batch_temperature_sample(reference_decode_ids(ae, z).transpose(0, 1), temperature, generator=generator)
+
+
+class LazyChunks:
+    """A batch of head samples (N, l) whose K tokens are decoded one position at a time, on demand.
+
+    Position k is decoded for the whole batch the first time any chunk's token k is asked for (one
+    batched vocabulary pass), so comparing chunks that differ in their first token costs 1/K of a
+    full decode.
+    """
+
+    def __init__(self, ae: Autoencoder, z: torch.Tensor) -> None:
+        self.ae = ae
+        self.expanded = _expanded(ae, z)  # (N, K, d)
+        self.columns: list[list[int] | None] = [None] * ae.config.chunk_size
+
+    def token(self, index: int, position: int) -> int:
+        column = self.columns[position]
+        if column is None:
+            states = self.expanded[:, position]
+            column = self.columns[position] = self.ae.vocab_argmax(_token_hidden(self.ae, states)).tolist()
+        return column[index]
+
+    def chunk(self, index: int) -> LazyChunk:
+        return LazyChunk(self, index)
+
+
+class LazyChunk:
+    """One chunk of a :class:`LazyChunks`: compares equal to another exactly when all K tokens agree,
+    decoding positions in order only until they differ; hashes (and :meth:`tokens`) decode all K."""
+
+    __slots__ = ("batch", "index")
+
+    def __init__(self, batch: LazyChunks, index: int) -> None:
+        self.batch, self.index = batch, index
+
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(self.batch.token(self.index, k) for k in range(len(self.batch.columns)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LazyChunk):
+            return NotImplemented
+        positions = range(len(self.batch.columns))
+        return all(self.batch.token(self.index, k) == other.batch.token(other.index, k) for k in positions)
+
+    def __hash__(self) -> int:
+        return hash(self.tokens())

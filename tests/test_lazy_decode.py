@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calm.config import AutoencoderConfig, CALMConfig, load_preset
-from calm.generate import generate
+from calm.generate import generate, sample_chunks
 from calm.lazy_decode import _expanded, _token_hidden, lazy_batch_sample, reference_batch_sample
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
@@ -118,3 +118,20 @@ def test_lazy_hidden_states_are_bit_identical_to_the_full_decode(dtype: torch.dt
         expanded = _expanded(ae, z)
         for rows in (1, 2, 3, 4, 5, 200):
             assert torch.equal(_token_hidden(ae, expanded[:rows, 0, 1]), full[:rows, 0, 1]), rows
+
+
+def test_lazy_exact_sampler_decodes_less_and_samples_the_same() -> None:
+    """Alg. 1 through lazily decoded draws: the same chunks for the same seed, fewer decoded tokens."""
+    model = _calm(50)
+    ae, head = model.autoencoder, model.head
+    decoded: list[int] = []
+    buffers: list[int] = []
+    vocab_argmax, sample = ae.vocab_argmax, head.sample
+    ae.vocab_argmax = lambda hidden: decoded.append(hidden.shape[0]) or vocab_argmax(hidden)  # type: ignore[method-assign]
+    head.sample = lambda *a, **k: buffers.append(1) or sample(*a, **k)  # type: ignore[method-assign]
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(7))
+    kw = dict(temperature=0.5, sampler="exact")
+    fast = sample_chunks(model, h, generator=torch.Generator().manual_seed(8), **kw)
+    assert 0 < sum(decoded) < 4 * 64 * len(buffers)  # a full decode: K tokens of 64 draws per buffer
+    ref = sample_chunks(model, h, generator=torch.Generator().manual_seed(8), fast=False, **kw)
+    assert torch.equal(fast, ref)
