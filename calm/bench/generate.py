@@ -322,6 +322,9 @@ def bench_generate_size(
         result[f"{mode}_ratio"] = calm_tps / gpt_tps
         result[f"calm_{mode}_tok_s"] = calm_tps
         result[f"gpt_{mode}_tok_s"] = gpt_tps
+        # each repetition's CALM run and GPT run are adjacent, so their ratio shares the machine's load
+        paired = [g / c for c, g in zip(times[f"calm_{mode}"], times[f"gpt_{mode}"], strict=True)]
+        result[f"{mode}_ratio_paired"] = median(paired)
     result["runs_tok_s"] = {k: [round(tokens[k.split("_", 1)[1]] / s, 2) for s in v] for k, v in times.items()}
     ae_config = calm.autoencoder.config
     result["analytic_flops_per_token"] = {
@@ -417,13 +420,14 @@ def bench_generate(
 def _print_generate(result: dict[str, Any]) -> None:
     load = result["load_average_start"][0]
     print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}")
-    print(f"{'size':<5} {'mode':<7} {'CALM tok/s':>11} {'GPT tok/s':>10} {'CALM/GPT':>9}")
+    print(f"{'size':<5} {'mode':<7} {'CALM tok/s':>11} {'GPT tok/s':>10} {'CALM/GPT':>9} {'paired':>9}")
     sizes = [k for k, v in result.items() if isinstance(v, dict)]
     for size in sizes:
         r = result[size]
         for mode, label in (("greedy", "greedy"), ("t_half", "T=1/2")):
             calm_tps, gpt_tps = r[f"calm_{mode}_tok_s"], r[f"gpt_{mode}_tok_s"]
-            print(f"{size:<5} {label:<7} {calm_tps:>11.1f} {gpt_tps:>10.1f} {r[f'{mode}_ratio']:>8.2f}x")
+            paired = r[f"{mode}_ratio_paired"]
+            print(f"{size:<5} {label:<7} {calm_tps:>11.1f} {gpt_tps:>10.1f} {r[f'{mode}_ratio']:>8.2f}x {paired:>8.2f}x")
     for size in sizes:
         r = result[size]
         check, precision = r["output_check"], r["precision"]
