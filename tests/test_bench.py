@@ -32,6 +32,7 @@ def test_bench_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert _positive(tiny[key]), key
     assert _positive(tiny["calm_t_half_tok_s"]) and _positive(tiny["gpt_t_half_tok_s"])
     assert tiny["greedy_ratio"] == pytest.approx(tiny["calm_greedy_tok_s"] / tiny["gpt_greedy_tok_s"])
+    assert _positive(tiny["greedy_ratio_paired"]) and _positive(tiny["t_half_ratio_paired"])
     assert tiny["setup"]["vocab_size"] == 4096 and tiny["setup"]["new_tokens"] == 16
     profile = tiny["profile"]
     assert set(profile) == {"calm_greedy", "calm_t_half", "gpt_greedy", "gpt_t_half"}

@@ -426,8 +426,8 @@ def _print_generate(result: dict[str, Any]) -> None:
         r = result[size]
         for mode, label in (("greedy", "greedy"), ("t_half", "T=1/2")):
             calm_tps, gpt_tps = r[f"calm_{mode}_tok_s"], r[f"gpt_{mode}_tok_s"]
-            paired = r[f"{mode}_ratio_paired"]
-            print(f"{size:<5} {label:<7} {calm_tps:>11.1f} {gpt_tps:>10.1f} {r[f'{mode}_ratio']:>8.2f}x {paired:>8.2f}x")
+            ratio, paired = r[f"{mode}_ratio"], r[f"{mode}_ratio_paired"]
+            print(f"{size:<5} {label:<7} {calm_tps:>11.1f} {gpt_tps:>10.1f} {ratio:>8.2f}x {paired:>8.2f}x")
     for size in sizes:
         r = result[size]
         check, precision = r["output_check"], r["precision"]
