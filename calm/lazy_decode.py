@@ -52,6 +52,24 @@ def _token_hidden(ae: Autoencoder, states: torch.Tensor) -> torch.Tensor:
     return ae.dec_norm(ae.dec_token_layers(states))[:rows]
 
 
+def _guess_choice(
+    num_candidates: int, batch: int, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """The index Alg. 2 picks if all N candidates turn out distinct (B,), drawn from a copy of the generator.
+
+    That is the usual case at T < 1 for a model that is not peaked, so the chosen candidate's
+    remaining tokens can be decoded in the same pass as everyone's first token. A wrong guess
+    costs K - 1 extra rows in that pass and nothing else: the generator itself is not touched.
+    None without an explicit generator.
+    """
+    if generator is None:
+        return None
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    distinct = torch.arange(num_candidates, device=generator.device).expand(batch, num_candidates).unsqueeze(-1)
+    return batch_temperature_select(distinct, temperature, copy)
+
+
 @torch.no_grad()
 def lazy_batch_sample(
     ae: Autoencoder, z: torch.Tensor, temperature: float, generator: torch.Generator | None = None
@@ -66,13 +84,20 @@ def lazy_batch_sample(
     expanded = _expanded(ae, z)  # (N, B, K, d)
     tokens = torch.full((num_candidates, batch, K), -1, dtype=torch.long, device=z.device)
     labels = torch.arange(batch, device=z.device).expand(num_candidates, batch).contiguous()  # (N, B) group ids
+    guess = _guess_choice(num_candidates, batch, temperature, generator)  # (B,) or None
     for k in range(K):
         _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         shared = counts[inverse] >= 2  # candidates that still have a twin
         if not bool(shared.any()):
             break
         n_idx, b_idx = shared.nonzero(as_tuple=True)
-        tokens[n_idx, b_idx, k] = ae.vocab_argmax(_token_hidden(ae, expanded[n_idx, b_idx, k]))
+        k_idx = torch.full_like(n_idx, k)
+        if k == 0 and guess is not None:  # the guessed choice's other tokens ride along in the first pass
+            rows = torch.arange(batch, device=z.device).repeat_interleave(K - 1)
+            n_idx = torch.cat([n_idx, guess.repeat_interleave(K - 1)])
+            b_idx = torch.cat([b_idx, rows])
+            k_idx = torch.cat([k_idx, torch.arange(1, K, device=z.device).repeat(batch)])
+        tokens[n_idx, b_idx, k_idx] = ae.vocab_argmax(_token_hidden(ae, expanded[n_idx, b_idx, k_idx]))
         pairs = torch.stack([labels, tokens[..., k]], dim=-1).reshape(-1, 2)
         labels = torch.unique(pairs, dim=0, return_inverse=True)[1].reshape(num_candidates, batch)
     choice = batch_temperature_select(labels.t().unsqueeze(-1), temperature, generator)  # (B,)
