@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 BLOCK = 8192
 """Vocabulary ids per int8 block: the (rows, BLOCK) int32 block stays in cache while it is screened."""
-GROUP = 64
+GROUP = 16
 """Ids per group whose int32 maximum is compared first: only groups that reach the window are opened."""
 MAX_WINDOW_IDS = 4096
 """A row with more ids than this in its window (a flat top) is re-scored over the whole vocabulary."""
