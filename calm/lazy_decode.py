@@ -135,13 +135,15 @@ class LazyChunks:
 
     def __init__(self, ae: Autoencoder, z: torch.Tensor) -> None:
         self.ae = ae
-        self.expanded = _expanded(ae, z)  # (N, K, d)
+        # the latents, not the (N, K, d) decoder states: a sampler that runs out of budget holds
+        # its draws until the end, and the states are recomputed (bit-identically) per position
+        self.z = z  # (N, l)
         self.columns: list[list[int] | None] = [None] * ae.config.chunk_size
 
     def token(self, index: int, position: int) -> int:
         column = self.columns[position]
         if column is None:
-            states = self.expanded[:, position]
+            states = _expanded(self.ae, self.z)[:, position]
             column = self.columns[position] = self.ae.vocab_argmax(_token_hidden(self.ae, states)).tolist()
         return column[index]
 

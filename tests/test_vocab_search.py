@@ -92,3 +92,7 @@ def test_autoencoder_builds_the_screen_once_and_rebuilds_it_when_the_table_chang
     assert ae.vocab_screen() is not screen
     assert torch.equal(ae.decode_ids(z), (h @ ae.embed_tokens.weight.t()).argmax(-1))
     assert ae.train().vocab_screen() is None
+
+
+def test_no_rows_give_no_ids() -> None:
+    assert Int8Screen(_table()).argmax(torch.zeros(0, 64)).shape == (0,)

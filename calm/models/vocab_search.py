@@ -145,6 +145,8 @@ class Int8Screen:
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """argmax_v hidden·E_v for hidden (M, d) -> (M,) ids, as the reference matmul's argmax."""
         hidden = hidden.to(self.weight.dtype)
+        if hidden.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=hidden.device)
         row, idx = self.candidates(hidden)
         counts = torch.bincount(row, minlength=hidden.shape[0]).tolist()
         out = torch.empty(hidden.shape[0], dtype=torch.long)
