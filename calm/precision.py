@@ -92,6 +92,23 @@ def cpu_probe() -> Probe:
     return Probe(native_bf16=True, fp32_gflops=fp32, bf16_gflops=bf16)
 
 
+def int8_matmul_available(device: torch.device | str) -> bool:
+    """Whether ``torch._int_mm`` (int8 × int8 → int32, exact) runs on ``device``: the decoder's int8
+    vocabulary screen (``calm.models.vocab_search``) needs it. CPU only, checked once per process."""
+    return torch.device(device).type == "cpu" and _cpu_int_mm_works()
+
+
+@functools.cache
+def _cpu_int_mm_works() -> bool:
+    if not hasattr(torch, "_int_mm"):
+        return False
+    try:
+        torch._int_mm(torch.ones(4, 8, dtype=torch.int8), torch.ones(8, 4, dtype=torch.int8))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def _device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
