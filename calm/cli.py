@@ -315,10 +315,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from calm import __version__
     from calm.config import preset_names
     from calm.pipeline import DEMO_LM_FLOPS
 
     parser = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models")
+    parser.add_argument("--version", action="version", version=f"calm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into uint32 shards (+ train a BPE tokenizer)")
