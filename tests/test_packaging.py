@@ -4,8 +4,9 @@ and lm-eval's plugin discovery use."""
 from __future__ import annotations
 
 import importlib.metadata as md
-import tomllib
 from pathlib import Path
+
+import pytest
 
 import calm
 
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_distribution_name_and_single_sourced_version() -> None:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == "calm-lm"  # "calm" on PyPI is an unrelated package
     assert "version" not in project and "version" in project["dynamic"]
