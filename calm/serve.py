@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -204,68 +204,16 @@ def _usage(completions: list[Completion], job: _Job) -> dict[str, int]:
     }
 
 
-def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
-    """The ASGI app: routes, error handlers, and the single worker thread that runs completions."""
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calm-generate")
+class CompletionService:
+    """Runs validated jobs on one worker thread, in arrival order (so requests queue, never interleave)."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        worker.shutdown(wait=True, cancel_futures=True)
+    def __init__(self, completer: TextCompleter, settings: ServeSettings) -> None:
+        self.completer = completer
+        self.settings = settings
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calm-generate")
 
-    app = FastAPI(title="calm", lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = where[0] if where else None
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}"
-        if first.get("type") == "extra_forbidden":
-            message = f"unknown field {'.'.join(where)!r}; see GET /docs for the accepted fields"
-        return error_response(400, message, param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return error_response(
-                    401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key"
-                )
-        return await call_next(request)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        entry = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "calm"}
-        return {"object": "list", "data": [entry]}
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
-        job = _validate(req, completer, settings)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, meta, include_usage), media_type="text/event-stream")
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(worker, _run_all, job)
-        choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
-        return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, job)}
-
-    def _run_all(job: _Job) -> list[Completion]:
-        return [_run_one(job, prompt, seed) for _, prompt, seed in job.choices()]
-
-    def _run_one(job: _Job, prompt: str, seed: int | None, emit: Any = None, cancelled: Any = None) -> Completion:
-        return completer.complete(
+    def _run_one(self, job: _Job, prompt: str, seed: int | None, emit: Any = None, cancelled: Any = None) -> Completion:
+        return self.completer.complete(
             prompt,
             job.max_tokens,
             temperature=job.temperature,
@@ -277,7 +225,15 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
             cancelled=cancelled,
         )
 
-    async def _stream(job: _Job, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+    async def complete(self, job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
+        """The whole response of a non-streaming request."""
+        run_all = lambda: [self._run_one(job, prompt, seed) for _, prompt, seed in job.choices()]  # noqa: E731
+        results = await asyncio.get_running_loop().run_in_executor(self.worker, run_all)
+        choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
+        return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, job)}
+
+    async def stream(self, job: _Job, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: text as it is decoded, a finish event per choice, usage, ``[DONE]``."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
@@ -292,20 +248,16 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
                     if cancelled.is_set():
                         return
                     emit = lambda text, index=index: put("text", (index, text))  # noqa: E731
-                    result = _run_one(job, prompt, seed, emit, cancelled)
-                    results.append(result)
-                    put("finish", (index, result.finish_reason))
+                    results.append(self._run_one(job, prompt, seed, emit, cancelled))
+                    put("finish", (index, results[-1].finish_reason))
                 put("done", _usage(results, job))
             except Exception as e:  # reported in the stream: the status line has already gone out
                 put("error", f"{type(e).__name__}: {e}")
 
-        def event(payload: dict[str, Any]) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
-
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return event({"object": "text_completion", **meta, "choices": choices, **extra})
+            return f"data: {json.dumps({'object': 'text_completion', **meta, 'choices': choices, **extra})}\n\n"
 
-        future = loop.run_in_executor(worker, produce)
+        loop.run_in_executor(self.worker, produce)  # produce() reports its own errors; nothing to await
         try:
             while True:
                 kind, value = await queue.get()
@@ -314,7 +266,8 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
                 elif kind == "finish":
                     yield chunk([_choice(value[0], "", value[1])])
                 elif kind == "error":
-                    yield event({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
+                    error = {"message": value, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
                     break
                 else:
                     if include_usage:
@@ -323,7 +276,60 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
             yield "data: [DONE]\n\n"
         finally:
             cancelled.set()  # a client that went away stops the generation at its next chunk
-            del future  # produce() reports its own errors; nothing to await
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {'.'.join(where)!r}; see GET /docs for the accepted fields"
+        return error_response(400, message, where[0] if where else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+
+def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
+    """The ASGI app: routes, API-key check, OpenAI-style errors, and the worker that runs completions."""
+    service = CompletionService(completer, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.worker.shutdown(wait=True, cancel_futures=True)
+
+    def check_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+
+    app = FastAPI(title="calm", lifespan=lifespan, dependencies=[Depends(check_key)])
+    _install_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "calm"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        job = _validate(req, completer, settings)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(service.stream(job, meta, include_usage), media_type="text/event-stream")
+        return await service.complete(job, meta)
 
     return app
 
