@@ -8,7 +8,8 @@ trained ones per step, but stop at EOS at random, so ``max_tokens`` bounds every
 
 Each client sends its requests one after another, streaming, with the official ``openai`` client;
 request r of client c has seed 1000 * c + r and one of a few prompts. Reports requests/s,
-p50/p95 latency (request sent -> last event), time to first text, streamed tokens/s, and checks
+p50/p95 latency (request sent -> last event), time to first text, streamed tokens/s, the rate of
+the same completions run directly in this process without HTTP (one after another), and checks
 that every response was complete (a finish_reason and usage before ``[DONE]``) and correct: its
 text, finish reason and token count equal those of the same completion computed in this process
 after the load phase, for the same seed (for CALM that is ``generate_text``).
@@ -172,6 +173,7 @@ def main() -> None:
         model, tokenizer, config = load_model(checkpoint)
         completer = TextCompleter(model, tokenizer, config["kind"])
         wrong = []
+        direct = time.perf_counter()
         for rec in records:
             ref = completer.complete(
                 rec["prompt"], args.max_tokens, temperature=args.temperature, seed=rec["seed"],
@@ -179,6 +181,7 @@ def main() -> None:
             )  # fmt: skip
             if rec["text"] != ref.text or rec["finish"] != ref.finish_reason or rec["tokens"] != ref.completion_tokens:
                 wrong.append((rec["seed"], rec["text"][:40], ref.text[:40]))
+        direct = time.perf_counter() - direct  # the same completions, one after another, without HTTP
 
     latencies = [r["latency"] for r in records]
     tokens = sum(r["tokens"] or 0 for r in records)
@@ -197,6 +200,7 @@ def main() -> None:
         "latency_p50_s": round(percentile(latencies, 50), 3),
         "latency_p95_s": round(percentile(latencies, 95), 3),
         "first_text_p50_s": round(percentile([r["first"] for r in records], 50), 3),
+        "direct_requests_per_s": round(len(records) / direct, 2),
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
         "max_tokens": args.max_tokens,
