@@ -71,7 +71,7 @@ class CALMLM(LM):
         greedy_temperature: float = 0.01,
         max_gen_toks: int = 256,
         seed: int = 0,
-        **unused: Any,
+        max_batch_size: Any = None,  # passed by lm-eval; one fixed batch size is used here
     ) -> None:
         super().__init__()
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
@@ -87,7 +87,6 @@ class CALMLM(LM):
         self.num_samples, self.sampler = int(num_samples), sampler
         self.greedy_temperature, self.max_gen_toks, self.seed = float(greedy_temperature), int(max_gen_toks), seed
         self.completer.check(1, 1, self.greedy_temperature if self.kind == "calm" else 0.0, self.num_samples)
-        self.unused_args = {k: v for k, v in unused.items() if v is not None and k != "max_batch_size"}
 
     # ------------------------------------------------------------------ generation
 

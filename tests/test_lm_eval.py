@@ -59,6 +59,13 @@ def test_calm_generate_until_is_generate_text_cut_at_the_stop(calm_lm: CALMLM) -
         calm_lm.generate_until([instance("generate_until", ("x", {"do_sample": True, "temperature": 1.5}))])
 
 
+def test_unknown_model_args_are_refused(tiny_lm_checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(TypeError, match="num_sample"):
+        CALMLM.create_from_arg_string(f"pretrained={tiny_lm_checkpoints['calm']},num_sample=8")
+    with pytest.raises(ValueError, match="sampler"):
+        CALMLM(pretrained=str(tiny_lm_checkpoints["calm"]), sampler="greedy")
+
+
 def test_calm_refuses_likelihoods_and_names_generative_tasks(calm_lm: CALMLM) -> None:
     with pytest.raises(CALMHasNoLikelihood, match="gsm8k") as info:
         calm_lm.loglikelihood([instance("loglikelihood", ("Q:", " A"))])
@@ -123,6 +130,7 @@ def write_tasks(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["calm", "gpt"])
 def test_lm_eval_command_line_on_a_local_task(
     kind: str, tiny_lm_checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -247,3 +247,20 @@ def test_stop_scanner_holds_back_a_stop_string_split_across_pieces() -> None:
     for piece in ("a", "b<", "end>"):
         assert not scanner.feed(piece)
     assert plain == ["a", "b<", "end>"] and scanner.finish() == "ab<end>"
+
+
+def test_a_cancelled_completion_stops_at_the_next_chunk(calm_model) -> None:
+    """What the server does when a streaming client goes away: the worker stops, freeing the queue."""
+    from calm.completion import TextCompleter
+
+    model, tok, _ = calm_model
+    completer = TextCompleter(model, tok, "calm")
+    full = completer.complete(PROMPT, 40, seed=2)
+    assert full.finish_reason == "length" and full.completion_tokens == 40
+    cancelled = threading.Event()
+    pieces: list[str] = []
+    cut = completer.complete(
+        PROMPT, 40, seed=2, emit=lambda t: (pieces.append(t), cancelled.set()), cancelled=cancelled
+    )
+    assert cut.completion_tokens == model.chunk_size  # the chunk that triggered the cancel, nothing after
+    assert full.text.startswith(cut.text) and len(pieces) == 1
