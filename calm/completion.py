@@ -5,14 +5,14 @@ The layer between the generation loops and the outside world (the OpenAI-compati
 HTTP: it checks a request against the model's context, runs one completion, streams its text
 piece by piece, cuts it at the first stop string, counts tokens and says why it finished.
 
-- **CALM** goes through :func:`calm.generate.generate_text` (K tokens per step, likelihood-free
-  temperature, CALM-SPEC §5.3), so a completion is exactly what ``generate_text`` returns for the
-  same prompt, temperature, sampler, ``num_samples`` and seed. Temperature must be in (0, 1].
-- **GPT** (the token-level baseline, §6) goes through ``GPT.generate``: softmax sampling, or
-  greedy decoding at temperature 0.
-
-Generation stops at EOS (and, for the GPT, at a BOS that would start a new document); special
+Both kinds go through :func:`calm.generate.complete`, so a completion is exactly what
+``generate_text`` returns for the same prompt, temperature, sampler, ``num_samples`` and seed (cut
+at the first stop string): generation stops at the end of a document (BOS or EOS) and special
 tokens are never part of the text.
+
+- **CALM**: K tokens per step, likelihood-free temperature (CALM-SPEC §5.3); temperature must be
+  in (0, 1].
+- **GPT** (the token-level baseline, §6): softmax sampling, or greedy decoding at temperature 0.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from calm.generate import generate_text
+from calm.generate import complete
 
 #: Largest temperature accepted for the GPT (OpenAI's range is [0, 2]).
 GPT_MAX_TEMPERATURE = 2.0
@@ -43,13 +41,13 @@ class _Halt(Exception):
 
 
 @dataclass
-class Completion:
+class CompletionResult:
     """One finished completion: the text (stop string excluded) and its accounting."""
 
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    finish_reason: str  # "stop" (end of document or a stop string) or "length" (max_tokens reached)
     prompt_tokens: int  # BOS included
-    completion_tokens: int  # tokens generated, up to the stop
+    completion_tokens: int  # tokens generated; when cut at a stop string, the returned text's tokens
 
 
 class StopScanner:
@@ -168,88 +166,37 @@ class TextCompleter:
         sampler: str = "batch",
         emit: Callable[[str], None] | None = None,
         cancelled: threading.Event | None = None,
-    ) -> Completion:
+    ) -> CompletionResult:
         """Complete one prompt; ``emit`` receives the text as it is produced (stop strings held back).
 
-        For CALM the result equals ``generate_text(model, tokenizer, [prompt], max_tokens, ...,
-        seed=seed)[0]`` cut at the first stop string. ``cancelled``, when set, ends generation at the
-        next chunk (the text so far is returned). Raises :class:`CompletionError` for requests that
-        do not fit the model (see :meth:`check`).
+        The text equals ``generate_text(model, tokenizer, [prompt], max_tokens, temperature=...,
+        num_samples=..., sampler=..., seed=seed)[0]`` cut before the first stop string; generation
+        ends as soon as a stop string appears. ``cancelled``, when set, ends generation at the next
+        chunk (K tokens for CALM, one for the GPT) and returns the text so far. Raises
+        :class:`CompletionError` for requests that do not fit the model (see :meth:`check`).
         """
         num_prompt_ids = len(self.prompt_ids(prompt))
         self.check(num_prompt_ids, max_tokens, temperature, num_samples)
         scanner = StopScanner(stop, emit)
-        counted = [0]
 
         def on_text(piece: str) -> None:
             if scanner.feed(piece) or (cancelled is not None and cancelled.is_set()):
                 raise _Halt
 
-        def on_ids(ids: list[int]) -> None:
-            counted[0] += len(ids)
-
         try:
-            if self.kind == "calm":
-                generate_text(
-                    self.model,
-                    self.tokenizer,
-                    [prompt],
-                    max_tokens,
-                    temperature=temperature,
-                    num_samples=num_samples,
-                    sampler=sampler,
-                    seed=seed,
-                    stream=on_text,
-                    on_tokens=lambda row, ids: on_ids(ids),
-                )
-            else:
-                self._complete_gpt(prompt, max_tokens, temperature, seed, on_text, on_ids)
-            finish = "length" if counted[0] >= max_tokens else "stop"
+            (result,) = complete(
+                self.model,
+                self.tokenizer,
+                [prompt],
+                max_tokens,
+                temperature=temperature,
+                num_samples=num_samples,
+                sampler=sampler,
+                seed=seed,
+                stream=on_text,
+            )
         except _Halt:
-            finish = "stop"
+            text = scanner.finish()
+            return CompletionResult(text, "stop", num_prompt_ids, len(self.tokenizer.encode(text)))
         text = scanner.finish()
-        return Completion(text, finish, num_prompt_ids, counted[0])
-
-    def _complete_gpt(
-        self,
-        prompt: str,
-        max_tokens: int,
-        temperature: float,
-        seed: int | None,
-        on_text: Callable[[str], None],
-        on_ids: Callable[[list[int]], None],
-    ) -> None:
-        """Token-by-token GPT decoding that streams text and stops at EOS or a new document's BOS."""
-        tok = self.tokenizer
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        produced: list[int] = []
-        printed = [""]
-
-        def flush() -> None:
-            text = tok.decode(produced)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                piece, printed[0] = text[len(printed[0]) :], text
-                on_text(piece)
-
-        def on_token(ids: torch.Tensor) -> None:
-            token = int(ids[0])
-            if token in (tok.eos_id, tok.bos_id):
-                raise _EndOfDocument
-            produced.append(token)
-            on_ids([token])
-            flush()
-
-        ids = torch.tensor([self.prompt_ids(prompt)], device=device)
-        try:
-            self.model.generate(ids, max_tokens, temperature=temperature, generator=generator, on_token=on_token)
-        except _EndOfDocument:
-            pass
-        text = tok.decode(produced)
-        if len(text) > len(printed[0]):
-            on_text(text[len(printed[0]) :])
-
-
-class _EndOfDocument(Exception):
-    """The GPT sampled EOS or BOS: the document is over."""
+        return CompletionResult(text, result.finish_reason, num_prompt_ids, len(result.token_ids))

@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from calm.completion import Completion, CompletionError, TextCompleter
+from calm.completion import CompletionError, CompletionResult, TextCompleter
 
 API_KEY_ENV = "CALM_API_KEY"
 
@@ -194,7 +194,7 @@ def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _usage(completions: list[Completion], job: _Job) -> dict[str, int]:
+def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, int]:
     prompt_tokens = sum(c.prompt_tokens for c in completions[:: job.n])  # each prompt counted once
     completion_tokens = sum(c.completion_tokens for c in completions)
     return {
@@ -212,7 +212,9 @@ class CompletionService:
         self.settings = settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calm-generate")
 
-    def _run_one(self, job: _Job, prompt: str, seed: int | None, emit: Any = None, cancelled: Any = None) -> Completion:
+    def _run_one(
+        self, job: _Job, prompt: str, seed: int | None, emit: Any = None, cancelled: Any = None
+    ) -> CompletionResult:
         return self.completer.complete(
             prompt,
             job.max_tokens,
