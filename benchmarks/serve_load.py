@@ -39,6 +39,7 @@ import torch
 
 from calm.checkpoint import load_model, save_checkpoint
 from calm.completion import TextCompleter
+from calm.jsonio import to_json
 
 PROMPTS = [
     "The history of the city",
@@ -208,7 +209,7 @@ def main() -> None:
         "num_samples": args.num_samples if args.kind == "calm" else None,
         "server_threads": args.threads,
     }
-    print(json.dumps(result, indent=2))
+    print(to_json(result, indent=2))
     for seed, got, ref in wrong[:5]:
         print(f"MISMATCH seed {seed}: got {got!r}, expected {ref!r}", file=sys.stderr)
     if complete != expected or wrong:

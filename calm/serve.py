@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import socket
 import threading
 import time
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calm.completion import CompletionError, CompletionResult, TextCompleter
+from calm.jsonio import to_json
 
 API_KEY_ENV = "CALM_API_KEY"
 
@@ -257,7 +257,7 @@ class CompletionService:
                 put("error", f"{type(e).__name__}: {e}")
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            return f"data: {json.dumps({'object': 'text_completion', **meta, 'choices': choices, **extra})}\n\n"
+            return f"data: {to_json({'object': 'text_completion', **meta, 'choices': choices, **extra})}\n\n"
 
         loop.run_in_executor(self.worker, produce)  # produce() reports its own errors; nothing to await
         try:
@@ -269,7 +269,7 @@ class CompletionService:
                     yield chunk([_choice(value[0], "", value[1])])
                 elif kind == "error":
                     error = {"message": value, "type": "server_error", "param": None, "code": None}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield f"data: {to_json({'error': error})}\n\n"
                     break
                 else:
                     if include_usage:
