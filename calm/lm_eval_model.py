@@ -12,10 +12,12 @@
   generative tasks that work. BrierLM, CALM's likelihood-free metric, is ``calm eval``.
 
 Registration: importing this module registers the model as ``calm`` (``@register_model``), and
-the distribution declares it under the ``lm_eval.models`` entry-point group, which lm-eval
-releases after 0.4.13 read at start-up, so there ``lm_eval --model calm`` works as soon as both
-are installed. lm-eval 0.4.13 reads no entry points; for it the ``calm-lm-eval`` console script
-registers the model and then runs lm-eval's own command line with the same arguments.
+the distribution declares it under the ``lm_eval.models`` entry-point group. lm-eval's plugin
+discovery of that group (upstream pull request 4013) was merged after the 0.4.13 release; with a
+version that has it, ``lm_eval --model calm`` works as soon as both are installed. lm-eval 0.4.13
+finds models only in its own list (``lm_eval --model calm`` fails there with "no model for this
+name found"), so the ``calm-lm-eval`` console script registers the model and then runs lm-eval's
+own command line with the same arguments.
 """
 
 from __future__ import annotations
