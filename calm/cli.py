@@ -343,11 +343,35 @@ def _add_sweep_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from calm.serve import API_KEY_ENV, serve
+    except ImportError as e:
+        raise ConfigError(f"calm serve needs the serve extra ({e}); pip install 'calm-lm[serve]'") from e
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_choices < 1:
+        raise ConfigError(f"--max-choices must be >= 1, got {args.max_choices}")
+    serve(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_choices=args.max_choices,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from calm import __version__
     from calm.config import preset_names
     from calm.pipeline import DEMO_LM_FLOPS
 
     parser = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models")
+    parser.add_argument("--version", action="version", version=f"calm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into uint32 shards (+ train a BPE tokenizer)")
@@ -475,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
 
     _add_sweep_parser(sub)
+    p = sub.add_parser("serve", help="OpenAI-compatible completions server for a CALM or GPT checkpoint")
+    p.add_argument("--checkpoint", required=True, help="CALM or GPT checkpoint / run directory")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $CALM_API_KEY; none if unset)")
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-choices", type=int, default=16, help="most completions (prompts x n) per request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run's logged metrics")
     p.add_argument("--run", required=True)
