@@ -157,6 +157,8 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     fig.savefig(run / "brierlm_vs_flops.png", dpi=110)
     plt.close(fig)
     made.append("brierlm_vs_flops.png")
+    if _brier_n_plot(run, lm, plt):
+        made.append("brier_n_vs_flops.png")
     if _diagnostics_plot(run, lm["calm"], plt):
         made.append("head_diagnostics.png")
     return made
@@ -179,6 +181,32 @@ def _precision_lines(run: Path) -> list[str]:
         "whatever the training precision, so curves compare across precisions.",
         "",
     ]
+
+
+def _brier_n_plot(run: Path, lm: dict[str, list[dict[str, Any]]], plt: Any) -> bool:
+    """Validation Brier-1..4 of both models against training FLOPs (the paper compares at equal compute)."""
+    series = {}
+    for kind in ("calm", "gpt"):
+        val = [r for r in lm[kind] if r.get("split") == "val" and "brier1" in r]
+        flops = _model_flops(run / kind)
+        if val and flops:
+            series[kind] = ([flops["train_flops_per_token"] * r["tokens"] for r in val], val)
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for n, ax in enumerate(axes, start=1):
+        for kind, marker in (("calm", "o"), ("gpt", "s")):
+            if kind in series:
+                x, val = series[kind]
+                ax.plot(x, [r[f"brier{n}"] for r in val], marker + "-", label=kind.upper())
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="training FLOPs", ylabel=f"Brier-{n} (%)", title=f"Brier-{n} (validation)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "brier_n_vs_flops.png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _diagnostics_plot(run: Path, records: list[dict[str, Any]], plt: Any) -> bool:

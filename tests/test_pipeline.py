@@ -78,6 +78,7 @@ def test_demo_report_names_precisions_and_models(demo_run) -> None:
     report = (out / "report.md").read_text()
     assert "Training precision: autoencoder" in report and "calm " in report and "gpt " in report
     assert "| CALM |" in report and "| GPT |" in report
+    assert (out / "brier_n_vs_flops.png").exists() and "brier_n_vs_flops.png" in report
     for name in ("samples.json", "generation_speed.json", "eval_calm.json", "eval_gpt.json"):
         assert (out / name).exists(), name
     assert summary["eval"]["calm"]["precision"] in ("fp32", "bf16")
