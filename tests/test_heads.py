@@ -241,3 +241,66 @@ def test_flow_sampler_integrates_the_exact_velocity():
     z = head.sample(torch.zeros(20000, 32), 1, torch.Generator().manual_seed(0))[0]
     assert torch.allclose(z.mean(0), m, atol=0.05)
     assert torch.allclose(z.std(0), s, rtol=0.1)
+
+
+def _save(model: CALM, tokenizer, path) -> str:
+    config = {
+        "kind": "calm",
+        "model": asdict(model.config),
+        "autoencoder": asdict(model.autoencoder.config),
+        "tokenizer_sha256": tokenizer.sha256,
+    }
+    return str(save_checkpoint(path, model=model, config=config, tokenizer_json=tokenizer.to_str()))
+
+
+def test_cli_head_steps_override_reaches_the_sampler(tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    from calm.cli import main
+
+    flow = _save(tiny_calm("flow", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "flow")
+    energy = _save(tiny_calm("energy", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "energy")
+    calls = []
+    real = FlowHead.forward
+    monkeypatch.setattr(FlowHead, "forward", lambda self, *a: calls.append(1) or real(self, *a))
+    argv = ["generate", "--checkpoint", flow, "--prompt", "The river", "--max-new-tokens", "8", "--quiet"]
+    argv += ["--no-stop-at-document-end", "--seed", "0"]
+    counts = {}
+    for steps in (1, 3):
+        calls.clear()
+        assert main([*argv, "--head-steps", str(steps)]) == 0
+        counts[steps] = len(calls)
+    assert counts[3] == 3 * counts[1] and counts[1] == 2 * 2  # 2 chunks of K = 4, 2 passes per midpoint step
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", energy, "--prompt", "x", "--head-steps", "2"]) == 2
+    assert "sampling steps apply to flow and diffusion heads" in capsys.readouterr().err
+    assert main([*argv, "--head-steps", "0"]) == 2
+    assert "flow_steps must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_flops_takes_head_and_input_overrides(capsys):
+    from calm.cli import main
+
+    assert main(["flops", "--model", "calm", "--preset", "M", "--set", "model.head=diffusion", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"head_passes_per_sample": 100' in out
+    assert main(["flops", "--model", "calm", "--preset", "M", "--set", "model.head=gan"]) == 2
+    assert "head='gan' is unknown" in capsys.readouterr().err
+
+
+def test_eval_head_steps_override(tiny_tokenizer, tiny_corpus, tmp_path, monkeypatch):
+    from calm.brier_eval import evaluate_checkpoint
+
+    path = _save(tiny_calm("diffusion", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "diffusion")
+    steps_seen = []
+    real = DiffusionHead.sample
+
+    def spy(self, h, n, generator=None, steps=None):
+        steps_seen.append(self.config.diffusion_steps)
+        return real(self, h, n, generator, steps)
+
+    monkeypatch.setattr(DiffusionHead, "sample", spy)
+    kw = dict(max_blocks=1, context_steps=8, progress=False, device="cpu", precision="fp32")
+    result = evaluate_checkpoint(path, str(tiny_corpus), head_steps=3, **kw)
+    assert result["head"] == "diffusion" and result["head_steps"] == 3
+    assert steps_seen and set(steps_seen) == {3}
+    with pytest.raises(ValueError, match="diffusion_steps=0 must be in 1..diffusion_train_steps=1000"):
+        evaluate_checkpoint(path, str(tiny_corpus), head_steps=0, **kw)

@@ -37,6 +37,7 @@ zero-initialised output layer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -324,3 +325,22 @@ HEADS: dict[str, type[nn.Module]] = {"energy": EnergyHead, "flow": FlowHead, "di
 def build_head(config: CALMConfig) -> nn.Module:
     """The head named by ``config.head`` (energy | flow | diffusion)."""
     return HEADS[config.head](config)
+
+
+def set_sampling_steps(config: CALMConfig, steps: int) -> None:
+    """Set the sampling steps of a flow (``flow_steps``) or diffusion (``diffusion_steps``) head in place.
+
+    The heads read their step count at every ``sample`` call, so this applies to a loaded model at
+    once (``calm generate --head-steps``, ``calm eval --head-steps``). Raises ``ConfigError`` (a
+    ValueError) for the energy head, which has no steps, or for an invalid count; the config is
+    left unchanged then.
+    """
+    from calm.config import ConfigError
+
+    if config.head == "energy":
+        raise ConfigError(
+            "the energy head draws a sample in one pass; sampling steps apply to flow and diffusion heads"
+        )
+    key = f"{config.head}_steps"
+    dataclasses.replace(config, **{key: steps}).validate()
+    setattr(config, key, steps)
