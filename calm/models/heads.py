@@ -300,7 +300,7 @@ class DiffusionHead(_ConditionalNet):
         """
         steps = self.config.diffusion_steps if steps is None else steps
         index = respaced_steps(self.config.diffusion_train_steps, steps)
-        ab = self.alphas_cumprod.double()[index]
+        ab = cosine_alphas_cumprod(self.config.diffusion_train_steps)[index]  # fp64 on the CPU: exact coefficients
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
         hs = self._replicate(h, num_samples)
         x = torch.randn((*hs.shape[:-1], self.config.latent_size), device=h.device, generator=generator)
