@@ -304,3 +304,22 @@ def test_eval_head_steps_override(tiny_tokenizer, tiny_corpus, tmp_path, monkeyp
     assert steps_seen and set(steps_seen) == {3}
     with pytest.raises(ValueError, match="diffusion_steps=0 must be in 1..diffusion_train_steps=1000"):
         evaluate_checkpoint(path, str(tiny_corpus), head_steps=0, **kw)
+
+
+@pytest.mark.parametrize("input", ["continuous", "both"])
+def test_generation_feeds_the_generated_chunks_latent(input):
+    """Each generation step's latent input is μ of the chunk just generated (re-encoded), in both cache modes."""
+    model = tiny_calm(input=input)
+    fed = []
+    handle = model.latent_proj.register_forward_hook(lambda mod, args, out: fed.append(args[0].detach().clone()))
+    prompt = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    for use_cache in (True, False):
+        fed.clear()
+        new = generate(model, prompt, 12, generator=torch.Generator().manual_seed(3), use_cache=use_cache)
+        chunks = torch.cat([prompt, torch.tensor(new)], dim=1).view(2, -1, 4)
+        mu = model.target_posterior(chunks)[0]  # (2, 5, l): 2 prompt chunks + 3 generated
+        last = fed[-1]  # the last step fed chunks up to the second generated one
+        torch.testing.assert_close(last[:, -1], mu[:, 3])
+        if not use_cache:
+            torch.testing.assert_close(last, mu[:, :4])
+    handle.remove()
