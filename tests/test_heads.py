@@ -323,3 +323,33 @@ def test_generation_feeds_the_generated_chunks_latent(input):
         if not use_cache:
             torch.testing.assert_close(last, mu[:, :4])
     handle.remove()
+
+
+def test_training_stage_runs_each_head_and_input_end_to_end(tiny_data_dir, tmp_path):
+    """``calm train-calm``'s stage trains, evaluates (BrierLM), checkpoints and reloads every variant."""
+    import json
+
+    from calm.config import TrainConfig
+    from calm.stages import AutoencoderStage, CALMStage
+    from calm.train import run_training
+
+    def train_config(**kw) -> TrainConfig:
+        base = dict(lr=3e-3, batch_tokens=64, max_steps=2, eval_every=2, save_every=2, log_every=1)
+        return TrainConfig(**{**base, "eval_tokens": 64, "precision": "fp32", "block_size": 32, **kw})
+
+    torch.manual_seed(0)
+    ae_cfg = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4, kl_mode="plain")
+    ae_stage = AutoencoderStage(tiny_data_dir, ae_cfg, train_config(batch_tokens=256))
+    run_training(ae_stage, ae_stage.train_config, tmp_path / "ae", progress=False)
+    for head, input in (("flow", "both"), ("diffusion", "continuous")):
+        cfg = CALMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
+        cfg.num_samples, cfg.num_target_samples, cfg.head, cfg.input, cfg.diffusion_steps = 4, 8, head, input, 5
+        stage = CALMStage(tiny_data_dir, cfg, train_config(), tmp_path / "ae")
+        run_training(stage, stage.train_config, tmp_path / head, progress=False)
+        records = [json.loads(x) for x in (tmp_path / head / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if r["split"] == "train"]
+        assert f"{head}_loss" in train[-1] and math.isfinite(train[-1]["loss"])
+        assert any("brierlm" in r for r in records if r["split"] == "val")
+        model, _, config = load_model(tmp_path / head, kind="calm")
+        assert (type(model.head), model.config.input) == ({"flow": FlowHead, "diffusion": DiffusionHead}[head], input)
+        assert config["autoencoder"]["kl_mode"] == "plain"
