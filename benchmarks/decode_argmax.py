@@ -17,8 +17,15 @@ library's ``Autoencoder.decode_ids`` and checks that they return the same ids:
   has a bf16 logit within 2·bound of the row's bf16 maximum; where the 64th bf16 logit is
   already lower, the fp32 argmax over the top 64 is the exact argmax (other rows are redone in
   fp32).
-- ``auto``: ``bf16_screened`` from 2^24 logits on, else ``weight_left`` below 64 rows and
-  ``reference`` from 64 rows: the proposed ``vocab_argmax`` patch.
+- ``auto``: ``calm.models.autoencoder.vocab_argmax``: ``bf16_screened`` from 2^24 logits on where
+  ``calm.precision`` finds bf16 fast, else ``weight_left`` below 64 rows and ``reference`` from 64.
+- ``int8_screen``: exact, needs no bf16. ``calm.models.vocab_search.Int8Screen``: int8 logits
+  (``torch._int_mm``) with a certified error bound, and an fp32 re-score of the ids within the
+  bound of each row's best (what ``Autoencoder.decode_ids`` uses at large vocabularies). The int8
+  table is built once per model, outside the timing.
+
+The lazy Alg. 2 path (``calm.lazy_decode``) decodes 200 rows per step with random weights (the
+first token of each candidate), then the K - 1 = 3 remaining tokens of the chosen one.
 
 Usage: ``PYTHONPATH=. python benchmarks/decode_argmax.py [--threads 1] [--ae paper] [--json]``
 """
@@ -35,7 +42,9 @@ import torch.nn.functional as F
 
 from calm.config import load_preset
 from calm.jsonio import to_json
-from calm.models.autoencoder import Autoencoder
+from calm.models.autoencoder import Autoencoder, vocab_argmax
+from calm.models.vocab_search import Int8Screen
+from calm.precision import int8_matmul_available
 
 SCREEN_MIN_LOGITS = 2**24
 """From this many logits on, the bf16 screen beats the fp32 product (on CPUs with bf16 matmuls);
@@ -73,20 +82,12 @@ def screened_argmax(h: torch.Tensor, weight: torch.Tensor, top: int = 64) -> tor
     return lowest
 
 
-def auto_argmax(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The proposed ``vocab_argmax``: the fastest exact variant for the shape."""
-    rows = h.shape[0]
-    if rows * weight.shape[0] >= SCREEN_MIN_LOGITS and h.device.type == "cpu" and weight.dtype == torch.float32:
-        return screened_argmax(h, weight)
-    return weight_left_argmax(h, weight) if rows < 64 else (h @ weight.t()).argmax(-1)
-
-
 VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "reference": lambda h, w: (h @ w.t()).argmax(-1),
     "weight_left": weight_left_argmax,
     "bf16": bf16_argmax,
     "bf16_screened": screened_argmax,
-    "auto": auto_argmax,
+    "auto": vocab_argmax,  # the library's choice: the bf16 screen only where calm.precision finds bf16 fast
 }
 
 
@@ -119,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ae", default="paper", help="autoencoder preset (paper: V=128,257, d=512)")
     parser.add_argument("--vocab-size", type=int, default=128_257)
-    parser.add_argument("--rows", type=int, nargs="+", default=[4, 256, 800], help="K·S rows to decode")
+    parser.add_argument("--rows", type=int, nargs="+", default=[3, 4, 200, 800], help="K·S rows to decode")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", action="store_true")
@@ -129,14 +130,18 @@ def main() -> None:
     torch.manual_seed(0)
     ae = Autoencoder(load_preset("autoencoder", args.ae, {"model.vocab_size": args.vocab_size}).model).eval()
     weight = ae.embed_tokens.weight.detach()
+    variants = dict(VARIANTS)
+    if int8_matmul_available(weight.device):
+        screen = Int8Screen(weight)
+        variants["int8_screen"] = lambda h, w: screen.argmax(h)
     report: dict[str, object] = {"threads": torch.get_num_threads(), "vocab": weight.shape[0], "rows": {}}
     with torch.no_grad():
         for rows in args.rows:
-            z = torch.randn(rows // ae.chunk_size, ae.config.latent_size)
-            h = ae.decode_hidden(z).reshape(rows, -1)  # the decoder's real final hidden states
-            reference = VARIANTS["reference"](h, weight)
+            z = torch.randn(-(-rows // ae.chunk_size), ae.config.latent_size)
+            h = ae.decode_hidden(z).reshape(-1, weight.shape[1])[:rows]  # the decoder's real final hidden states
+            reference = variants["reference"](h, weight)
             entry: dict[str, object] = {}
-            for name, fn in VARIANTS.items():
+            for name, fn in variants.items():
                 reps = args.repeats if rows < 100 else max(2, args.repeats // 2)
                 ms = 1e3 * _time(lambda fn=fn, h=h: fn(h, weight), reps)
                 agree = float((fn(h, weight) == reference).float().mean())
@@ -148,7 +153,7 @@ def main() -> None:
         for gap in (1e-2, 1e-4):
             h = near_tie_rows(weight, 256, gap)
             exact = (h.double() @ weight.double().t()).argmax(-1)
-            result = {name: float((fn(h, weight) == exact).float().mean()) for name, fn in VARIANTS.items()}
+            result = {name: float((fn(h, weight) == exact).float().mean()) for name, fn in variants.items()}
             report[f"near_tie_agreement_with_fp64_gap_{gap:g}"] = result
             if not args.json:
                 print(f"near ties (gap {gap:g}), agreement with an fp64 argmax: {result}")

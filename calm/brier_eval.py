@@ -338,6 +338,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     device: torch.device | str | None = None,
     precision: str = "auto",
+    diagnostic_positions: int = 2048,
     head_steps: int | None = None,
 ) -> dict[str, Any]:
     """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir.
@@ -347,7 +348,10 @@ def evaluate_checkpoint(
     ``max_tokens`` evaluates only the blocks within the first that many tokens of the text, so
     models with different block lengths are scored on the same text. ``precision`` (auto | fp32 |
     bf16) is resolved by ``calm.precision`` and recorded in the result; the estimators themselves
-    always accumulate in fp32.
+    always accumulate in fp32. For CALM checkpoints the result also holds ``head_diagnostics``
+    (``calm.diagnostics``: conditioning gap, noise floor, marginal distance, gap closed, next-chunk
+    accuracies) on at most ``diagnostic_positions`` evenly spread positions of the same blocks (0
+    skips them).
     """
     from calm.distributed import default_device
     from calm.evaluate import load_eval_documents
@@ -398,6 +402,11 @@ def evaluate_checkpoint(
         blocks = blocks[:max_blocks]
     with autocast(device, precision):
         result = _score_blocks(model, kind, blocks, step, new_cache, decode, mode, seed, device, progress)
+        if kind == "calm" and diagnostic_positions and blocks.shape[0] * (blocks.shape[1] // K - 1) >= 2:
+            from calm.diagnostics import head_diagnostics
+
+            diag = head_diagnostics(model, blocks, max_positions=diagnostic_positions, seed=seed)
+            result["head_diagnostics"] = diag.as_dict()
     result.update(
         {
             "model": name,

@@ -211,6 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_blocks=args.max_blocks,
         progress=not args.no_progress,
         precision=args.precision,
+        diagnostic_positions=args.diagnostic_positions,
         head_steps=args.head_steps,
     )
 
@@ -222,6 +223,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key in ("perplexity", "bits_per_byte"):
         if key in result:
             rows.append((key, f"{result[key]:.4f}"))
+    diag = result.get("head_diagnostics")
+    if diag:
+        rows.append(("conditioning gap", f"{diag['cond_gap']:.4f} ± {diag['cond_gap_se']:.4f}"))
+        rows.append(("noise floor / marginal", f"{diag['noise_floor']:.3f} / {diag['marginal_distance']:.3f}"))
+        rows.append(("gap closed", f"{diag['gap_closed']:.4f} (energy loss {diag['diag_energy_loss']:.3f})"))
+        for what in ("point", "sample"):
+            first, chunk = diag[f"first_token_acc_{what}"], diag[f"chunk_acc_{what}"]
+            rows.append((f"next-chunk acc ({what})", f"first token {first:.4f}, chunk {chunk:.4f}"))
     rows += [("tokens evaluated", f"{result['tokens']:,}"), ("context", result["context"]["description"])]
     rows.append(("precision", result["precision"]))
     width = max(len(r[0]) for r in rows)
@@ -311,11 +320,77 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from calm.sweep import run_sweep, spec_from_cli
+
+    spec = spec_from_cli(
+        args.spec,
+        data=args.data,
+        autoencoder=args.autoencoder,
+        kind=args.kind,
+        name=args.name,
+        preset=args.preset,
+        grid=args.grid,
+        sets=args.set,
+        budget_flops=args.budget_flops,
+        budget_tokens=args.budget_tokens,
+        evals=args.evals,
+        metrics=args.metrics,
+    )
+    run_sweep(spec, args.out, dry_run=args.dry_run, progress=not args.no_progress)
+    return 0
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="train a grid of overrides at a fixed FLOPs/token budget; table + plot")
+    p.add_argument("spec", nargs="?", help="YAML sweep spec (format: `calm/sweep.py` docstring, README)")
+    p.add_argument("--out", required=True, help="sweep directory: one folder per run, results.{md,csv,json,png}")
+    p.add_argument("--data", help="prepared data directory (replaces the spec's)")
+    p.add_argument("--autoencoder", help="autoencoder run/checkpoint for CALM groups (replaces the spec's)")
+    p.add_argument("--kind", choices=["autoencoder", "calm", "gpt"], help="add one group of this stage")
+    p.add_argument("--name", help="the added group's name (default: its kind)")
+    p.add_argument("--preset", help="the added group's preset (default tiny)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a grid axis of the added group")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a fixed override of the added group")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-flops", type=float, help="training FLOPs per run")
+    budget.add_argument("--budget-tokens", type=float, help="training tokens per run")
+    p.add_argument("--evals", type=int, help="validation evaluations per run (default 5)")
+    p.add_argument("--metrics", help="comma-separated metrics for the table and plot")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and their steps; train nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from calm.serve import API_KEY_ENV, serve
+    except ImportError as e:
+        raise ConfigError(f"calm serve needs the serve extra ({e}); pip install 'calm-lm[serve]'") from e
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_choices < 1:
+        raise ConfigError(f"--max-choices must be >= 1, got {args.max_choices}")
+    serve(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_choices=args.max_choices,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from calm import __version__
     from calm.config import preset_names
     from calm.pipeline import DEMO_LM_FLOPS
 
     parser = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models")
+    parser.add_argument("--version", action="version", version=f"calm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize text into uint32 shards (+ train a BPE tokenizer)")
@@ -399,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 where the hardware runs it fast",
     )
     p.add_argument(
+        "--diagnostic-positions", type=int, default=2048, help="CALM head diagnostics on N positions (0: skip)"
+    )
+    p.add_argument(
         "--head-steps",
         type=int,
         help="sampling steps of a flow (midpoint steps) or diffusion (respaced steps) head; default: its config's",
@@ -451,6 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     from calm.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    _add_sweep_parser(sub)
+    p = sub.add_parser("serve", help="OpenAI-compatible completions server for a CALM or GPT checkpoint")
+    p.add_argument("--checkpoint", required=True, help="CALM or GPT checkpoint / run directory")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $CALM_API_KEY; none if unset)")
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-choices", type=int, default=16, help="most completions (prompts x n) per request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run's logged metrics")
     p.add_argument("--run", required=True)

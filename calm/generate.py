@@ -24,13 +24,14 @@ alike, and never return special tokens in text.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from calm.sampling import batch_temperature_sample, exact_temperature_sample
+from calm.lazy_decode import LazyChunk, LazyChunks, lazy_batch_sample, reference_batch_sample, reference_decode_ids
+from calm.sampling import exact_temperature_sample
 
 
 def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
@@ -59,24 +60,34 @@ def sample_chunks(
     sampler: str = "batch",
     generator: torch.Generator | None = None,
     max_attempts: int = 100_000,
+    fast: bool = True,
 ) -> torch.Tensor:
-    """Next chunk per row of h (B, d) -> (B, K) token ids."""
+    """Next chunk per row of h (B, d) -> (B, K) token ids.
+
+    ``fast=False`` decodes every candidate in full, as the library did before the exact speed-ups
+    (``calm.lazy_decode``); the samples are the same for the same generator state.
+    """
     ae = model.autoencoder
+    decode_ids = ae.decode_ids if fast else lambda z: reference_decode_ids(ae, z)
     if temperature == 1.0:
-        return ae.decode_ids(model.head.sample(h, 1, generator)[0])
+        return decode_ids(model.head.sample(h, 1, generator)[0])
     if sampler == "batch":
-        cands = ae.decode_ids(model.head.sample(h, num_samples, generator))  # (N, B, K)
-        return batch_temperature_sample(cands.transpose(0, 1), temperature, generator=generator)
+        batch_sample = lazy_batch_sample if fast else reference_batch_sample
+        return batch_sample(ae, model.head.sample(h, num_samples, generator), temperature, generator)
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
-    def make_draw(row: torch.Tensor) -> Callable[[], tuple[int, ...]]:
-        buffer: list[tuple[int, ...]] = []
+    def make_draw(row: torch.Tensor) -> Callable[[], Hashable]:
+        buffer: list[Hashable] = []
 
-        def draw() -> tuple[int, ...]:
+        def draw() -> Hashable:
             if not buffer:  # draw head samples 64 at a time; each is an independent sample
-                ids = ae.decode_ids(model.head.sample(row, 64, generator))[:, 0]
-                buffer.extend(tuple(x) for x in ids.tolist())
+                z = model.head.sample(row, 64, generator)[:, 0]  # (64, l)
+                if fast:  # tokens decoded only as far as comparisons need them
+                    lazy = LazyChunks(ae, z)
+                    buffer.extend(lazy.chunk(i) for i in range(z.shape[0]))
+                else:
+                    buffer.extend(tuple(x) for x in decode_ids(z).tolist())
             return buffer.pop()
 
         return draw
@@ -86,6 +97,7 @@ def sample_chunks(
         draw = make_draw(h[b : b + 1])
 
         chunk, _ = exact_temperature_sample(draw, temperature, max_attempts=max_attempts, on_exhausted="fallback")
+        chunk = chunk.tokens() if isinstance(chunk, LazyChunk) else chunk
         rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
     return torch.stack(rows)
 
@@ -104,6 +116,7 @@ def generate(
     use_cache: bool = True,
     on_chunk: Callable[[int, list[int]], None] | None = None,
     stop_ids: Collection[int] | None = None,
+    fast: bool = True,
 ) -> list[list[int]]:
     """Continue ``prompt`` (B, T), T a multiple of K, by up to ``max_new_tokens`` tokens per row.
 
@@ -111,6 +124,8 @@ def generate(
     ``stop_ids`` (e.g. BOS and EOS: the end of a document); that token and the rest of its chunk
     are excluded. ``on_chunk(row, tokens)`` is called as each chunk is decoded, for streaming.
     ``use_cache=False`` recomputes the whole prefix each step (for testing cache equivalence).
+    ``fast=False`` is the reference path of :func:`sample_chunks` (same samples, every candidate
+    decoded).
     """
     return _generate(
         model,
@@ -123,6 +138,7 @@ def generate(
         generator=generator,
         use_cache=use_cache,
         on_chunk=on_chunk,
+        fast=fast,
     )[0]
 
 
@@ -142,6 +158,7 @@ def _generate(
     generator: torch.Generator | None,
     use_cache: bool,
     on_chunk: Callable[[int, list[int]], None] | None,
+    fast: bool = True,
 ) -> tuple[list[list[int]], list[bool]]:
     """``generate``, also returning per row whether it ended at a stop token (else at the length)."""
     _check_temperature(temperature, num_samples)
@@ -165,7 +182,7 @@ def _generate(
     stopped = [False] * B
     for step in range(steps):
         nxt = sample_chunks(
-            model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator
+            model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator, fast=fast
         )
         for b, row in enumerate(nxt.tolist()):
             if done[b]:

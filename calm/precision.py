@@ -62,16 +62,18 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def _matmul_gflops(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm-up: kernel selection, allocation
-    times = []
+def _matmul_gflops(dtypes: tuple[torch.dtype, ...], size: int, repeats: int = 5) -> list[float]:
+    """GFLOP/s of a size² matmul per dtype: repetitions interleaved, best of each (robust to load)."""
+    pairs = [(torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)) for dt in dtypes]
+    for a, b in pairs:
+        torch.mm(a, b)  # warm-up: kernel selection, allocation
+    best = [float("inf")] * len(dtypes)
     for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / sorted(times)[len(times) // 2] / 1e9
+        for i, (a, b) in enumerate(pairs):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [2 * size**3 / t / 1e9 for t in best]
 
 
 @functools.cache
@@ -79,12 +81,32 @@ def cpu_probe() -> Probe:
     """Time fp32 against bf16 matmuls on this CPU, once per process (a few ms to ~0.1 s).
 
     bf16 is timed only where oneDNN reports native kernels: emulated bf16 runs at ~1 GFLOP/s, and
-    the probe itself would then take seconds. Uses the current ``torch.get_num_threads()``.
+    the probe itself would then take seconds. Repetitions alternate between the two dtypes and the
+    best time of each counts, so a burst of load from other processes does not decide the outcome.
+    Uses the current ``torch.get_num_threads()``.
     """
     native = cpu_has_native_bf16()
-    fp32 = _matmul_gflops(torch.float32, PROBE_SIZE)
-    bf16 = _matmul_gflops(torch.bfloat16, PROBE_SIZE) if native else None
-    return Probe(native_bf16=native, fp32_gflops=fp32, bf16_gflops=bf16)
+    if not native:
+        return Probe(native_bf16=False, fp32_gflops=_matmul_gflops((torch.float32,), PROBE_SIZE)[0], bf16_gflops=None)
+    fp32, bf16 = _matmul_gflops((torch.float32, torch.bfloat16), PROBE_SIZE)
+    return Probe(native_bf16=True, fp32_gflops=fp32, bf16_gflops=bf16)
+
+
+def int8_matmul_available(device: torch.device | str) -> bool:
+    """Whether ``torch._int_mm`` (int8 × int8 → int32, exact) runs on ``device``: the decoder's int8
+    vocabulary screen (``calm.models.vocab_search``) needs it. CPU only, checked once per process."""
+    return torch.device(device).type == "cpu" and _cpu_int_mm_works()
+
+
+@functools.cache
+def _cpu_int_mm_works() -> bool:
+    if not hasattr(torch, "_int_mm"):
+        return False
+    try:
+        torch._int_mm(torch.ones(4, 8, dtype=torch.int8), torch.ones(8, 4, dtype=torch.int8))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _device(device: torch.device | str | None) -> torch.device:

@@ -3,9 +3,9 @@
 Reads what the pipeline left in a run directory: ``{autoencoder,calm,gpt}/metrics.jsonl`` (training
 and validation records), ``run_config.json`` (configs), ``eval_{calm,gpt}.json`` (BrierLM on the
 evaluation set), ``autoencoder_eval.json`` and ``samples.json``. Writes ``report.md`` and PNG
-plots: training curves, and BrierLM against training FLOPs and against inference FLOPs per token
-(the paper's Table 1 / Fig. 5 axes). matplotlib is an optional extra; without it the report is
-written without plots and says so.
+plots: training curves, BrierLM against training FLOPs and against inference FLOPs per token
+(the paper's Table 1 / Fig. 5 axes), and CALM's head diagnostics (``calm.diagnostics``). matplotlib
+is an optional extra; without it the report is written without plots and says so.
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     fig.savefig(run / "brierlm_vs_flops.png", dpi=110)
     plt.close(fig)
     made.append("brierlm_vs_flops.png")
+    if _diagnostics_plot(run, lm["calm"], plt):
+        made.append("head_diagnostics.png")
     return made
 
 
@@ -177,6 +179,75 @@ def _precision_lines(run: Path) -> list[str]:
         "whatever the training precision, so curves compare across precisions.",
         "",
     ]
+
+
+def _diagnostics_plot(run: Path, records: list[dict[str, Any]], plt: Any) -> bool:
+    """CALM's head diagnostics (``calm.diagnostics``) at each validation, against training FLOPs."""
+    val = [r for r in records if r.get("split") == "val" and "cond_gap" in r]
+    flops = _model_flops(run / "calm")
+    if not val or not flops:
+        return False
+    x = [flops["train_flops_per_token"] * r["tokens"] for r in val]
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4))
+    axes[0].errorbar(x, [r["cond_gap"] for r in val], yerr=[r["cond_gap_se"] for r in val], fmt="o-", capsize=3)
+    axes[0].axhline(0.0, color="gray", lw=0.8)
+    axes[0].set(ylabel="energy score: own h − shuffled h", title="Conditioning gap (> 0: head uses context)")
+    axes[3].plot(x, [100 * r["gap_closed"] for r in val], "o-")
+    axes[3].axhline(0.0, color="gray", lw=0.8)
+    axes[3].set(ylabel="% of (marginal − noise floor)", title="Achievable gap closed (0: best context-free)")
+    axes[1].plot(x, [r["diag_energy_loss"] for r in val], "o-", label="energy loss (own h)")
+    axes[1].plot(x, [r["diag_energy_loss_shuffled"] for r in val], "s--", label="energy loss (shuffled h)")
+    axes[1].plot(x, [r["marginal_distance"] for r in val], ":", color="gray", label="marginal (best context-free)")
+    axes[1].plot(x, [r["noise_floor"] for r in val], "-.", color="gray", label="noise floor")
+    axes[1].set(ylabel="latent distance^α", title="Loss between its bounds")
+    for key, style, label in (
+        ("first_token_acc_point", "o-", "first token, mean of 32 samples"),
+        ("first_token_acc_sample", "s--", "first token, one sample"),
+        ("chunk_acc_point", "^-", "whole chunk, mean of 32 samples"),
+    ):
+        axes[2].plot(x, [100 * r[key] for r in val], style, label=label)
+    axes[2].set(ylabel="accuracy (%)", title="Teacher-forced next-chunk accuracy")
+    for ax in axes:
+        ax.set(xscale="log", xlabel="training FLOPs")
+        ax.grid(alpha=0.3)
+    for ax in axes[1:3]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run / "head_diagnostics.png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _diagnostics_lines(run: Path, evaluation: dict[str, Any] | None) -> list[str]:
+    """Markdown for CALM's head diagnostics: the last validation record and the evaluation set."""
+    val = [r for r in read_metrics(run / "calm" / "metrics.jsonl") if r.get("split") == "val" and "cond_gap" in r]
+    sources = [("validation (end of training)", val[-1] if val else None)]
+    sources.append(("evaluation set", (evaluation or {}).get("head_diagnostics")))
+    rows = [(name, d) for name, d in sources if d]
+    if not rows:
+        return []
+    lines = [
+        "## Does CALM's head use its context?",
+        "",
+        "| data | conditioning gap ± SE | energy loss | noise floor | marginal | gap closed "
+        "| first-token acc (mean of 32 / one sample) | chunk acc (mean / one) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in rows:
+        lines.append(
+            f"| {name} | {d['cond_gap']:.3f} ± {d['cond_gap_se']:.3f} | {d['diag_energy_loss']:.3f} "
+            f"| {d['noise_floor']:.3f} | {d['marginal_distance']:.3f} | {d['gap_closed']:.2%} "
+            f"| {d['first_token_acc_point']:.2%} / {d['first_token_acc_sample']:.2%} "
+            f"| {d['chunk_acc_point']:.2%} / {d['chunk_acc_sample']:.2%} |"
+        )
+    lines += [
+        "",
+        "Conditioning gap: energy score with each position's own hidden state minus with hidden states shuffled "
+        "across positions (same targets and noise; 0 = the head ignores its context). Gap closed: (marginal − loss) / "
+        "(marginal − noise floor), 0 for the best context-free head, 1 at the noise floor. See `calm/diagnostics.py`.",
+        "",
+    ]
+    return lines
 
 
 def write_report(run: str | Path) -> Path:
@@ -234,6 +305,8 @@ def write_report(run: str | Path) -> Path:
             "",
         ]
     lines += _precision_lines(run)
+
+    lines += _diagnostics_lines(run, evals.get("calm"))
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     if not plots:

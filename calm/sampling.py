@@ -119,13 +119,15 @@ def exact_temperature_sample(
     if on_exhausted not in ("raise", "fallback"):
         raise ValueError(f"on_exhausted must be 'raise' or 'fallback'; got {on_exhausted!r}")
     rng = random.Random() if rng is None else rng
-    seen: Counter[Hashable] | None = Counter() if on_exhausted == "fallback" else None
+    # the draws, counted only if the budget runs out: hashing a draw can cost more than comparing two
+    # (calm.lazy_decode decodes a chunk's tokens only as far as a comparison needs them)
+    seen: list[Hashable] | None = [] if on_exhausted == "fallback" else None
     num_draws = 0
 
     def exhausted() -> tuple[Hashable, int]:
         if seen is None:
             raise SamplingBudgetExceeded(num_draws, temperature)
-        return seen.most_common(1)[0][0], num_draws
+        return Counter(seen).most_common(1)[0][0], num_draws  # Counter keeps first-seen order on ties
 
     while True:
         # Stage 1: n i.i.d. draws that must all agree.
@@ -137,7 +139,7 @@ def exact_temperature_sample(
             x = draw()
             num_draws += 1
             if seen is not None:
-                seen[x] += 1
+                seen.append(x)
             if k == 0:
                 candidate = x
             elif x != candidate:
@@ -156,7 +158,7 @@ def exact_temperature_sample(
             x = draw()
             num_draws += 1
             if seen is not None:
-                seen[x] += 1
+                seen.append(x)
             if x == candidate:
                 return candidate, num_draws
             if rng.random() < alpha / step:

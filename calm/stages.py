@@ -7,7 +7,8 @@
 - ``GPTStage``: blocks of ``block_size`` tokens, next-token cross-entropy (§6).
 
 A stage owns its data view, model and loss; the loop in ``train.py`` owns everything else.
-Validation BrierLM is logged by CALM and GPT alike so that their curves compare (§4).
+Validation BrierLM is logged by CALM and GPT alike so that their curves compare (§4); CALM also logs
+the head diagnostics of ``calm.diagnostics`` (conditioning gap, reference distances, accuracies).
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ class _BlockStage:
         return torch.from_numpy(np.asarray(self.blocks[np.sort(indices)], dtype=np.int64)).to(device)
 
 
+DIAGNOSTIC_POSITIONS = 1024
+"""Validation positions the head diagnostics use at each CALM evaluation (a few seconds on a CPU)."""
+
+
 class CALMStage(_BlockStage):
     kind = "calm"
 
@@ -177,6 +182,7 @@ class CALMStage(_BlockStage):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         from calm.brier_eval import calm_block_brier
+        from calm.diagnostics import head_diagnostics
 
         model.eval()
         gen = torch.Generator(device="cpu").manual_seed(1234)
@@ -186,8 +192,10 @@ class CALMStage(_BlockStage):
             loss, _ = model(block)
             losses.append(float(loss))
             results.append(calm_block_brier(model, block, generator=gen))
+        # does the head use its context? (issue 10; calm/diagnostics.py) on a fixed subset of positions
+        diagnostics = head_diagnostics(model, self.val_blocks, max_positions=DIAGNOSTIC_POSITIONS, seed=1234)
         model.train()
-        return {"energy_loss": float(np.mean(losses)), **_merge_brier(results)}
+        return {"energy_loss": float(np.mean(losses)), **_merge_brier(results), **diagnostics.as_dict()}
 
     def checkpoint_config(self) -> dict[str, Any]:
         return {

@@ -36,8 +36,6 @@ from calm.data import BatchSampler
 from calm.jsonio import to_json
 from calm.precision import autocast, describe, resolve_precision
 
-autocast_context = autocast  # the name calm.bench imports
-
 
 class Stage(Protocol):
     kind: str

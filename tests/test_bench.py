@@ -32,6 +32,7 @@ def test_bench_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert _positive(tiny[key]), key
     assert _positive(tiny["calm_t_half_tok_s"]) and _positive(tiny["gpt_t_half_tok_s"])
     assert tiny["greedy_ratio"] == pytest.approx(tiny["calm_greedy_tok_s"] / tiny["gpt_greedy_tok_s"])
+    assert _positive(tiny["greedy_ratio_paired"]) and _positive(tiny["t_half_ratio_paired"])
     assert tiny["setup"]["vocab_size"] == 4096 and tiny["setup"]["new_tokens"] == 16
     profile = tiny["profile"]
     assert set(profile) == {"calm_greedy", "calm_t_half", "gpt_greedy", "gpt_t_half"}
@@ -42,21 +43,32 @@ def test_bench_generate_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(profile["gpt_greedy"]["ms_per_token"]) == {"backbone", "lm_head", "sampler_other"}
     assert profile["gpt_greedy"]["tokens"] == 16
     assert 1 <= tiny["distinct_of_n_candidates"] <= 8
+    assert tiny["output_check"]["greedy_same_samples"] is True and tiny["output_check"]["t_half_same_samples"] is True
+    assert tiny["precision"]["dtype"] == "float32" and isinstance(tiny["precision"]["bf16_native"], bool)
+    assert calm["detail"]["vocab_argmax_rows_per_step"] > 0
     # the tiny GPT streams its blocks and 4k LM head per token; CALM its whole step per 4 tokens
     assert tiny["weight_bytes_per_token"]["gpt"] > tiny["weight_bytes_per_token"]["calm"] > 0
 
 
-def test_bench_train_json(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("bf16_fast", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_bench_train_json(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, bf16_fast: bool) -> None:
+    from calm import precision
+
+    probe = precision.Probe(native_bf16=bf16_fast, fp32_gflops=50.0, bf16_gflops=200.0 if bf16_fast else None)
+    monkeypatch.setattr(precision, "cpu_probe", lambda: probe)
     argv = ["bench", "train", "--sizes", "tiny", "--steps", "1", "--context", "16", "--batch-tokens", "128"]
     argv += ["--peak-size", "256", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert _positive(result["peak_flops"]["fp32"]) and _positive(result["peak_flops"]["bf16"])
+    timed = {"fp32", "bf16"} if bf16_fast else {"fp32"}  # emulated bf16 is not timed by default
+    assert set(result["peak_flops"]) == timed and all(_positive(v) for v in result["peak_flops"].values())
+    assert result["precision_auto"] == ("bf16" if bf16_fast else "fp32")
+    assert result["precision_probe"]["native_bf16"] == bf16_fast
     for kind in ("calm", "gpt"):
         entry = result["tiny"][kind]
         assert _positive(entry["tokens_per_s"]) and _positive(entry["mfu"])
-        assert entry["precision"] in ("fp32", "bf16")
-        assert set(entry["by_precision"]) == {"fp32", "bf16"}
+        assert entry["precision"] in timed
+        assert set(entry["by_precision"]) == timed
     assert result["tiny"]["calm"]["block_tokens"] == 64 and result["tiny"]["gpt"]["block_tokens"] == 16
 
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from calm.config import AutoencoderConfig
 from calm.models.layers import RMSNorm, SwiGLU, init_weights
-from calm.precision import bf16_is_fast
+from calm.models.vocab_search import Int8Screen
+from calm.precision import bf16_is_fast, int8_matmul_available
 
 
 class AELayer(nn.Module):
@@ -61,6 +62,10 @@ def kl_term(mu: torch.Tensor, log_std: torch.Tensor, config: AutoencoderConfig) 
         return mu.new_zeros(())
     return clipped_kl(mu, log_std, config.kl_clamp if config.kl_mode == "clipped" else None).mean()
 
+
+INT8_SCREEN_MIN_VOCAB = 2**15
+"""``Autoencoder.decode_ids`` uses the int8 screen (``calm.models.vocab_search``) from this vocabulary size
+on (the paper's 128k); below it the vocabulary product is cheap and runs as before."""
 
 SCREEN_MIN_LOGITS = 2**24
 """``vocab_argmax`` screens in bf16 from this many logits on: e.g. the 200 candidates × 4 tokens
@@ -134,6 +139,7 @@ class Autoencoder(nn.Module):
         self.dec_token_layers = _stack(config, config.num_decoder_layers // 2)
         self.dec_norm = RMSNorm(d, config.rms_norm_eps)
         init_weights(self, config.init_std)
+        self._screen: Int8Screen | None = None
 
     @property
     def chunk_size(self) -> int:
@@ -165,8 +171,33 @@ class Autoencoder(nn.Module):
     def decode_ids(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., l) -> argmax token ids (..., K): ``decode(z).argmax(-1)``, computed faster."""
         h = self.decode_hidden(z)
-        ids = vocab_argmax(h.reshape(-1, h.shape[-1]), self.embed_tokens.weight)
-        return ids.view(h.shape[:-1])
+        return self.vocab_argmax(h.reshape(-1, h.shape[-1])).view(h.shape[:-1])
+
+    @torch.no_grad()
+    def vocab_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (M, d) -> (M,) argmax ids of their logits against the tied embedding.
+
+        Exact (the reference matmul's argmax, lowest id on a tie); through the certified int8 screen
+        where :meth:`vocab_screen` has one, else through :func:`vocab_argmax`.
+        """
+        screen = self.vocab_screen()
+        if screen is not None:
+            return screen.argmax(hidden)
+        return vocab_argmax(hidden, self.embed_tokens.weight)
+
+    def vocab_screen(self) -> Int8Screen | None:
+        """The int8 screen of the embedding table (built once, rebuilt when the table changes), or None.
+
+        None when the vocabulary is small (under ``INT8_SCREEN_MIN_VOCAB``), the table is not on a CPU
+        with int8 matmuls, or the module is training.
+        """
+        weight = self.embed_tokens.weight
+        if self.training or weight.shape[0] < INT8_SCREEN_MIN_VOCAB or not int8_matmul_available(weight.device):
+            self._screen = None
+            return None
+        if self._screen is None or not self._screen.is_current(weight):
+            self._screen = Int8Screen(weight.detach())
+        return self._screen
 
     def sample_posterior(
         self, mu: torch.Tensor, log_std: torch.Tensor, generator: torch.Generator | None = None
