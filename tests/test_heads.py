@@ -353,3 +353,18 @@ def test_training_stage_runs_each_head_and_input_end_to_end(tiny_data_dir, tmp_p
         model, _, config = load_model(tmp_path / head, kind="calm")
         assert (type(model.head), model.config.input) == ({"flow": FlowHead, "diffusion": DiffusionHead}[head], input)
         assert config["autoencoder"]["kl_mode"] == "plain"
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_head_diagnostics_work_for_flow_and_diffusion_with_common_random_numbers(head):
+    """``calm.diagnostics`` on any head: a head that ignores h has exactly zero conditioning gap."""
+    from calm.diagnostics import head_diagnostics
+
+    model = tiny_calm(head)
+    blocks = torch.randint(0, VOCAB, (3, 64), generator=torch.Generator().manual_seed(0))
+    uses = head_diagnostics(model, blocks, max_positions=40, num_point_samples=4)
+    assert uses.cond_gap != 0.0 and uses.diag_positions == 40
+    assert uses == head_diagnostics(model, blocks, max_positions=40, num_point_samples=4)  # deterministic
+    torch.nn.init.zeros_(model.head.hidden_embd.weight)  # c no longer depends on h
+    ignores = head_diagnostics(model, blocks, max_positions=40, num_point_samples=4)
+    assert ignores.cond_gap == 0.0 and ignores.noise_floor == uses.noise_floor

@@ -38,7 +38,9 @@ zero-initialised output layer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -344,3 +346,23 @@ def set_sampling_steps(config: CALMConfig, steps: int) -> None:
     key = f"{config.head}_steps"
     dataclasses.replace(config, **{key: steps}).validate()
     setattr(config, key, steps)
+
+
+def noise_driven_sampler(head: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``f(h (..., d), noise (..., n)) -> latent (..., l)``, one sample per row, fixed by ``noise``.
+
+    For callers that need common random numbers across heads (``calm.diagnostics``: the same noise
+    with a context's own and a shuffled hidden state). The energy head is such a function already
+    (its forward). Flow and diffusion draw Gaussians inside their samplers, so for them the noise
+    tensor's bytes seed a generator for ``sample``: equal noise (and shapes) gives exactly the same
+    draws, different noise independent ones.
+    """
+    if isinstance(head, EnergyHead):
+        return head
+
+    def sample(h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        digest = hashlib.sha256(noise.detach().float().cpu().numpy().tobytes()).digest()
+        generator = torch.Generator(device=h.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return head.sample(h, 1, generator)[0]
+
+    return sample
