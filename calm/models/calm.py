@@ -27,8 +27,10 @@ from torch import nn
 
 from calm.config import CALMConfig
 from calm.models.autoencoder import Autoencoder
-from calm.models.heads import build_head
+from calm.models.heads import EnergyHead, MLPBlock, build_head
 from calm.models.layers import Backbone, KVCache, init_weights
+
+__all__ = ["CALM", "EnergyHead", "MLPBlock"]  # the head classes lived here before heads.py; kept importable
 
 
 class CALM(nn.Module):
