@@ -349,7 +349,8 @@ def test_training_stage_runs_each_head_and_input_end_to_end(tiny_data_dir, tmp_p
         records = [json.loads(x) for x in (tmp_path / head / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if r["split"] == "train"]
         assert f"{head}_loss" in train[-1] and math.isfinite(train[-1]["loss"])
-        assert any("brierlm" in r for r in records if r["split"] == "val")
+        val = [r for r in records if r["split"] == "val"]
+        assert any("brierlm" in r for r in val) and all(f"{head}_loss" in r and "energy_loss" not in r for r in val)
         model, _, config = load_model(tmp_path / head, kind="calm")
         assert (type(model.head), model.config.input) == ({"flow": FlowHead, "diffusion": DiffusionHead}[head], input)
         assert config["autoencoder"]["kl_mode"] == "plain"
