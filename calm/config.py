@@ -154,7 +154,7 @@ class CALMConfig(TransformerConfig):
     noise_size: int = 64
     """Dimension of the uniform noise fed to the energy head."""
     num_head_blocks: int | None = None
-    """MLP blocks in the energy head; None means num_layers // 4 (the paper's rule)."""
+    """MLP blocks in the head (energy, flow or diffusion); None means num_layers // 4 (the paper's rule)."""
     num_samples: int = 8
     """N: head samples per position for the energy loss."""
     num_target_samples: int = 100
