@@ -339,8 +339,11 @@ def evaluate_checkpoint(
     device: torch.device | str | None = None,
     precision: str = "auto",
     diagnostic_positions: int = 2048,
+    head_steps: int | None = None,
 ) -> dict[str, Any]:
     """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir.
+
+    ``head_steps`` sets a flow / diffusion head's sampling steps (``calm.models.heads.set_sampling_steps``).
 
     ``max_tokens`` evaluates only the blocks within the first that many tokens of the text, so
     models with different block lengths are scored on the same text. ``precision`` (auto | fp32 |
@@ -374,6 +377,12 @@ def evaluate_checkpoint(
         kind = config["kind"]
         if kind == "autoencoder":
             raise ValueError(f"{checkpoint} is an autoencoder; use `calm eval-ae` for reconstruction accuracy")
+        if head_steps is not None:
+            if kind != "calm":
+                raise ValueError(f"head_steps applies to CALM checkpoints with a flow or diffusion head, not {kind}")
+            from calm.models.heads import set_sampling_steps
+
+            set_sampling_steps(model.config, head_steps)
         docs = load_eval_documents(data, tok)
         K = model.chunk_size if kind == "calm" else 1
         max_len = model.config.max_seq_len
@@ -406,6 +415,7 @@ def evaluate_checkpoint(
             "seed": seed,
             "precision": precision,
             "context": context,
+            **({"head": model.config.head, "head_steps": head_steps} if head_steps is not None else {}),
             "blocks": int(len(blocks)),
             "tokens": int(blocks.size),
         }

@@ -154,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok, config = load_model(args.checkpoint)
     if config["kind"] == "autoencoder":
         raise ConfigError(f"{args.checkpoint} is an autoencoder; pass a CALM (or GPT) checkpoint to generate")
+    _set_head_steps(model, config, args.head_steps)
     if not (0.0 < args.temperature <= 1.0):
         raise ConfigError(f"--temperature must be in (0, 1], got {args.temperature}")
     if args.num_samples < 1:
@@ -182,6 +183,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_head_steps(model: Any, config: dict[str, Any], steps: int | None) -> None:
+    """``--head-steps``: the flow / diffusion head's sampling steps for this run (CALM-SPEC §8.6)."""
+    if steps is None:
+        return
+    if config["kind"] != "calm":
+        raise ConfigError(
+            f"--head-steps applies to CALM checkpoints with a flow or diffusion head, not {config['kind']}"
+        )
+    from calm.models.heads import set_sampling_steps
+
+    set_sampling_steps(model.config, steps)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from calm.brier_eval import evaluate_checkpoint
 
@@ -198,6 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         precision=args.precision,
         diagnostic_positions=args.diagnostic_positions,
+        head_steps=args.head_steps,
     )
 
     def pm(key: str) -> str:  # "value ± SE"; an undefined SE (None, reason in result["undefined"]) prints as n/a
@@ -244,11 +259,15 @@ def cmd_flops(args: argparse.Namespace) -> int:
     from calm.flops import calm_flops, format_flops, gpt_flops
 
     overrides = {"model.vocab_size": args.vocab_size} if args.vocab_size else {}
+    model_overrides = dict(parse_override(text) for text in args.set or [])
+    if any(not key.startswith("model.") for key in model_overrides):
+        raise ConfigError(f"calm flops --set takes model.KEY=VALUE only, got {sorted(model_overrides)}")
     if args.model == "gpt":
-        cfg = load_preset("gpt", args.preset, overrides).model
+        cfg = load_preset("gpt", args.preset, {**model_overrides, **overrides}).model
         result = gpt_flops(cfg, context=args.context or cfg.max_seq_len)
     else:
-        cfg = load_preset("calm", args.preset, overrides).model
+        cfg = load_preset("calm", args.preset, {**model_overrides, **overrides}).model
+        cfg.validate()
         ae = load_preset("autoencoder", args.autoencoder_preset, overrides).model
         cfg.chunk_size, cfg.latent_size = ae.chunk_size, ae.latent_size
         result = calm_flops(cfg, ae, context=args.context or cfg.max_seq_len, num_samples_inference=args.num_samples)
@@ -421,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--quiet", action="store_true", help="print only the final text")
     p.add_argument(
+        "--head-steps",
+        type=int,
+        help="sampling steps of a flow (midpoint steps) or diffusion (respaced steps) head; default: its config's",
+    )
+    p.add_argument(
         "--no-stop-at-document-end",
         action="store_true",
         help="keep generating after the model ends the document (BOS/EOS); special tokens are never printed",
@@ -452,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--diagnostic-positions", type=int, default=2048, help="CALM head diagnostics on N positions (0: skip)"
     )
+    p.add_argument(
+        "--head-steps",
+        type=int,
+        help="sampling steps of a flow (midpoint steps) or diffusion (respaced steps) head; default: its config's",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -470,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, help="context in steps (default: the preset's max_seq_len)")
     p.add_argument("--vocab-size", type=int, help="default: the preset's (128,257, Llama-3 + PAD)")
     p.add_argument("--num-samples", type=int, default=1, help="head samples per step at inference")
+    p.add_argument(
+        "--set", action="append", metavar="model.KEY=VALUE", help="override, e.g. model.head=flow or model.input=both"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_flops)
 

@@ -31,6 +31,26 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+CALM_HEADS: tuple[str, ...] = ("energy", "flow", "diffusion")
+CALM_INPUTS: tuple[str, ...] = ("discrete", "continuous", "both")
+KL_MODES: tuple[str, ...] = ("off", "plain", "clipped")
+
+
+def latent_ablation_overrides(latent_size: int) -> dict[str, Any]:
+    """``--set`` overrides of the paper's latent-size ablation (Fig. 7, CALM-SPEC §8.3) for one AE latent size.
+
+    The paper trains l ∈ {32, 64, 128, 256} with both dropouts (DropToken, DropLatent) scaled to
+    0.05 / 0.10 / 0.15 / 0.20, i.e. p = 0.05·log2(l/16); other sizes follow the same rule. Raises
+    ConfigError where the rule gives no valid rate (l <= 16 or l >= 2^20·16).
+    """
+    _require(
+        isinstance(latent_size, int) and latent_size > 16, f"latent_size must be an integer > 16, got {latent_size}"
+    )
+    p = round(0.05 * math.log2(latent_size / 16), 6)
+    _require(p < 1.0, f"latent_size={latent_size} gives a dropout of {p} >= 1 under the paper's scaling rule")
+    return {"model.latent_size": latent_size, "model.token_dropout": p, "model.latent_dropout": p}
+
+
 @dataclass
 class AutoencoderConfig:
     """The context-free chunk autoencoder (CALM-SPEC §2.1)."""
@@ -44,10 +64,12 @@ class AutoencoderConfig:
     chunk_size: int = 4
     """K: tokens packed into one latent vector."""
     rms_norm_eps: float = 1e-6
+    kl_mode: str = "clipped"
+    """off | plain | clipped: no KL term, β·Σ_j KL_j, or β·Σ_j max(λ_KL, KL_j) (CALM-SPEC §2.2, §8.3 Table 2)."""
     kl_weight: float = 1e-3
-    """β of the clipped KL term."""
+    """β of the KL term (paper Fig. 6: 1e-3)."""
     kl_clamp: float = 0.5
-    """λ_KL: each latent dimension's KL is clamped from below at this value."""
+    """λ_KL: with kl_mode clipped, each latent dimension's KL is clamped from below at this value."""
     token_dropout: float = 0.15
     """DropToken: probability that an input id is replaced by ``drop_token_id`` in training."""
     latent_dropout: float = 0.15
@@ -67,6 +89,9 @@ class AutoencoderConfig:
         for name in ("token_dropout", "latent_dropout"):
             p = getattr(self, name)
             _require(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
+        _require(self.kl_mode in KL_MODES, f"kl_mode={self.kl_mode!r} is unknown; choose one of {', '.join(KL_MODES)}")
+        _require(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
+        _require(self.kl_clamp >= 0, f"kl_clamp must be >= 0, got {self.kl_clamp}")
         _require(
             0 <= self.drop_token_id < self.vocab_size,
             f"drop_token_id={self.drop_token_id} is outside the vocabulary of {self.vocab_size}",
@@ -129,13 +154,24 @@ class CALMConfig(TransformerConfig):
     noise_size: int = 64
     """Dimension of the uniform noise fed to the energy head."""
     num_head_blocks: int | None = None
-    """MLP blocks in the energy head; None means num_layers // 4 (the paper's rule)."""
+    """MLP blocks in the head (energy, flow or diffusion); None means num_layers // 4 (the paper's rule)."""
     num_samples: int = 8
     """N: head samples per position for the energy loss."""
     num_target_samples: int = 100
     """M: posterior samples per position for the energy loss."""
     energy_alpha: float = 1.0
     """Exponent of the distances in the energy score; strictly proper for 0 < alpha < 2."""
+    head: str = "energy"
+    """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
+    flow_steps: int = 4
+    """Flow head: midpoint steps per sample (2 head passes each); read at sampling time."""
+    diffusion_steps: int = 100
+    """Diffusion head: respaced sampling steps (1 head pass each); read at sampling time."""
+    diffusion_train_steps: int = 1000
+    """Diffusion head: steps of the cosine noise schedule it is trained on."""
+    input: str = "discrete"
+    """discrete | continuous | both: backbone input from the previous chunk's tokens (embed + MLP), its
+    posterior mean latent (Linear), or the sum (CALM-SPEC §3.2, §8.5 Table 5)."""
 
     @property
     def head_blocks(self) -> int:
@@ -155,6 +191,16 @@ class CALMConfig(TransformerConfig):
             0.0 < self.energy_alpha < 2.0,
             f"energy_alpha={self.energy_alpha}: the energy score is strictly proper only for 0 < alpha < 2",
         )
+        _require(self.head in CALM_HEADS, f"head={self.head!r} is unknown; choose one of {', '.join(CALM_HEADS)}")
+        _require(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
+        _require(
+            self.diffusion_train_steps >= 2, f"diffusion_train_steps must be >= 2, got {self.diffusion_train_steps}"
+        )
+        _require(
+            1 <= self.diffusion_steps <= self.diffusion_train_steps,
+            f"diffusion_steps={self.diffusion_steps} must be in 1..diffusion_train_steps={self.diffusion_train_steps}",
+        )
+        _require(self.input in CALM_INPUTS, f"input={self.input!r} is unknown; choose one of {', '.join(CALM_INPUTS)}")
 
 
 @dataclass

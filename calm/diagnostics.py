@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from calm.losses import energy_score
+from calm.models.heads import noise_driven_sampler
 
 __all__ = ["HeadDiagnostics", "diagnose_head", "head_diagnostics"]
 
@@ -261,7 +262,7 @@ def head_diagnostics(
         mu, log_std = model.target_posterior(target_ids)
         c = model.config
         return diagnose_head(
-            model.head,
+            noise_driven_sampler(model.head),  # any head (CALM-SPEC §3.6): flow and diffusion too
             model.autoencoder.decode_ids,
             torch.cat(hidden),
             target_ids,

@@ -15,8 +15,9 @@ cost nothing. The conventions follow Table 1 (inferred, CALM-SPEC §7):
 * Transformer, per token: inference = 2·(non-embedding matmul params + lm_head) + attention;
   training = 3 × inference.
 * CALM produces K = ``chunk_size`` tokens per backbone step, so per token:
-  inference = [2·(backbone + embed_proj) + attention + S·(2·head + AE decoder)] / K, where
-  S = ``num_samples_inference`` (1 in Table 1).
+  inference = [2·(backbone + embed_proj) + attention + S·(passes·2·head + AE decoder)] / K, where
+  S = ``num_samples_inference`` (1 in Table 1) and passes = head passes per sample (energy 1, flow
+  2·flow_steps, diffusion diffusion_steps; ``head_passes_per_sample``).
   training = [3·(2·(backbone + embed_proj) + attention + N·2·head) + AE encoder] / K, where
   N = ``config.num_samples`` (8).
 
@@ -105,6 +106,54 @@ def energy_head_params(config: CALMConfig) -> tuple[int, int]:
     return matmul + other, matmul
 
 
+def conditional_head_params(config: CALMConfig) -> tuple[int, int]:
+    """(all params, matmul weights) of the flow / diffusion network (``calm.models.heads``, CALM-SPEC §3.6).
+
+    latent_embd Linear(latent→d), hidden_embd Linear(d→d)+LN, time MLP Linear(256→d), Linear(d→d),
+    then the energy head's ``head_blocks`` MLP blocks and output layers.
+    """
+    d, latent, time_dim = config.hidden_size, config.latent_size, 256
+    block_matmul = 2 * d * d + d * d + d * 2 * d + d * d
+    matmul = latent * d + d * d + time_dim * d + d * d + config.head_blocks * block_matmul + d * d + d * latent
+    block_other = 2 * d + (d + d + 2 * d + d)
+    other = d + (d + 2 * d) + d + d + config.head_blocks * block_other + (2 * d + d + latent)
+    return matmul + other, matmul
+
+
+def head_params(config: CALMConfig) -> tuple[int, int]:
+    """(all params, matmul weights) of the head ``config.head`` names."""
+    return energy_head_params(config) if config.head == "energy" else conditional_head_params(config)
+
+
+def head_passes_per_sample(config: CALMConfig) -> int:
+    """Head forward passes one *sample* costs at inference (CALM-SPEC §8.6).
+
+    energy: 1; flow: 2 per midpoint step (``flow_steps``); diffusion: 1 per respaced step
+    (``diffusion_steps``). Training runs one pass per replica for every head (N = ``num_samples``).
+    """
+    if config.head == "energy":
+        return 1
+    if config.head == "flow":
+        return 2 * config.flow_steps
+    if config.head == "diffusion":
+        return config.diffusion_steps
+    raise ValueError(f"unknown head {config.head!r}; choose energy, flow or diffusion")
+
+
+def input_params(config: CALMConfig) -> tuple[int, int]:
+    """(all params, matmul weights) of the backbone input of ``config.input`` (CALM-SPEC §3.2, §8.5).
+
+    discrete: embed_proj; continuous: Linear(latent→d) with bias; both: the two.
+    """
+    total = matmul = 0
+    if config.input in ("discrete", "both"):
+        total, matmul = embed_proj_params(config)
+    if config.input in ("continuous", "both"):
+        linear = config.latent_size * config.hidden_size
+        total, matmul = total + linear + config.hidden_size, matmul + linear
+    return total, matmul
+
+
 # --------------------------------------------------------------------------------------------
 # autoencoder
 
@@ -186,12 +235,14 @@ def calm_flops(
 ) -> dict[str, Any]:
     """Parameters and FLOPs per *token* of CALM (Table 1 "CALM-*"); ``context`` is in backbone steps.
 
-    ``params`` counts the embedding, backbone, input compression and energy head. The frozen AE is
+    ``params`` counts the embedding, backbone, input compression and head. The frozen AE is
     left out, which matches the paper's numbers (CALM-SPEC §3.1). Inference with S =
     ``num_samples_inference`` head samples per step (e.g. 200 for batch temperature sampling) runs
-    the head and the AE decoder S times. Training runs ``config.num_samples`` head passes and the
-    frozen AE encoder on the targets. ``ae_train_flops_total`` (stage 1 on 15.7B tokens) is
-    reported apart and is not in ``train_flops_total``.
+    the AE decoder S times and the head S × ``head_passes_per_sample`` times (1 for the energy head,
+    2·flow_steps for flow, diffusion_steps for diffusion; CALM-SPEC §8.6); with a continuous input
+    the AE encoder re-encodes each generated chunk. Training runs ``config.num_samples`` head passes
+    (one per replica, whatever the head) and the frozen AE encoder on the targets.
+    ``ae_train_flops_total`` (stage 1 on 15.7B tokens) is reported apart and is not in ``train_flops_total``.
     """
     if config.chunk_size != ae_config.chunk_size:
         raise ValueError(
@@ -199,10 +250,11 @@ def calm_flops(
             f"{config.chunk_size}; pick an autoencoder with chunk_size={config.chunk_size}"
         )
     K, d = config.chunk_size, config.hidden_size
-    embedding = config.vocab_size * d
+    embedding = config.vocab_size * d if config.input in ("discrete", "both") else 0
     backbone = backbone_params(config)
-    proj, proj_matmul = embed_proj_params(config)
-    head, head_matmul = energy_head_params(config)
+    proj, proj_matmul = input_params(config)
+    head, head_matmul = head_params(config)
+    passes = head_passes_per_sample(config)
     ae = ae_flops(ae_config)
     backbone_fwd = 2 * config.num_layers * layer_matmul_params(config)
     attn = attention_flops_per_step(config, context, attention)
@@ -211,9 +263,12 @@ def calm_flops(
         "backbone_matmul": backbone_fwd,
         "attention": attn,
         "embed_proj": 2 * proj_matmul,
-        "head": num_samples_inference * head_fwd,
+        "head": num_samples_inference * passes * head_fwd,
         "ae_decoder": num_samples_inference * ae["decoder_flops_per_chunk"],
     }
+    if config.input in ("continuous", "both"):
+        # the generated chunk is re-encoded to the next step's input latent
+        inference_step["ae_encoder"] = ae["encoder_flops_per_chunk"]
     train_forward_step = backbone_fwd + attn + 2 * proj_matmul + config.num_samples * head_fwd
     train_step = 3 * train_forward_step + ae["encoder_flops_per_chunk"]
     train = train_step / K
@@ -223,6 +278,7 @@ def calm_flops(
         "backbone_params": backbone,
         "embed_proj_params": proj,
         "head_params": head,
+        "head_passes_per_sample": passes,
         "inference_flops_per_token": sum(inference_step.values()) / K,
         "train_flops_per_token": train,
         "train_forward_flops_per_step": train_forward_step,

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 def _block_types() -> tuple[type[nn.Module], ...]:
     from calm.models.autoencoder import AELayer
-    from calm.models.calm import MLPBlock
+    from calm.models.heads import MLPBlock
     from calm.models.layers import Block
 
     return (Block, AELayer, MLPBlock)

@@ -139,7 +139,8 @@ def detect_kind(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> st
     if config.get("model_type") in ("flow", "diffusion") or {"FlowTransformer", "DiffusionTransformer"} & set(arch):
         raise ConvertError(
             f"architectures={arch}, model_type={config.get('model_type')!r}: only the energy head (CALM-M/L/XL) "
-            "is supported by this converter; flow and diffusion heads are not implemented in calm yet"
+            "is supported by this converter; the official flow and diffusion heads use adaLN ResBlocks, "
+            "which calm's own flow / diffusion heads (model.head) do not (see calm/models/heads.py)"
         )
     by_keys = (
         "calm"
@@ -233,7 +234,7 @@ def _check_unsupported(config: Mapping[str, Any]) -> None:
         ("attention_bias", False, "attention biases are not implemented"),
         ("mlp_bias", False, "MLP biases are not implemented"),
         ("hidden_act", "silu", "only SiLU (SwiGLU) MLPs are implemented"),
-        ("model_type", "energy", "only the energy head is implemented (flow and diffusion are not)"),
+        ("model_type", "energy", "only the energy head converts (calm's flow / diffusion heads use another network)"),
     )
     for name, supported, why in checks:
         value = config.get(name, supported)

@@ -195,7 +195,8 @@ class CALMStage(_BlockStage):
         # does the head use its context? (issue 10; calm/diagnostics.py) on a fixed subset of positions
         diagnostics = head_diagnostics(model, self.val_blocks, max_positions=DIAGNOSTIC_POSITIONS, seed=1234)
         model.train()
-        return {"energy_loss": float(np.mean(losses)), **_merge_brier(results), **diagnostics.as_dict()}
+        loss_key = f"{self.config.head}_loss"  # the head's own objective: energy_loss, flow_loss or diffusion_loss
+        return {loss_key: float(np.mean(losses)), **_merge_brier(results), **diagnostics.as_dict()}
 
     def checkpoint_config(self) -> dict[str, Any]:
         return {

@@ -108,6 +108,8 @@ def _other(name: str, value):
         return {"num_kv_heads": 2, "num_head_blocks": 2}[name]
     if isinstance(value, bool):
         return not value
+    if isinstance(value, str):  # a choice: another valid one
+        return {"kl_mode": "plain", "head": "flow", "input": "both"}[name]
     if isinstance(value, int):
         return value * 2 if value else 1
     return value / 2 if value else 0.1

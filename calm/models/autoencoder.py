@@ -9,7 +9,9 @@ independent.
 Training (paper Eqs. 1-4): DropToken replaces input ids by ``drop_token_id`` with p = 0.15,
 z = μ + σ·ε is sampled, DropLatent applies inverted dropout p = 0.15 to z, and the loss is
 ``CE·K + β·Σ_j max(λ_KL, KL_j)`` with the KL clipped per dimension at λ_KL = 0.5, summed over the
-latent dimensions and averaged over chunks, β = 1e-3.
+latent dimensions and averaged over chunks, β = 1e-3. The ablations of §8.3 are config switches:
+``kl_mode`` off | plain | clipped, ``kl_weight`` β, ``token_dropout`` / ``latent_dropout`` 0 to turn
+DropToken / DropLatent off, and ``latent_size`` (see ``calm.config.latent_ablation_overrides``).
 """
 
 from __future__ import annotations
@@ -42,13 +44,23 @@ def _stack(config: AutoencoderConfig, n: int) -> nn.Sequential:
     return nn.Sequential(*(AELayer(config) for _ in range(n)))
 
 
-def clipped_kl(mu: torch.Tensor, log_std: torch.Tensor, clamp: float) -> torch.Tensor:
+def clipped_kl(mu: torch.Tensor, log_std: torch.Tensor, clamp: float | None) -> torch.Tensor:
     """KL(N(μ, σ²) || N(0, 1)) per dimension, clamped below at ``clamp``; summed over the last dim.
 
-    Returns a tensor of the leading shape (one value per chunk).
+    ``clamp=None`` gives the plain KL. Returns a tensor of the leading shape (one value per chunk).
     """
     kl = 0.5 * (mu.pow(2) + torch.exp(2 * log_std) - 1.0 - 2.0 * log_std)
-    return kl.clamp(min=clamp).sum(-1)
+    return (kl if clamp is None else kl.clamp(min=clamp)).sum(-1)
+
+
+def kl_term(mu: torch.Tensor, log_std: torch.Tensor, config: AutoencoderConfig) -> torch.Tensor:
+    """The KL regulariser of ``config.kl_mode`` (CALM-SPEC §8.3 Table 2), mean over chunks, before β.
+
+    off: 0 (reconstruction only); plain: Σ_j KL_j; clipped: Σ_j max(λ_KL, KL_j).
+    """
+    if config.kl_mode == "off":
+        return mu.new_zeros(())
+    return clipped_kl(mu, log_std, config.kl_clamp if config.kl_mode == "clipped" else None).mean()
 
 
 INT8_SCREEN_MIN_VOCAB = 2**15
@@ -206,7 +218,7 @@ class Autoencoder(nn.Module):
             z = F.dropout(z, p=c.latent_dropout, training=True)
         logits = self.decode(z.to(mu.dtype))
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))
-        kl = clipped_kl(mu, log_std, c.kl_clamp).mean()
+        kl = kl_term(mu, log_std, c)
         loss = ce * c.chunk_size + c.kl_weight * kl if self.training else ce
         return AutoencoderOutput(loss=loss, ce=ce, kl=kl, logits=logits, mu=mu, log_std=log_std)
 
