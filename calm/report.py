@@ -106,7 +106,9 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
         )
         axes[0].set(xlabel="training minutes", ylabel="token accuracy (%)", title="Autoencoder reconstruction (val)")
         axes[0].legend()
-    for kind, key, ax in (("calm", "energy_loss", axes[1]), ("gpt", "loss", axes[2])):
+    for kind, ax in (("calm", axes[1]), ("gpt", axes[2])):
+        cfg = _read_json(run / kind / "run_config.json") or {}
+        key = f"{cfg.get('model', {}).get('head', 'energy')}_loss" if kind == "calm" else "loss"  # the head's own
         tr = [r for r in lm[kind] if r.get("split") == "train" and key in r]
         if tr:
             ax.plot([r["tokens"] / 1e6 for r in tr], [r[key] for r in tr])

@@ -57,7 +57,18 @@ from calm.config import AutoencoderConfig, ConfigError, config_from_dict, load_p
 from calm.jsonio import to_json
 
 KINDS = ("autoencoder", "calm", "gpt")
-DEFAULT_METRICS = ["brier1", "brierlm", "energy_loss", "cond_gap", "gap_closed", "ce", "token_accuracy"]
+DEFAULT_METRICS = [
+    "brier1",
+    "brierlm",
+    "energy_loss",
+    "flow_loss",
+    "diffusion_loss",
+    "cond_gap",
+    "gap_closed",
+    "ce",
+    "token_accuracy",
+]
+"""Columns a results table offers; each run fills those its records hold (a CALM run logs its head's loss)."""
 """Columns when the spec names none; a run that does not log one leaves its cell empty."""
 
 
