@@ -280,6 +280,13 @@ def _diagnostics_lines(run: Path, evaluation: dict[str, Any] | None) -> list[str
     return lines
 
 
+def _md_text(text: str) -> str:
+    """Model text as one inline Markdown run: special characters escaped, line breaks shown as ⏎."""
+    for ch in "\\`*_[]<>|#":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\r\n", " ⏎ ").replace("\n", " ⏎ ").strip() or "(nothing)"
+
+
 def write_report(run: str | Path) -> Path:
     """Write ``run/report.md`` (and plots) from whatever the run has logged; return its path."""
     run = Path(run)
@@ -348,8 +355,8 @@ def write_report(run: str | Path) -> Path:
             lines += [
                 f"**T = {s['temperature']:g}**, prompt `{s['prompt']}`",
                 "",
-                f"- CALM: {s['prompt']}{s['calm']!r}",
-                f"- GPT: {s['prompt']}{s['gpt']!r}",
+                f"- CALM: {_md_text(s['prompt'])} → {_md_text(s['calm'])}",
+                f"- GPT: {_md_text(s['prompt'])} → {_md_text(s['gpt'])}",
                 "",
             ]
     path = run / "report.md"
