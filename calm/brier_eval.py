@@ -261,7 +261,7 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
     except ImportError as e:
-        raise ImportError("--hf-model needs the optional extra: pip install 'calm[hf]'") from e
+        raise ImportError("--hf-model needs the optional extra: pip install 'calm-lm[hf]'") from e
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
     hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     params = inspect.signature(model.forward).parameters

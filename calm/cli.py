@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="BrierLM (and perplexity for token LMs) on a text set")
     p.add_argument("--checkpoint", help="calm or gpt checkpoint / run directory")
-    p.add_argument("--hf-model", help="a local Hugging Face causal LM directory (needs calm[hf])")
+    p.add_argument("--hf-model", help="a local Hugging Face causal LM directory (needs calm-lm[hf])")
     p.add_argument("--data", required=True, help="text/jsonl/json file or prepared data dir")
     p.add_argument("--json", help="write the results as JSON to this path")
     ctx = p.add_mutually_exclusive_group()
@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="convert the authors' released CALM / CALM-Autoencoder into a calm checkpoint")
-    p.add_argument("source", help="official checkpoint folder, or hf:REPO_ID[@REVISION] (needs calm[hub])")
+    p.add_argument("source", help="official checkpoint folder, or hf:REPO_ID[@REVISION] (needs calm-lm[hub])")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--tokenizer", default="llama3", help="'llama3' (the paper's, + [PAD]) or a tokenizer.json path")
     p.add_argument("--kind", choices=["autoencoder", "calm"], help="what SOURCE must hold (default: either)")

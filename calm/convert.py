@@ -63,7 +63,7 @@ class Conversion:
 def resolve_source(source: str | Path, cache_dir: str | Path | None = None) -> Path:
     """A local folder, or ``hf:REPO_ID[@REVISION]`` downloaded into the hub cache -> the folder.
 
-    Needs the optional ``huggingface_hub`` (``pip install 'calm[hub]'``) only for ``hf:``. Raises
+    Needs the optional ``huggingface_hub`` (``pip install 'calm-lm[hub]'``) only for ``hf:``. Raises
     ConvertError saying what to install or download by hand when that or the network is missing.
     """
     text = str(source)
@@ -86,7 +86,7 @@ def resolve_source(source: str | Path, cache_dir: str | Path | None = None) -> P
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ConvertError(
-            f"{text} needs the optional dependency huggingface_hub: pip install 'calm[hub]' "
+            f"{text} needs the optional dependency huggingface_hub: pip install 'calm-lm[hub]' "
             f"(or pip install huggingface_hub), {by_hand}"
         ) from None
     try:

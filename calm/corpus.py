@@ -494,7 +494,7 @@ class HFSource:
         try:
             import datasets
         except ImportError:
-            raise CorpusError(f"corpus {self.name} needs the `datasets` package: pip install 'calm[hf]'") from None
+            raise CorpusError(f"corpus {self.name} needs the `datasets` package: pip install 'calm-lm[hf]'") from None
         ds = datasets.load_dataset(self.dataset, self.config, split=self.split)
         if self.text_field not in ds.column_names:
             raise CorpusError(

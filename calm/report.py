@@ -347,7 +347,7 @@ def write_report(run: str | Path) -> Path:
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     if not plots:
-        lines += ["(plots skipped: install the optional extra `calm[plot]` for matplotlib)", ""]
+        lines += ["(plots skipped: install the optional extra `calm-lm[plot]` for matplotlib)", ""]
     samples = _read_json(run / "samples.json")
     if samples:
         lines += ["## Generations", ""]

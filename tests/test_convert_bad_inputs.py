@@ -184,7 +184,7 @@ def test_hub_without_huggingface_hub(
 ) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
     code, err = _run(["hf:cccczshao/CALM-M", "--out", str(tmp_path / "out")], capsys)
-    assert code == 2 and "pip install 'calm[hub]'" in err
+    assert code == 2 and "pip install 'calm-lm[hub]'" in err
     assert "https://huggingface.co/cccczshao/CALM-M/tree/main" in err and not (tmp_path / "out").exists()
 
 
