@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-preset", default="tiny", help="preset for both CALM and the GPT baseline")
     p.add_argument("--eval-data", help="evaluation text (default: the shipped WikiText-103 test set)")
     p.add_argument(
-        "--eval-max-tokens", type=int, default=131072, help="score the first N tokens of the eval set (0: all)"
+        "--eval-max-tokens", type=int, default=65536, help="score the first N tokens of the eval set (0: all)"
     )
     p.add_argument("--set", action="append", metavar="KIND:KEY=VALUE", help="e.g. calm:train.max_steps=100")
     p.add_argument(

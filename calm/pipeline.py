@@ -27,9 +27,9 @@ from calm.jsonio import to_json
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = REPO_ROOT / "data" / "wikitext103" / "test.jsonl"
 PROMPTS = ["The history of the city", "In 1905 , the company"]
-DEMO_LM_FLOPS = 2.4e13
+DEMO_LM_FLOPS = 1.6e13
 """Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
-equal compute). With the tiny presets that is 204 GPT steps (0.84M tokens) and 394 CALM steps (1.61M
+equal compute). With the tiny presets that is 136 GPT steps (0.56M tokens) and 263 CALM steps (1.08M
 tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without native bf16 (README)."""
 
 
@@ -66,7 +66,7 @@ def run_demo(
     ae_preset: str = "tiny",
     lm_preset: str = "tiny",
     eval_data: str | Path | None = None,
-    eval_max_tokens: int | None = 131072,
+    eval_max_tokens: int | None = 65536,
     overrides: dict[str, dict[str, Any]] | None = None,
     lm_flops: float | None = DEMO_LM_FLOPS,
     progress: bool = True,
