@@ -1,5 +1,6 @@
 """CALM: input compression, energy head, loss wiring, frozen autoencoder, generation and cache."""
 
+import factories
 import pytest
 import torch
 
@@ -10,23 +11,7 @@ from calm.models.calm import CALM
 
 
 def tiny_calm(K=4, latent=8, vocab=50, seed=0) -> CALM:
-    torch.manual_seed(seed)
-    ae = Autoencoder(
-        AutoencoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, latent_size=latent, chunk_size=K)
-    )
-    cfg = CALMConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=32,
-        chunk_size=K,
-        latent_size=latent,
-        num_samples=4,
-        num_target_samples=16,
-    )
-    return CALM(cfg, ae)
+    return factories.tiny_calm(vocab=vocab, K=K, latent=latent, seed=seed)
 
 
 def test_head_output_is_zero_initialised_and_sampling_shapes():

@@ -8,14 +8,14 @@ The models here emit a scripted token stream, so every boundary position is cove
 
 from __future__ import annotations
 
+import factories
 import pytest
 import torch
 
 import calm.generate as gen_module
 from calm.cli import main
-from calm.config import AutoencoderConfig, CALMConfig, GPTConfig
+from calm.config import GPTConfig
 from calm.generate import complete, generate_text
-from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
 
@@ -38,21 +38,7 @@ class ScriptedGPT(GPT):
 
 
 def _calm(vocab: int) -> CALM:
-    torch.manual_seed(0)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, latent_size=8))
-    cfg = CALMConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=32,
-        chunk_size=K,
-        latent_size=8,
-        num_samples=4,
-        num_target_samples=8,
-    )
-    return CALM(cfg, ae).eval()
+    return factories.tiny_calm(vocab=vocab, K=K, num_target_samples=8).eval()
 
 
 def _scripted(kind: str, script: list[int], vocab: int, monkeypatch: pytest.MonkeyPatch):

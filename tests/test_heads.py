@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 
+import factories
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,7 +19,6 @@ from calm.checkpoint import load_model, save_checkpoint
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError, load_preset
 from calm.flops import calm_flops, head_params, head_passes_per_sample, input_params
 from calm.generate import generate
-from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.heads import DiffusionHead, EnergyHead, FlowHead, cosine_alphas_cumprod, respaced_steps
 
@@ -29,26 +29,7 @@ IDS = [f"{h}-{i}" for h, i in VARIANTS]
 
 
 def tiny_calm(head: str = "energy", input: str = "discrete", vocab: int = VOCAB, seed: int = 0, **kw) -> CALM:
-    torch.manual_seed(seed)
-    ae = Autoencoder(
-        AutoencoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
-    )
-    cfg = CALMConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=32,
-        chunk_size=4,
-        latent_size=8,
-        num_samples=4,
-        num_target_samples=16,
-        head=head,
-        input=input,
-        **{"diffusion_steps": 10, **kw},
-    )
-    model = CALM(cfg, ae).eval()
+    model = factories.tiny_calm(vocab=vocab, seed=seed, head=head, input=input, **{"diffusion_steps": 10, **kw}).eval()
     torch.nn.init.normal_(model.head.final_out.weight, std=0.5)  # non-trivial samples (it starts at zero)
     return model
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import factories
 import pytest
 import torch
 
-from calm.config import AutoencoderConfig, CALMConfig, load_preset
+from calm.config import AutoencoderConfig, load_preset
 from calm.generate import generate, sample_chunks
 from calm.lazy_decode import _expanded, _token_hidden, lazy_batch_sample, reference_batch_sample
 from calm.models.autoencoder import Autoencoder
@@ -63,20 +64,7 @@ def test_lazy_decoding_decodes_first_tokens_then_only_the_choice() -> None:
 
 
 def _calm(vocab: int) -> CALM:
-    ae = _autoencoder(vocab)
-    config = CALMConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=32,
-        chunk_size=4,
-        latent_size=8,
-        num_samples=4,
-        num_target_samples=16,
-    )
-    model = CALM(config, ae).eval()
+    model = factories.tiny_calm(vocab=vocab).eval()
     torch.nn.init.normal_(model.head.final_out.weight, std=0.5, generator=torch.Generator().manual_seed(1))
     return model
 
