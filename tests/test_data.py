@@ -88,7 +88,7 @@ def test_hf_source_without_datasets_says_how_to_install(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     (source,) = resolve_sources(["hf:wikitext:wikitext-103-raw-v1:train"])
     assert (source.dataset, source.config, source.split) == ("wikitext", "wikitext-103-raw-v1", "train")
-    with pytest.raises(CorpusError, match=r"pip install 'calm\[hf\]'"):
+    with pytest.raises(CorpusError, match=r"pip install 'calm-lm\[hf\]'"):
         next(source.documents())
 
 
