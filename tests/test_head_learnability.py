@@ -13,11 +13,7 @@ import time
 
 import pytest
 import torch
-from test_learnability import BLOCK, PASSAGE_LEN, PASSAGES, VOCAB, K, make_stream, random_blocks
-
-from calm.config import AutoencoderConfig, CALMConfig
-from calm.models.autoencoder import Autoencoder
-from calm.models.calm import CALM
+from test_learnability import PASSAGE_LEN, PASSAGES, VOCAB, make_stream, train_autoencoder, train_calm_and_score
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +24,7 @@ def corpus_and_autoencoder():
     gen = torch.Generator().manual_seed(0)
     passages = torch.randint(0, VOCAB, (PASSAGES, PASSAGE_LEN), generator=gen)
     train, held_out = make_stream(passages, 400, gen), make_stream(passages, 40, gen)
-    ae = Autoencoder(
-        AutoencoderConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, latent_size=16, chunk_size=K)
-    )
-    opt = torch.optim.AdamW(ae.parameters(), lr=3e-3)
-    ae.train()
-    for _ in range(300):
-        loss = ae(random_blocks(train, 32, gen).view(-1, K)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ae.eval()
-    return train, held_out, ae
+    return train, held_out, train_autoencoder(train, gen)
 
 
 @pytest.mark.parametrize(
@@ -50,35 +35,7 @@ def test_variant_learns_next_chunk_exactly(head, input, corpus_and_autoencoder):
     torch.manual_seed(1)
     gen = torch.Generator().manual_seed(1)
     start = time.process_time()
-    cfg = CALMConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=BLOCK // K,
-        chunk_size=K,
-        latent_size=16,
-        num_head_blocks=2,
-        init_std=0.08,  # as test_learnability: the paper's 0.02 is too small at d = 64
-        head=head,
-        input=input,
-    )
-    model = CALM(cfg, ae)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
-    model.train()
-    for _ in range(400):
-        loss, _ = model(random_blocks(train, 16, gen))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    blocks = random_blocks(held_out, 64, gen)
-    chunks = blocks.view(len(blocks), -1, K)
-    with torch.no_grad():
-        h = model.hidden_states(chunks[:, :-1])
-        pred = ae.decode_ids(model.head.sample(h, 1, gen)[0])
-    accuracy = (pred == chunks[:, 1:]).all(-1)[:, 3:].float().mean().item()
+    accuracy = train_calm_and_score(ae, train, held_out, gen, sample_generator=gen, head=head, input=input)
     elapsed = time.process_time() - start
     print(f"{head}/{input}: next-chunk exact match {accuracy:.4f}, {elapsed:.1f} CPU s")  # shown with -s
     assert accuracy >= 0.90, f"{head}/{input}: next-chunk exact match {accuracy:.3f} ({elapsed:.0f} CPU s)"
