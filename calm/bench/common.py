@@ -7,6 +7,7 @@ module builds that pair and holds the small helpers both use.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -54,6 +55,23 @@ def device_description(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu: {name}"
+
+
+def run_record(device: str | torch.device, load_average_start: list[float]) -> dict[str, Any]:
+    """What every benchmark JSON ends with: device, torch version, threads, load average before/after."""
+    return {
+        "device": device_description(torch.device(device)),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_start": load_average_start,
+        "load_average_end": list(os.getloadavg()),
+    }
+
+
+def run_header(result: dict[str, Any]) -> str:
+    """The first line a benchmark prints: its ``run_record`` fields."""
+    load = result["load_average_start"][0]
+    return f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}"
 
 
 # --------------------------------------------------------------------------------------------

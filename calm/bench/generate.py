@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from calm.bench.common import build_pair, device_description, log, median, sync
+from calm.bench.common import build_pair, log, median, run_header, run_record, sync
 from calm.config import ConfigError
 from calm.flops import calm_flops, gpt_flops
 from calm.generate import generate
@@ -394,7 +394,8 @@ def bench_generate(
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    out: dict[str, Any] = {"load_average_start": list(os.getloadavg())}
+    load_start = list(os.getloadavg())
+    out: dict[str, Any] = {}
     for size in sizes:
         log(f"[{size}] building models")
         out[size] = bench_generate_size(
@@ -410,15 +411,12 @@ def bench_generate(
             profile_tokens=profile_tokens,
             check_tokens_t_half=check_tokens,
         )
-    out.update(device=device_description(torch.device(device)), torch=torch.__version__)
-    out["threads"] = torch.get_num_threads()
-    out["load_average_end"] = list(os.getloadavg())
+    out.update(run_record(device, load_start))
     return out
 
 
 def _print_generate(result: dict[str, Any]) -> None:
-    load = result["load_average_start"][0]
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}")
+    print(run_header(result))
     print(f"{'size':<5} {'mode':<7} {'CALM tok/s':>11} {'GPT tok/s':>10} {'CALM/GPT':>9} {'paired':>9}")
     sizes = [k for k, v in result.items() if isinstance(v, dict)]
     for size in sizes:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm.bench.common import build_pair, device_description, log, median, sync
+from calm.bench.common import build_pair, log, median, run_header, run_record, sync
 from calm.config import ConfigError, TrainConfig, load_preset
 from calm.flops import calm_flops, gpt_flops
 from calm.jsonio import to_json
@@ -191,7 +191,7 @@ def bench_train(
     out: dict[str, Any] = {"peak_flops": peaks, "peak_matmul_size": peak_size}
     out["precision_auto"] = resolve_precision("auto", device)
     out["precision_probe"] = probe_record(device)
-    out["load_average_start"] = list(os.getloadavg())
+    load_start = list(os.getloadavg())
     for size in sizes:
         log(f"[{size}] building models")
         out[size] = bench_train_size(
@@ -203,15 +203,12 @@ def bench_train(
             precisions=precisions,
             device=device,
         )
-    out.update(device=device_description(torch.device(device)), torch=torch.__version__)
-    out["threads"] = torch.get_num_threads()
-    out["load_average_end"] = list(os.getloadavg())
+    out.update(run_record(device, load_start))
     return out
 
 
 def _print_train(result: dict[str, Any]) -> None:
-    load = result["load_average_start"][0]
-    print(f"{result['device']}, torch {result['torch']}, {result['threads']} threads, load average {load:.1f}")
+    print(run_header(result))
     peaks = result["peak_flops"]
     print("matmul peak: " + ", ".join(f"{p} {v / 1e9:,.1f} GFLOP/s" for p, v in peaks.items()))
     print(f"precision: auto resolves to {result['precision_auto']} here")
