@@ -180,9 +180,8 @@ def micro_batch_seed(seed: int, step: int, slot: int, purpose: int = _TRAIN_RNG)
     return int(words[0]) << 31 | int(words[1]) >> 1
 
 
-def _check_resumable(resume_from: Path, stage: Stage) -> None:
-    """The checkpoint must belong to this stage, tokenizer and model configuration."""
-    saved = ckpt.read_config(resume_from)
+def _check_resumable(resume_from: Path, saved: dict[str, Any], stage: Stage) -> None:
+    """The checkpoint (``saved``: its config.json) must belong to this stage, tokenizer and model configuration."""
     current = stage.checkpoint_config()
     if saved["kind"] != stage.kind:
         raise ckpt.CheckpointError(
@@ -235,9 +234,10 @@ def run_training(
     sampler = BatchSampler(stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     resume_from = prepare_run_dir(out, resume, overwrite)
     meta: dict[str, Any] = {}
+    saved: dict[str, Any] | None = None
     if resume_from is not None:  # read and check everything before touching a file
         try:
-            ckpt.read_config(resume_from)  # every file present, with its recorded size
+            saved = ckpt.read_config(resume_from)  # every file present, with its recorded size
             meta, state_tensors = ckpt.load_training_state(resume_from)
             weights = ckpt.load_weights(resume_from, device)
         except ckpt.CheckpointError as e:
@@ -246,9 +246,8 @@ def run_training(
             if older:
                 hint = f"; to resume from the previous one ({older[-1].name}), delete {resume_from}"
             raise ckpt.CheckpointError(f"cannot resume: {e}{hint}") from e
-        _check_resumable(resume_from, stage)
-    saved_train = ckpt.read_config(resume_from).get("train") if resume_from is not None else None
-    precision = resolve_run_precision(cfg, device, saved_train)
+        _check_resumable(resume_from, saved, stage)
+    precision = resolve_run_precision(cfg, device, saved.get("train") if saved is not None else None)
     if dist.is_main():
         print(f"{stage.kind}: {describe(precision, device)} (requested: {cfg.precision})", flush=True)
 
