@@ -93,11 +93,12 @@ def output_check(
 
 def precision_record(model: CALM) -> dict[str, Any]:
     """The precision CALM decodes in: weight dtype, the vocabulary screen used, bf16 matmul support."""
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
+    dtype, device = weight.dtype, weight.device
     screen = model.autoencoder.vocab_screen()
     if screen is not None:
         vocab = "int8 screen (torch._int_mm) + re-score in " + str(dtype).removeprefix("torch.")
-    elif dtype == torch.float32 and bf16_is_fast("cpu"):
+    elif dtype == torch.float32 and device.type == "cpu" and bf16_is_fast(device):
         vocab = "fp32, bf16 screen from 2^24 logits (calm.models.autoencoder.vocab_argmax)"
     else:
         vocab = "plain " + str(dtype).removeprefix("torch.") + " product"
@@ -105,8 +106,8 @@ def precision_record(model: CALM) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "vocab_argmax": vocab,
         "bf16_native": cpu_has_native_bf16(),
-        "auto_resolves_to": resolve_precision("auto", "cpu"),
-        **probe_record("cpu"),
+        "precision_auto": resolve_precision("auto", device),  # the same keys as `calm bench train`
+        "precision_probe": probe_record(device),
     }
 
 
