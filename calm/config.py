@@ -161,6 +161,11 @@ class CALMConfig(TransformerConfig):
     """M: posterior samples per position for the energy loss."""
     energy_alpha: float = 1.0
     """Exponent of the distances in the energy score; strictly proper for 0 < alpha < 2."""
+    energy_mean_weight: float = 0.0
+    """Ours, not the paper's (off by default): weight λ of an auxiliary energy score with alpha = 2 added
+    to the loss. In expectation that score is −2‖E[x] − E[z]‖² + const: an unbiased regression of the
+    head's sample mean on the target that leaves the spread alone, so the sum stays strictly proper and
+    the optimum unchanged, while the pull on the conditional mean grows (README "Small-CALM study")."""
     head: str = "energy"
     """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
     flow_steps: int = 4
@@ -190,6 +195,11 @@ class CALMConfig(TransformerConfig):
         _require(
             0.0 < self.energy_alpha < 2.0,
             f"energy_alpha={self.energy_alpha}: the energy score is strictly proper only for 0 < alpha < 2",
+        )
+        _require(self.energy_mean_weight >= 0.0, f"energy_mean_weight must be >= 0, got {self.energy_mean_weight}")
+        _require(
+            self.energy_mean_weight == 0.0 or self.head == "energy",
+            f"energy_mean_weight={self.energy_mean_weight} applies to the energy head only; got head={self.head!r}",
         )
         _require(self.head in CALM_HEADS, f"head={self.head!r} is unknown; choose one of {', '.join(CALM_HEADS)}")
         _require(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")

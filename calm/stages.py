@@ -189,8 +189,8 @@ class CALMStage(_BlockStage):
         losses, results = [], []
         for row in self.val_blocks:
             block = torch.from_numpy(row)[None].to(device)
-            loss, _ = model(block)
-            losses.append(float(loss))
+            loss, metrics = model(block)
+            losses.append(float(metrics.get(f"{self.config.head}_loss", loss)))  # without auxiliary terms
             results.append(calm_block_brier(model, block, generator=gen))
         # does the head use its context? (issue 10; calm/diagnostics.py) on a fixed subset of positions
         diagnostics = head_diagnostics(model, self.val_blocks, max_positions=DIAGNOSTIC_POSITIONS, seed=1234)

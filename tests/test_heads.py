@@ -350,3 +350,23 @@ def test_head_diagnostics_work_for_flow_and_diffusion_with_common_random_numbers
     torch.nn.init.zeros_(model.head.hidden_embd.weight)  # c no longer depends on h
     ignores = head_diagnostics(model, blocks, max_positions=40, num_point_samples=4)
     assert ignores.cond_gap == 0.0 and ignores.noise_floor == uses.noise_floor
+
+
+def test_energy_mean_weight_adds_the_alpha_two_score_and_only_that():
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for weight in (0.0, 0.5):
+        model = factories.tiny_calm(energy_mean_weight=weight)
+        torch.manual_seed(1)
+        losses[weight] = model(tokens)
+    (plain, plain_m), (total, m) = losses[0.0], losses[0.5]
+    assert "mean_loss" not in plain_m and "mean_loss" in m
+    assert torch.allclose(m["energy_loss"], plain_m["energy_loss"])  # same draws: the alpha-1 part is unchanged
+    assert torch.allclose(total, m["energy_loss"] + 0.5 * m["mean_loss"])
+    assert float(m["mean_loss"]) > 0  # 2||E x - E z||^2 + 2 tr Cov(z) at init
+
+
+@pytest.mark.parametrize("overrides", [{"energy_mean_weight": -0.1}, {"energy_mean_weight": 0.1, "head": "flow"}])
+def test_energy_mean_weight_bad_values_are_refused(overrides):
+    with pytest.raises(ConfigError, match="energy_mean_weight"):
+        factories.tiny_calm(**overrides)

@@ -133,10 +133,15 @@ class EnergyHead(_BlockStack):
         targets = _posterior_samples(mu, std, c.num_target_samples, generator)  # (M, P, l)
         samples = self.sample(h, c.num_samples, generator).float()  # (N, P, l)
         loss = energy_loss(samples, targets, c.energy_alpha)
+        metrics = {"energy_loss": loss.detach()}
+        if c.energy_mean_weight > 0:  # ours: alpha = 2 score, a consistent regression of the sample mean
+            mean_loss = energy_loss(samples, targets, 2.0)
+            metrics["mean_loss"] = mean_loss.detach()
+            loss = loss + c.energy_mean_weight * mean_loss
         with torch.no_grad():
             # mean distance of a head sample to the posterior mean: a readable progress signal
             dist = (samples - mu).norm(dim=-1).mean()
-        return loss, {"energy_loss": loss.detach(), "sample_dist": dist}
+        return loss, {**metrics, "sample_dist": dist}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
