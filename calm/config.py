@@ -166,6 +166,11 @@ class CALMConfig(TransformerConfig):
     to the loss. In expectation that score is −2‖E[x] − E[z]‖² + const: an unbiased regression of the
     head's sample mean on the target that leaves the spread alone, so the sum stays strictly proper and
     the optimum unchanged, while the pull on the conditional mean grows (README "Small-CALM study")."""
+    token_aux_weight: float = 0.0
+    """Ours, not the paper's (off by default): weight of an auxiliary cross-entropy that predicts the next
+    chunk's first token from the backbone state h through a linear layer (d → vocab) used in training only.
+    It gives the backbone the direct next-token signal a token LM gets; its FLOPs count in training
+    (``calm.flops``) and it is ignored at sampling (README "Small-CALM study")."""
     head: str = "energy"
     """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
     flow_steps: int = 4
@@ -201,6 +206,7 @@ class CALMConfig(TransformerConfig):
             self.energy_mean_weight == 0.0 or self.head == "energy",
             f"energy_mean_weight={self.energy_mean_weight} applies to the energy head only; got head={self.head!r}",
         )
+        _require(self.token_aux_weight >= 0.0, f"token_aux_weight must be >= 0, got {self.token_aux_weight}")
         _require(self.head in CALM_HEADS, f"head={self.head!r} is unknown; choose one of {', '.join(CALM_HEADS)}")
         _require(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
         _require(

@@ -370,3 +370,25 @@ def test_energy_mean_weight_adds_the_alpha_two_score_and_only_that():
 def test_energy_mean_weight_bad_values_are_refused(overrides):
     with pytest.raises(ConfigError, match="energy_mean_weight"):
         factories.tiny_calm(**overrides)
+
+
+def test_token_aux_weight_adds_a_next_token_cross_entropy_and_its_flops():
+    from calm.flops import calm_flops
+
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = factories.tiny_calm()
+    model = factories.tiny_calm(token_aux_weight=0.5)
+    assert not hasattr(plain, "token_aux_head") and model.token_aux_head.weight.shape == (50, 32)
+    torch.manual_seed(1)
+    loss, metrics = model(tokens)
+    logits = model.token_aux_head(model.hidden_states(tokens.view(2, 4, 4)[:, :-1]))
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), tokens.view(2, 4, 4)[:, 1:, 0].reshape(-1))
+    assert torch.allclose(metrics["token_aux_loss"], expected, atol=1e-6)
+    assert torch.allclose(loss, metrics["energy_loss"] + 0.5 * metrics["token_aux_loss"], atol=1e-6)
+    loss.backward()
+    assert model.token_aux_head.weight.grad.abs().sum() > 0
+    extra = calm_flops(model.config, model.autoencoder.config)["train_forward_flops_per_step"]
+    base = calm_flops(plain.config, plain.autoencoder.config)["train_forward_flops_per_step"]
+    assert extra - base == 2 * 32 * 50
+    with pytest.raises(ConfigError, match="token_aux_weight"):
+        factories.tiny_calm(token_aux_weight=-1.0)

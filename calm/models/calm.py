@@ -23,6 +23,7 @@ never trained: its parameters have ``requires_grad=False`` and ``train()`` keeps
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calm.config import CALMConfig
@@ -64,7 +65,9 @@ class CALM(nn.Module):
         self.head = build_head(config)
         if self.uses_latents:
             self.latent_proj = nn.Linear(config.latent_size, d)  # after the rest: keeps their initial draws
-        for part in ("embed_tokens", "embed_proj", "backbone", "head", "latent_proj"):
+        if config.token_aux_weight > 0:  # ours: training-only next-token readout of h (built only when used)
+            self.token_aux_head = nn.Linear(d, config.vocab_size, bias=False)
+        for part in ("embed_tokens", "embed_proj", "backbone", "head", "latent_proj", "token_aux_head"):
             if hasattr(self, part):
                 init_weights(getattr(self, part), config.init_std)
         self.head.zero_init_output()
@@ -145,4 +148,10 @@ class CALM(nn.Module):
             h = self.hidden_states(chunks[:, :-1])  # (B, L-1, d)
             mu, log_std = self.target_posterior(chunks[:, 1:])  # (B, L-1, l)
         P = mu.shape[0] * mu.shape[1]
-        return self.head.loss(h.reshape(P, -1), mu.reshape(P, -1), log_std.exp().reshape(P, -1))
+        loss, metrics = self.head.loss(h.reshape(P, -1), mu.reshape(P, -1), log_std.exp().reshape(P, -1))
+        if c.token_aux_weight > 0:
+            logits = self.token_aux_head(h.reshape(P, -1)).float()
+            aux = F.cross_entropy(logits, chunks[:, 1:, 0].reshape(P))
+            metrics["token_aux_loss"] = aux.detach()
+            loss = loss + c.token_aux_weight * aux
+        return loss, metrics
