@@ -92,3 +92,15 @@ def test_demo_rerun_reuses_finished_stages(demo_run, capsys: pytest.CaptureFixtu
     for kind in ("autoencoder", "calm", "gpt"):
         assert f"reusing {out / kind} (finished)" in printed
         assert (out / kind / "metrics.jsonl").read_text() == before[kind]
+
+
+def test_demo_applies_its_recipe_under_the_users_overrides(demo_run) -> None:
+    from calm.pipeline import DEMO_RECIPE
+
+    out, _, _ = demo_run
+    model = json.loads((out / "calm" / "run_config.json").read_text())["model"]
+    assert model["token_aux_weight"] == DEMO_RECIPE["calm"]["model.token_aux_weight"] > 0
+    train = json.loads((out / "calm" / "run_config.json").read_text())["train"]
+    assert train["block_size"] == 64
+    records = [json.loads(line) for line in (out / "calm" / "metrics.jsonl").read_text().splitlines()]
+    assert any("token_aux_loss" in r for r in records if r["split"] == "train")
