@@ -95,7 +95,8 @@ def run_demo(
     if not eval_data.exists():
         raise FileNotFoundError(f"evaluation set {eval_data} is missing; pass --eval-data")
     user = overrides or {}
-    overrides = {kind: {**DEMO_RECIPE.get(kind, {}), **(user.get(kind) or {})} for kind in ("autoencoder", "calm", "gpt")}
+    kinds = ("autoencoder", "calm", "gpt")
+    overrides = {kind: {**DEMO_RECIPE.get(kind, {}), **(user.get(kind) or {})} for kind in kinds}
     for kind, preset_name in (("autoencoder", ae_preset), ("calm", lm_preset), ("gpt", lm_preset)):
         check_overrides(kind, overrides.get(kind))
         preset = load_preset(kind, preset_name, overrides.get(kind))  # types and values, up front

@@ -359,7 +359,7 @@ def test_energy_mean_weight_adds_the_alpha_two_score_and_only_that():
         model = factories.tiny_calm(energy_mean_weight=weight)
         torch.manual_seed(1)
         losses[weight] = model(tokens)
-    (plain, plain_m), (total, m) = losses[0.0], losses[0.5]
+    (_, plain_m), (total, m) = losses[0.0], losses[0.5]
     assert "mean_loss" not in plain_m and "mean_loss" in m
     assert torch.allclose(m["energy_loss"], plain_m["energy_loss"])  # same draws: the alpha-1 part is unchanged
     assert torch.allclose(total, m["energy_loss"] + 0.5 * m["mean_loss"])

@@ -150,17 +150,17 @@ def test_integer_inputs_rejected():
 def test_alpha_two_score_is_an_unbiased_mean_regression():
     """The energy_mean_weight term (alpha = 2): E[score] = -2||a - b||^2 - 2 tr Cov(z), whatever the spread of x."""
     gen = torch.Generator().manual_seed(0)
-    l, P = 6, 4000
-    a, b = torch.full((l,), 0.5, dtype=torch.float64), torch.zeros(l, dtype=torch.float64)
-    expected = -2 * float((a - b).pow(2).sum()) - 2 * l * 0.3**2
+    dim, P = 6, 4000
+    a, b = torch.full((dim,), 0.5, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+    expected = -2 * float((a - b).pow(2).sum()) - 2 * dim * 0.3**2
     for spread in (0.1, 2.0):  # the spread of the samples does not enter
-        x = a + spread * torch.randn(4, P, l, generator=gen, dtype=torch.float64)
-        z = b + 0.3 * torch.randn(8, P, l, generator=gen, dtype=torch.float64)
+        x = a + spread * torch.randn(4, P, dim, generator=gen, dtype=torch.float64)
+        z = b + 0.3 * torch.randn(8, P, dim, generator=gen, dtype=torch.float64)
         got = float(energy_score(x, z, alpha=2.0).mean())
         assert got == pytest.approx(expected, abs=0.03 * abs(expected)), spread
     # and its gradient pulls every sample toward the target mean by the same amount: 4 (b - a) / N each
-    x = (a + torch.randn(4, P, l, generator=gen, dtype=torch.float64)).requires_grad_()
-    z = b + 0.3 * torch.randn(8, P, l, generator=gen, dtype=torch.float64)
+    x = (a + torch.randn(4, P, dim, generator=gen, dtype=torch.float64)).requires_grad_()
+    z = b + 0.3 * torch.randn(8, P, dim, generator=gen, dtype=torch.float64)
     energy_loss(x, z, alpha=2.0).backward()
     mean_grad = x.grad.sum(dim=0).mean(dim=0) * P  # d loss / d (shift of all N samples of one position)
     assert torch.allclose(mean_grad, 4 * (a - b), atol=0.05)
