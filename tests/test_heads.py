@@ -379,6 +379,7 @@ def test_token_aux_weight_adds_a_next_token_cross_entropy_and_its_flops():
     plain = factories.tiny_calm()
     model = factories.tiny_calm(token_aux_weight=0.5)
     assert not hasattr(plain, "token_aux_head") and model.token_aux_head.weight.shape == (50, 32)
+    assert model.num_parameters() == plain.num_parameters()  # training-only: not counted
     torch.manual_seed(1)
     loss, metrics = model(tokens)
     logits = model.token_aux_head(model.hidden_states(tokens.view(2, 4, 4)[:, :-1]))

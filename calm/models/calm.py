@@ -98,8 +98,10 @@ class CALM(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("autoencoder.")]
 
     def num_parameters(self) -> int:
-        """Parameters of the language model, without the frozen autoencoder (as the paper counts)."""
-        return sum(p.numel() for p in self.trainable_parameters())
+        """Parameters used to generate, as the paper counts: without the frozen autoencoder and without
+        the training-only ``token_aux_head`` (ours)."""
+        aux = self.token_aux_head.weight.numel() if hasattr(self, "token_aux_head") else 0
+        return sum(p.numel() for p in self.trainable_parameters()) - aux
 
     def compress(self, chunks: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
         """chunks (B, L, K) token ids -> backbone inputs (B, L, d), as ``config.input`` says (§3.2, §8.5).
