@@ -179,7 +179,9 @@ def write_results(out: Path, runs: list[Any], metrics: list[str], title: str | N
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
-    """One panel per metric that some run logged; False (and no file) without matplotlib or data."""
+    """One panel per metric that some run logged against training FLOPs, and, where the CALM runs'
+    heads differ in cost, the first metric's last value against the head's FLOPs per sample (the
+    heads' trade-off, CALM-SPEC §8.6). False (and no file) without matplotlib or data."""
     try:
         import matplotlib
 
@@ -190,8 +192,11 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
     shown = [m for m in metrics if any(r["curves"][m] for r in rows)]
     if not shown:
         return False
-    cols = min(3, len(shown))
-    nrows = -(-len(shown) // cols)
+    costed = [r for r in rows if r.get("head_flops_per_sample") and r.get(shown[0]) is not None]
+    cost_panel = len({r["head_flops_per_sample"] for r in costed}) > 1
+    panels = len(shown) + cost_panel
+    cols = min(3, panels)
+    nrows = -(-panels // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
     settings = list(dict.fromkeys(setting_key(r) for r in rows))  # replicates share a colour
     for ax, metric in zip(axes.flat, shown):
@@ -207,7 +212,16 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
         ax.set(xscale="log", xlabel="training FLOPs", ylabel=metric, title=metric)
         ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor log ticks overlap on short ranges
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(shown) :]:
+    if cost_panel:
+        ax = axes.flat[len(shown)]
+        for r in costed:
+            color = f"C{settings.index(setting_key(r)) % 10}"
+            ax.plot(r["head_flops_per_sample"], r[shown[0]], "o", color=color, label=r["run"])
+        ax.set(
+            xscale="log", xlabel="head FLOPs per sample (inference)", ylabel=shown[0], title=f"{shown[0]} vs head cost"
+        )
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
