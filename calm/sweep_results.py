@@ -101,15 +101,15 @@ def setting_key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 def summarise(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
     """One row per setting with several seeds: ``n``, and per metric its mean, ``_sd`` (sample standard
-    deviation, None with one value) and ``_min`` / ``_max`` over the seeds that logged it. [] when no
-    setting has more than one run."""
+    deviation, None with one value) and ``_min`` / ``_max`` over the seeds that logged it. Settings
+    with one run (e.g. a shared autoencoder) are left out; [] when no setting has more than one."""
     settings: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         settings.setdefault(setting_key(row), []).append(row)
     if all(len(members) == 1 for members in settings.values()):
         return []
     summary = []
-    for members in settings.values():
+    for members in (m for m in settings.values() if len(m) > 1):  # a single run is in the main table
         first = members[0]
         entry = {"group": first["group"], "kind": first["kind"], "n": len(members)}
         entry.update({k: v for k, v in first.items() if k.startswith("grid:") and k not in SEED_KEYS})
