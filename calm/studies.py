@@ -11,7 +11,7 @@ study                     variants                                              
 ========================  ======================================================  ==================
 ``heads``                 energy | flow matching | diffusion head                 §8.6, Figs. 8-9
 ``input``                 discrete | continuous | both                            §8.5, Table 5
-``energy-loss``           default N=8, M=100, α=1; then N=2, M=1, α=0.5, α=1.5    §8.4, Tables 3-4
+``energy-loss``           default N=8, M=100, α=1; then N=2, M=16, α=0.5, α=1.5   §8.4, Tables 3-4
 ``ae-regularisers``       full recipe; KL off; plain KL; no DropToken; no DropLatent  §8.3, Table 2
 ``latent-size``           l ∈ {32, 64, 128, 256}, dropouts 0.05·log2(l/16)          §8.3, Fig. 7
 ``chunk-size``            K ∈ {1, 2, 4, 8} with l = 32·K                          §8.2, Fig. 4
@@ -118,7 +118,9 @@ def _energy_loss() -> list[Variant]:
     return [
         Variant("default"),
         Variant("N2", {"model.num_samples": 2}),
-        Variant("M1", {"model.num_target_samples": 1}),
+        # M = 16 (paper: 4.56), not the paper's M = 1: the head diagnostics every CALM evaluation runs
+        # need M >= 2 posterior samples (calm/diagnostics.py), so an M = 1 run stops at its first evaluation
+        Variant("M16", {"model.num_target_samples": 16}),
         Variant("alpha0.5", {"model.energy_alpha": 0.5}),
         Variant("alpha1.5", {"model.energy_alpha": 1.5}),
     ]

@@ -69,7 +69,7 @@ def test_energy_loss_changes_one_knob_at_a_time(tmp_path):
     default = {k: getattr(model(calm[0]), k) for k in knobs}
     assert default == {"num_samples": 8, "num_target_samples": 100, "energy_alpha": 1.0}
     changed = [{k: getattr(model(r), k) for k in knobs if getattr(model(r), k) != default[k]} for r in calm[1:]]
-    assert changed == [{"num_samples": 2}, {"num_target_samples": 1}, {"energy_alpha": 0.5}, {"energy_alpha": 1.5}]
+    assert changed == [{"num_samples": 2}, {"num_target_samples": 16}, {"energy_alpha": 0.5}, {"energy_alpha": 1.5}]
     assert_equal_budgets(runs)
     assert calm[1].max_steps > calm[0].max_steps  # N = 2 is cheaper per token: more steps for the same FLOPs
 
