@@ -347,9 +347,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    """``calm sweep --study NAME``: a named ablation (``calm.studies``), preparing the default data if needed."""
-    from calm.studies import STUDIES, data_vocab_size, prepare_default_data, study_spec
-    from calm.sweep import run_sweep
+    """``calm sweep --study NAME``: a named ablation (``calm.studies.run_study``)."""
+    from calm.studies import run_study
 
     given = [flag for flag, value in (("SPEC", args.spec), ("--kind", args.kind), ("--grid", args.grid),
              ("--set", args.set), ("--name", args.name), ("--preset", args.preset),
@@ -357,22 +356,9 @@ def _run_study(args: argparse.Namespace) -> int:
              ("--metrics", args.metrics)) if value]  # fmt: skip
     if given:
         raise ConfigError(f"--study builds its own spec; drop {', '.join(given)} (or sweep a YAML spec instead)")
-    data = args.data or str(Path(args.out) / "data")
-    spec = study_spec(
-        args.study,
-        data,
-        scale=args.scale,
-        seeds=1 if args.seeds is None else args.seeds,
-        autoencoder=args.autoencoder,
-        evals=args.evals,
-    )
-    title = f"Study {args.study}: {STUDIES[args.study]}"
-    if args.dry_run:
-        run_sweep(spec, args.out, dry_run=True, vocab_size=data_vocab_size(data))
-        return 0
-    if args.data is None:
-        prepare_default_data(data, progress=not args.no_progress)
-    run_sweep(spec, args.out, progress=not args.no_progress, title=title)
+    seeds = 1 if args.seeds is None else args.seeds
+    run_study(args.study, args.out, data=args.data, scale=args.scale, seeds=seeds, autoencoder=args.autoencoder,
+              evals=args.evals, dry_run=args.dry_run, progress=not args.no_progress)  # fmt: skip
     return 0
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.config import ConfigError, latent_ablation_overrides, load_preset
-from calm.sweep import SweepSpec, _flops_per_token, sweep_from_dict
+from calm.sweep import SweepSpec, run_sweep, stage_flops_per_token, sweep_from_dict
 
 DEFAULT_VOCAB_SIZE = 4096
 """The vocabulary of the default data (``calm demo``'s ``--vocab-size``): planning a study whose data is
@@ -182,9 +182,9 @@ def study_variants(name: str, scale: Scale = TINY) -> list[Variant]:
 def _budgets(scale: Scale, vocab_size: int) -> tuple[float, float]:
     """(CALM, autoencoder) training-FLOPs budgets: ``scale``'s steps of the default settings."""
     ae = load_preset("autoencoder", scale.ae_preset, scale.ae_set)
-    ae_fpt, _ = _flops_per_token("autoencoder", ae, vocab_size, None)
+    ae_fpt, _ = stage_flops_per_token("autoencoder", ae, vocab_size, None)
     calm = load_preset("calm", scale.calm_preset, scale.calm_set)
-    calm_fpt, _ = _flops_per_token("calm", calm, vocab_size, ae.model)
+    calm_fpt, _ = stage_flops_per_token("calm", calm, vocab_size, ae.model)
     return calm_fpt * calm.train.batch_tokens * scale.calm_steps, ae_fpt * ae.train.batch_tokens * scale.ae_steps
 
 
@@ -279,3 +279,29 @@ def prepare_default_data(data: str | Path, *, progress: bool = True) -> Path:
     if not (data / "meta.json").exists():
         prepare(data, sources=["default"], tokenizer="train", vocab_size=DEFAULT_VOCAB_SIZE, progress=progress)
     return data
+
+
+def run_study(
+    name: str,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    scale: str | None = None,
+    seeds: int = 1,
+    autoencoder: str | Path | None = None,
+    evals: int | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or finish, or with ``dry_run`` only print) study ``name`` into ``out``; return the result rows.
+
+    Without ``data`` the study prepares ``calm demo``'s default data in ``out/data`` first (not on a
+    dry run). The other arguments are :func:`study_spec`'s; outputs are :func:`calm.sweep.run_sweep`'s.
+    """
+    data_dir = Path(data) if data is not None else Path(out) / "data"
+    spec = study_spec(name, data_dir, scale=scale, seeds=seeds, autoencoder=autoencoder, evals=evals)
+    if dry_run:
+        return run_sweep(spec, out, dry_run=True, vocab_size=data_vocab_size(data_dir))
+    if data is None:
+        prepare_default_data(data_dir, progress=progress)
+    return run_sweep(spec, out, progress=progress, title=f"Study {name}: {STUDIES[name]}")

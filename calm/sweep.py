@@ -338,7 +338,7 @@ def _data_vocab_size(data: Path) -> int:
     return int(json.loads(meta.read_text())["vocab_size"])
 
 
-def _flops_per_token(
+def stage_flops_per_token(
     kind: str, preset: Any, vocab_size: int, ae_config: AutoencoderConfig | None
 ) -> tuple[float, dict[str, float]]:
     """The stage's analytic training FLOPs per token (the same call the stage makes) and, for CALM,
@@ -443,7 +443,7 @@ def plan_sweep(spec: SweepSpec, out: str | Path, *, vocab_size: int | None = Non
             try:
                 preset = load_preset(group.kind, group.preset, overrides)
                 preset.train.validate()
-                fpt, costs = _flops_per_token(group.kind, preset, vocab, ae_configs.get(ae_run or ae_path or ""))
+                fpt, costs = stage_flops_per_token(group.kind, preset, vocab, ae_configs.get(ae_run or ae_path or ""))
             except ConfigError as e:
                 raise ConfigError(f"run {name}: {e}") from e
             steps = budget.max_steps(fpt, preset.train.batch_tokens)

@@ -178,11 +178,11 @@ def test_cli_dry_run_prints_the_plan_without_preparing_data(tmp_path, capsys, mo
 def test_cli_study_prepares_default_data_when_none_is_given(tmp_path, monkeypatch):
     """Without --data the study prepares `calm demo`'s default data in OUT/data, then sweeps it."""
     import calm.data
-    import calm.sweep
+    import calm.studies
 
     calls = []
     monkeypatch.setattr(calm.data, "prepare", lambda out, **kw: calls.append((out, kw)))
-    monkeypatch.setattr(calm.sweep, "run_sweep", lambda spec, out, **kw: calls.append((spec.data, kw["title"])))
+    monkeypatch.setattr(calm.studies, "run_sweep", lambda spec, out, **kw: calls.append((spec.data, kw["title"])))
     assert main(["sweep", "--study", "input", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     (prepared, kw), (data, title) = calls
     assert str(prepared) == data == str(tmp_path / "s" / "data")
