@@ -384,6 +384,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. train.lr=1e-3")
     key, value = text.split("=", 1)
     parsed = yaml.safe_load(value)
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        parsed = value.strip()  # YAML 1.1 reads on/off/yes/no as booleans: model.kl_mode=off is the word
     if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
         try:
             parsed = float(parsed)

@@ -35,7 +35,10 @@ Spec format (YAML; every key but ``data`` and ``groups`` is optional)::
         autoencoder: "@ae"              # one CALM run per run of the earlier group `ae`
 
 Override keys are those of ``--set`` (``model.KEY`` / ``train.KEY``). ``train.max_steps`` is what the
-budget sets, so it may not be overridden. Metric names are keys of the validation records in each
+budget sets, so it may not be overridden. A CALM run on an autoencoder run whose grid sets
+``train.seed`` trains with that seed unless its own group sets one (seed s of an autoencoder study
+is one replicate: the autoencoder and the CALM on it). Named ablation studies (``calm sweep --study
+NAME``) build their specs in ``calm.studies``. Metric names are keys of the validation records in each
 run's ``metrics.jsonl``; ``train/KEY`` reads the training records instead (e.g. ``train/loss``).
 """
 
@@ -138,6 +141,9 @@ class PlannedRun:
     batch_tokens: int
     max_steps: int
     budget: str
+    costs: dict[str, float] = field(default_factory=dict)
+    """CALM runs: the head's inference cost (``head_passes_per_sample``, ``head_flops_per_sample`` =
+    passes x 2 x head matmul weights) and ``inference_flops_per_token`` (``calm.flops``, CALM-SPEC §8.6)."""
 
     @property
     def train_flops(self) -> float:
@@ -332,20 +338,23 @@ def _data_vocab_size(data: Path) -> int:
     return int(json.loads(meta.read_text())["vocab_size"])
 
 
-def _flops_per_token(kind: str, preset: Any, vocab_size: int, ae_config: AutoencoderConfig | None) -> float:
-    """The stage's analytic training FLOPs per token (the same call the stage makes)."""
+def stage_flops_per_token(
+    kind: str, preset: Any, vocab_size: int, ae_config: AutoencoderConfig | None
+) -> tuple[float, dict[str, float]]:
+    """The stage's analytic training FLOPs per token (the same call the stage makes) and, for CALM,
+    the head's inference cost (:attr:`PlannedRun.costs`)."""
     from calm.flops import ae_flops, calm_flops, gpt_flops
 
     model, train = preset.model, preset.train
     model.vocab_size = vocab_size
     if kind == "autoencoder":
         model.validate()
-        return float(ae_flops(model)["train_flops_per_token"])
+        return float(ae_flops(model)["train_flops_per_token"]), {}
     if kind == "gpt":
         if train.block_size - 1 > model.max_seq_len:
             raise ConfigError(f"block_size={train.block_size} exceeds max_seq_len={model.max_seq_len} + 1")
         model.validate()
-        return float(gpt_flops(model, context=train.block_size)["train_flops_per_token"])
+        return float(gpt_flops(model, context=train.block_size)["train_flops_per_token"]), {}
     model.chunk_size, model.latent_size = ae_config.chunk_size, ae_config.latent_size
     if train.block_size % model.chunk_size or train.block_size // model.chunk_size - 1 > model.max_seq_len:
         raise ConfigError(
@@ -353,7 +362,13 @@ def _flops_per_token(kind: str, preset: Any, vocab_size: int, ae_config: Autoenc
             f"max_seq_len={model.max_seq_len} + 1 chunks"
         )
     model.validate()
-    return float(calm_flops(model, ae_config, context=train.block_size // model.chunk_size)["train_flops_per_token"])
+    counts = calm_flops(model, ae_config, context=train.block_size // model.chunk_size)
+    costs = {
+        "head_passes_per_sample": counts["head_passes_per_sample"],
+        "head_flops_per_sample": counts["breakdown"]["inference_per_step"]["head"],
+        "inference_flops_per_token": counts["inference_flops_per_token"],
+    }
+    return float(counts["train_flops_per_token"]), costs
 
 
 def _autoencoder_config(path: str) -> AutoencoderConfig:
@@ -394,13 +409,14 @@ def _group_autoencoders(
     return [(source, None)]
 
 
-def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
+def plan_sweep(spec: SweepSpec, out: str | Path, *, vocab_size: int | None = None) -> list[PlannedRun]:
     """Expand every group into runs and derive each run's ``max_steps`` from its budget.
 
     Everything that can be checked without training is checked here (override keys, presets,
     budgets, autoencoders, name clashes), so a bad spec fails before any run starts.
+    ``vocab_size`` plans for data not prepared yet (default: the data's ``meta.json``).
     """
-    out, vocab = Path(out), _data_vocab_size(Path(spec.data))
+    out, vocab = Path(out), vocab_size or _data_vocab_size(Path(spec.data))
     runs: list[PlannedRun] = []
     by_group: dict[str, list[PlannedRun]] = {}
     ae_configs: dict[str, AutoencoderConfig] = {}
@@ -421,10 +437,13 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
             parts += [f"ae={ae_run}"] if ae_run else []
             name = "-".join(parts)
             overrides = {**group.set, **grid_values}
+            ae_seed = _chained_seed(ae_run, by_group)
+            if ae_seed is not None and "train.seed" not in overrides:
+                overrides["train.seed"] = ae_seed
             try:
                 preset = load_preset(group.kind, group.preset, overrides)
                 preset.train.validate()
-                fpt = _flops_per_token(group.kind, preset, vocab, ae_configs.get(ae_run or ae_path or ""))
+                fpt, costs = stage_flops_per_token(group.kind, preset, vocab, ae_configs.get(ae_run or ae_path or ""))
             except ConfigError as e:
                 raise ConfigError(f"run {name}: {e}") from e
             steps = budget.max_steps(fpt, preset.train.batch_tokens)
@@ -450,6 +469,7 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
                 batch_tokens=preset.train.batch_tokens,
                 max_steps=steps,
                 budget=budget.describe(),
+                costs=costs,
             )
             if group.kind == "autoencoder":
                 ae_configs[name] = preset.model
@@ -461,6 +481,15 @@ def plan_sweep(spec: SweepSpec, out: str | Path) -> list[PlannedRun]:
     if clashes:
         raise ConfigError(f"several runs would share the folders {clashes}; give the groups distinct names")
     return runs
+
+
+def _chained_seed(ae_run: str | None, by_group: dict[str, list[PlannedRun]]) -> int | None:
+    """The ``train.seed`` an autoencoder run's grid set (None if it set none or there is no such run)."""
+    for runs in by_group.values():
+        for run in runs:
+            if run.name == ae_run and "train.seed" in run.grid_values:
+                return int(run.grid_values["train.seed"])
+    return None
 
 
 # ----------------------------------------------------------------------------- running
@@ -525,16 +554,28 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
 
 
 def run_sweep(
-    spec: SweepSpec, out: str | Path, *, dry_run: bool = False, progress: bool = True, echo: Any = print
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    echo: Any = print,
+    title: str | None = None,
+    vocab_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Plan, train every run not yet finished (in spec order), then write the results; return the rows.
 
-    ``dry_run`` plans and prints the runs without training or writing anything. Outputs in ``out``:
-    one folder per run, ``results.{md,csv,json}`` and ``results.png`` (:func:`write_results`).
+    ``dry_run`` plans and prints the runs without training or writing anything (``vocab_size``
+    plans it for data not prepared yet). Outputs in ``out``: one folder per run,
+    ``results.{md,csv,json}`` and ``results.png`` (:func:`write_results`, headed by ``title``).
     """
-    runs = plan_sweep(spec, out)
+    runs = plan_sweep(spec, out, vocab_size=vocab_size)
     for run in runs:
-        echo(f"{run.name}: {run.max_steps} steps x {run.batch_tokens} tokens = {run.train_flops:.3g} FLOPs")
+        seed = run.overrides.get("train.seed")
+        echo(
+            f"{run.name}: {run.max_steps} steps x {run.batch_tokens} tokens = {run.train_flops:.3g} FLOPs"
+            + (f", seed {seed}" if seed is not None else "")
+        )
     if dry_run:
         return []
     out = Path(out)
@@ -547,7 +588,7 @@ def run_sweep(
             echo(f"{run.name}: {record['status']}")
     from calm.sweep_results import write_results
 
-    rows = write_results(out, runs, spec.metrics)
+    rows = write_results(out, runs, spec.metrics, title=title)
     echo(f"\nresults: {out / 'results.md'}")
     return rows
 
