@@ -270,8 +270,10 @@ def head_diagnostics(
             log_std,
             noise_size=c.noise_size,
             alpha=c.energy_alpha,
-            num_samples=c.num_samples,
-            num_target_samples=c.num_target_samples,
+            # the noise floor needs pairs of posterior samples: a model trained with M = 1 (paper
+            # Table 3) or N = 1 is diagnosed with 2; the estimates stay unbiased, only noisier
+            num_samples=max(c.num_samples, 2),
+            num_target_samples=max(c.num_target_samples, 2),
             num_point_samples=num_point_samples,
             seed=seed,
         )

@@ -14,6 +14,7 @@ distribution can be written by hand:
 
 import math
 
+import factories
 import pytest
 import torch
 
@@ -192,3 +193,11 @@ def test_training_logs_them_eval_reports_them_and_the_report_plots_them(data_dir
     report = write_report(run).read_text()
     assert "conditioning gap" in report and "evaluation set" in report
     assert (run / "head_diagnostics.png").exists()
+
+
+def test_a_model_trained_with_one_target_sample_is_diagnosed_with_two():
+    """Paper Table 3 ablates M = 1; the diagnostics' noise floor needs pairs, so they use M = 2 there."""
+    model = factories.tiny_calm(num_target_samples=1)
+    blocks = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0)).numpy()
+    result = head_diagnostics(model, blocks, max_positions=6, seed=0)
+    assert result.noise_floor > 0 and result.cond_gap == result.cond_gap  # finite, not nan
