@@ -419,7 +419,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from calm import __version__
     from calm.config import preset_names
-    from calm.pipeline import DEMO_LM_FLOPS
+    from calm.pipeline import DEMO_LM_FLOPS, DEMO_VOCAB_SIZE
 
     parser = argparse.ArgumentParser(prog="calm", description="Continuous Autoregressive Language Models")
     parser.add_argument("--version", action="version", version=f"calm {__version__}")
@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--corpus", nargs="+", default=["default"])
     p.add_argument("--tokenizer", default="train")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE)
     p.add_argument("--ae-preset", default="tiny")
     p.add_argument("--lm-preset", default="tiny", help="preset for both CALM and the GPT baseline")
     p.add_argument("--eval-data", help="evaluation text (default: the shipped WikiText-103 test set)")

@@ -27,6 +27,8 @@ from calm.jsonio import to_json
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = REPO_ROOT / "data" / "wikitext103" / "test.jsonl"
 PROMPTS = ["The history of the city", "In 1905 , the company"]
+DEMO_VOCAB_SIZE = 4096
+"""Vocabulary of the BPE the demo trains on its default corpus (``calm demo --vocab-size``)."""
 DEMO_LM_FLOPS = 1.6e13
 """Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
 equal compute). With the tiny presets and the demo recipe that is 136 GPT steps (0.56M tokens) and
@@ -56,6 +58,22 @@ def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: 
     return max(1, round(budget_flops / (flops_per_token * batch_tokens)))
 
 
+def prepare_demo_data(
+    data_dir: str | Path,
+    *,
+    corpus: list[str] | None = None,
+    tokenizer: str = "train",
+    vocab_size: int = DEMO_VOCAB_SIZE,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare the demo's data in ``data_dir``: ``corpus`` (default: the default corpus) and a tokenizer
+    (default: a ``vocab_size`` BPE trained on it); returns ``calm.data.prepare``'s metadata."""
+    from calm.data import prepare
+
+    sources = corpus or ["default"]
+    return prepare(data_dir, sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
+
+
 def _done(path: Path) -> dict[str, Any] | None:
     marker = path / "DONE.json"
     return json.loads(marker.read_text()) if marker.exists() else None
@@ -76,7 +94,7 @@ def run_demo(
     *,
     corpus: list[str] | None = None,
     tokenizer: str = "train",
-    vocab_size: int = 4096,
+    vocab_size: int = DEMO_VOCAB_SIZE,
     ae_preset: str = "tiny",
     lm_preset: str = "tiny",
     eval_data: str | Path | None = None,
@@ -93,7 +111,6 @@ def run_demo(
     ``section.key`` overrides; all of them are checked before any work starts.
     """
     from calm.config import check_overrides, load_preset
-    from calm.data import prepare
     from calm.stages import AutoencoderStage, CALMStage, GPTStage
     from calm.train import run_training
 
@@ -117,13 +134,7 @@ def run_demo(
     if (data_dir / "meta.json").exists():
         print(f"reusing {data_dir}")
     else:
-        prepare(
-            data_dir,
-            sources=corpus or ["default"],
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            progress=progress,
-        )
+        prepare_demo_data(data_dir, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
     summary["data"] = json.loads((data_dir / "meta.json").read_text())
 
     def train(kind: str, run_dir: Path, make_stage, preset_name: str) -> dict[str, Any]:

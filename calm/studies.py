@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from calm.config import ConfigError, latent_ablation_overrides, load_preset
+from calm.pipeline import DEMO_VOCAB_SIZE, prepare_demo_data
 from calm.sweep import SweepSpec, run_sweep, stage_flops_per_token, sweep_from_dict
 
-DEFAULT_VOCAB_SIZE = 4096
+DEFAULT_VOCAB_SIZE = DEMO_VOCAB_SIZE
 """The vocabulary of the default data (``calm demo``'s ``--vocab-size``): planning a study whose data is
 not prepared yet assumes it."""
 CALM_METRICS = ["brierlm", "brier1", "brier2", "brier3", "brier4", "cond_gap", "gap_closed"]
@@ -273,11 +274,9 @@ def study_spec(
 
 def prepare_default_data(data: str | Path, *, progress: bool = True) -> Path:
     """Prepare ``calm demo``'s default data (default corpus, 4096-token BPE) in ``data`` unless it exists."""
-    from calm.data import prepare
-
     data = Path(data)
     if not (data / "meta.json").exists():
-        prepare(data, sources=["default"], tokenizer="train", vocab_size=DEFAULT_VOCAB_SIZE, progress=progress)
+        prepare_demo_data(data, progress=progress)
     return data
 
 
