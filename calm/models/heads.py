@@ -178,6 +178,13 @@ class _ConditionalNet(_BlockStack):
     def _replicate(self, h: torch.Tensor, num_samples: int) -> torch.Tensor:
         return h.unsqueeze(0).expand(num_samples, *h.shape)
 
+    def _start(
+        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samplers' start: h replicated (num_samples, ..., d) and x ~ N(0, I) (num_samples, ..., l)."""
+        hs = self._replicate(h, num_samples)
+        return hs, torch.randn((*hs.shape[:-1], self.config.latent_size), device=h.device, generator=generator)
+
 
 class FlowHead(_ConditionalNet):
     """Flow matching (rectified-flow path), sampled with the midpoint rule in ``flow_steps`` steps."""
@@ -201,8 +208,7 @@ class FlowHead(_ConditionalNet):
         steps = self.config.flow_steps if steps is None else steps
         if steps < 1:
             raise ValueError(f"flow sampling needs >= 1 step, got {steps}")
-        hs = self._replicate(h, num_samples)
-        x = torch.randn((*hs.shape[:-1], self.config.latent_size), device=h.device, generator=generator)
+        hs, x = self._start(h, num_samples, generator)
         dt = 1.0 / steps
         for i in range(steps):
             t = torch.full(hs.shape[:-1], i * dt, device=h.device)
@@ -309,8 +315,7 @@ class DiffusionHead(_ConditionalNet):
         index = respaced_steps(self.config.diffusion_train_steps, steps)
         ab = cosine_alphas_cumprod(self.config.diffusion_train_steps)[index]  # fp64 on the CPU: exact coefficients
         ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-        hs = self._replicate(h, num_samples)
-        x = torch.randn((*hs.shape[:-1], self.config.latent_size), device=h.device, generator=generator)
+        hs, x = self._start(h, num_samples, generator)
         for i in reversed(range(steps)):
             t = torch.full(hs.shape[:-1], index[i], device=h.device)
             eps = self.predict_noise(x, t, hs)
