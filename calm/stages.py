@@ -186,16 +186,16 @@ class CALMStage(_BlockStage):
 
         model.eval()
         gen = torch.Generator(device="cpu").manual_seed(1234)
+        loss_key = f"{self.config.head}_loss"  # the head's own objective: energy_loss, flow_loss or diffusion_loss
         losses, results = [], []
         for row in self.val_blocks:
             block = torch.from_numpy(row)[None].to(device)
             loss, metrics = model(block)
-            losses.append(float(metrics.get(f"{self.config.head}_loss", loss)))  # without auxiliary terms
+            losses.append(float(metrics.get(loss_key, loss)))  # without auxiliary terms
             results.append(calm_block_brier(model, block, generator=gen))
         # does the head use its context? (issue 10; calm/diagnostics.py) on a fixed subset of positions
         diagnostics = head_diagnostics(model, self.val_blocks, max_positions=DIAGNOSTIC_POSITIONS, seed=1234)
         model.train()
-        loss_key = f"{self.config.head}_loss"  # the head's own objective: energy_loss, flow_loss or diffusion_loss
         return {loss_key: float(np.mean(losses)), **_merge_brier(results), **diagnostics.as_dict()}
 
     def checkpoint_config(self) -> dict[str, Any]:
