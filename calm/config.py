@@ -166,11 +166,19 @@ class CALMConfig(TransformerConfig):
     to the loss. In expectation that score is −2‖E[x] − E[z]‖² + const: an unbiased regression of the
     head's sample mean on the target that leaves the spread alone, so the sum stays strictly proper and
     the optimum unchanged, while the pull on the conditional mean grows (README "Small-CALM study")."""
+    energy_diversity_weight: float = 1.0
+    """λ in the score λ·E‖x′ − x″‖^α − 2·E‖x − z‖^α. 1 is the paper's strictly proper energy score; below 1
+    (ours, not the paper's; energy head only) the diversity term is weakened, so the loss is no longer
+    proper and its optimum is sharper than the data's distribution, as a temperature below 1 would be
+    (README "Small-CALM study")."""
     token_aux_weight: float = 0.0
     """Ours, not the paper's (off by default): weight of an auxiliary cross-entropy that predicts the next
     chunk's first token from the backbone state h through a linear layer (d → vocab) used in training only.
     It gives the backbone the direct next-token signal a token LM gets; its FLOPs count in training
     (``calm.flops``) and it is ignored at sampling (README "Small-CALM study")."""
+    token_aux_tokens: int = 1
+    """Ours: how many tokens of the next chunk the auxiliary readout predicts (1..K), one d → vocab
+    readout each; used only when ``token_aux_weight`` > 0."""
     head: str = "energy"
     """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
     flow_steps: int = 4
@@ -207,6 +215,18 @@ class CALMConfig(TransformerConfig):
             f"energy_mean_weight={self.energy_mean_weight} applies to the energy head only; got head={self.head!r}",
         )
         _require(self.token_aux_weight >= 0.0, f"token_aux_weight must be >= 0, got {self.token_aux_weight}")
+        _require(
+            1 <= self.token_aux_tokens <= self.chunk_size,
+            f"token_aux_tokens must be in 1..chunk_size={self.chunk_size}, got {self.token_aux_tokens}",
+        )
+        _require(
+            0.0 < self.energy_diversity_weight <= 1.0,
+            f"energy_diversity_weight must be in (0, 1] (1: the paper's score), got {self.energy_diversity_weight}",
+        )
+        _require(
+            self.energy_diversity_weight == 1.0 or self.head == "energy",
+            f"energy_diversity_weight applies to the energy head only; got head={self.head!r}",
+        )
         _require(self.head in CALM_HEADS, f"head={self.head!r} is unknown; choose one of {', '.join(CALM_HEADS)}")
         _require(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
         _require(

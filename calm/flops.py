@@ -270,8 +270,8 @@ def calm_flops(
         # the generated chunk is re-encoded to the next step's input latent
         inference_step["ae_encoder"] = ae["encoder_flops_per_chunk"]
     train_forward_step = backbone_fwd + attn + 2 * proj_matmul + config.num_samples * head_fwd
-    if config.token_aux_weight > 0:  # ours: the training-only next-token readout of h (d x vocab)
-        train_forward_step += 2 * d * config.vocab_size
+    if config.token_aux_weight > 0:  # ours: the training-only next-token readouts of h (d x vocab each)
+        train_forward_step += 2 * d * config.token_aux_tokens * config.vocab_size
     train_step = 3 * train_forward_step + ae["encoder_flops_per_chunk"]
     train = train_step / K
     return {

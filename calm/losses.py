@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["energy_score", "energy_loss"]
+__all__ = ["energy_score", "energy_loss", "energy_terms"]
 
 
-def energy_score(samples: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor:
+def energy_score(samples: Tensor, targets: Tensor, alpha: float = 1.0, diversity_weight: float = 1.0) -> Tensor:
     """Monte-Carlo energy score per position (spec §3.4); higher is better.
 
     Args:
@@ -42,9 +42,21 @@ def energy_score(samples: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor
         targets: (M, P, l) target samples for the same positions, M >= 1.
         alpha: exponent of the distance, in (0, 2]. Strictly proper for alpha < 2; alpha = 2 is
             only proper (the paper's Table 4 shows training then fails). Default 1.
+        diversity_weight: λ multiplying the diversity term (ours): 1 is the energy score; λ < 1
+            rewards sharper distributions than the target's and is no longer proper.
 
     Returns:
         (P,) fp32 tensor (fp64 if an input is fp64): score_i of the module docstring.
+    """
+    diversity, fidelity = energy_terms(samples, targets, alpha)
+    return diversity_weight * diversity - 2.0 * fidelity
+
+
+def energy_terms(samples: Tensor, targets: Tensor, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The energy score's two terms per position: (diversity, fidelity), each (P,).
+
+    diversity = 1/(N(N-1)) Σ_{n≠k} ‖x_n − x_k‖^α and fidelity = 1/(NM) Σ_n Σ_m ‖x_n − z_m‖^α; the
+    score is diversity − 2·fidelity. Shapes, dtypes and errors as :func:`energy_score`.
     """
     _check_energy_inputs(samples, targets, alpha)
     num_samples = samples.shape[0]
@@ -65,12 +77,12 @@ def energy_score(samples: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor
 
         cross_dist = _CrossDistance.apply(x.transpose(0, 1), z.transpose(0, 1))  # (P, N, M)
         fidelity = _safe_pow(cross_dist, alpha).mean(dim=(1, 2))  # (P,)
-    return diversity - 2.0 * fidelity
+    return diversity, fidelity
 
 
-def energy_loss(samples: Tensor, targets: Tensor, alpha: float = 1.0) -> Tensor:
+def energy_loss(samples: Tensor, targets: Tensor, alpha: float = 1.0, diversity_weight: float = 1.0) -> Tensor:
     """Energy loss: minus the mean over positions of :func:`energy_score` (a scalar)."""
-    return -energy_score(samples, targets, alpha).mean()
+    return -energy_score(samples, targets, alpha, diversity_weight).mean()
 
 
 def _check_energy_inputs(samples: Tensor, targets: Tensor, alpha: float) -> None:

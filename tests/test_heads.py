@@ -393,3 +393,49 @@ def test_token_aux_weight_adds_a_next_token_cross_entropy_and_its_flops():
     assert extra - base == 2 * 32 * 50
     with pytest.raises(ConfigError, match="token_aux_weight"):
         factories.tiny_calm(token_aux_weight=-1.0)
+
+
+def test_energy_diversity_weight_sharpens_the_training_loss_but_reports_the_proper_score():
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for weight in (1.0, 0.6):
+        model = factories.tiny_calm(energy_diversity_weight=weight)
+        torch.nn.init.normal_(model.head.final_out.weight, std=0.3, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(1)
+        results[weight] = model(tokens)
+    (plain_loss, plain_m), (loss, m) = results[1.0], results[0.6]
+    assert torch.allclose(m["energy_loss"], plain_m["energy_loss"])  # same draws: the reported score is the paper's
+    assert torch.allclose(plain_loss, plain_m["energy_loss"])
+    # loss = 2·fidelity − λ·diversity, so the gap to the proper score is (1 − λ)·diversity > 0
+    assert float((loss - m["energy_loss"]).detach()) > 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"energy_diversity_weight": 0.0},
+        {"energy_diversity_weight": 1.2},
+        {"energy_diversity_weight": 0.5, "head": "flow"},
+    ],
+)
+def test_energy_diversity_weight_bad_values_are_refused(overrides):
+    with pytest.raises(ConfigError, match="energy_diversity_weight"):
+        factories.tiny_calm(**overrides)
+
+
+def test_token_aux_tokens_reads_out_the_first_n_tokens_of_the_next_chunk():
+    from calm.flops import calm_flops
+
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = factories.tiny_calm(token_aux_weight=0.5, token_aux_tokens=3)
+    assert model.token_aux_head.weight.shape == (3 * 50, 32)
+    torch.manual_seed(1)
+    _, metrics = model(tokens)
+    logits = model.token_aux_head(model.hidden_states(tokens.view(2, 4, 4)[:, :-1])).reshape(-1, 50)
+    expected = torch.nn.functional.cross_entropy(logits, tokens.view(2, 4, 4)[:, 1:, :3].reshape(-1))
+    assert torch.allclose(metrics["token_aux_loss"], expected, atol=1e-6)
+    one = factories.tiny_calm(token_aux_weight=0.5)
+    flops = [calm_flops(m.config, m.autoencoder.config)["train_forward_flops_per_step"] for m in (model, one)]
+    assert flops[0] - flops[1] == 2 * 32 * 2 * 50
+    with pytest.raises(ConfigError, match="token_aux_tokens"):
+        factories.tiny_calm(token_aux_weight=0.5, token_aux_tokens=5)

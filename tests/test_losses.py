@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from calm.losses import energy_loss, energy_score
+from calm.losses import energy_loss, energy_score, energy_terms
 
 
 def naive_energy_score(samples: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -164,3 +164,23 @@ def test_alpha_two_score_is_an_unbiased_mean_regression():
     energy_loss(x, z, alpha=2.0).backward()
     mean_grad = x.grad.sum(dim=0).mean(dim=0) * P  # d loss / d (shift of all N samples of one position)
     assert torch.allclose(mean_grad, 4 * (a - b), atol=0.05)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.7, 0.4])
+def test_diversity_weight_below_one_trains_a_sharper_distribution(weight):
+    """Known answer (ours): for z ~ N(0, 1) and x = s·ξ, 2E|x − z| − λE|x − x'| is least at s = λ/√(2 − λ²)."""
+    gen = torch.Generator().manual_seed(0)
+    xi = torch.randn(8, 20000, 1, generator=gen, dtype=torch.float64)
+    z = torch.randn(16, 20000, 1, generator=gen, dtype=torch.float64)
+    scales = torch.linspace(0.2, 1.6, 57, dtype=torch.float64)
+    losses = [-float(energy_score(s * xi, z, diversity_weight=weight).mean()) for s in scales]
+    best = float(scales[int(torch.tensor(losses).argmin())])
+    assert best == pytest.approx(weight / (2 - weight**2) ** 0.5, abs=0.06)
+
+
+def test_energy_terms_make_up_the_score():
+    gen = torch.Generator().manual_seed(1)
+    x, z = torch.randn(4, 3, 5, generator=gen), torch.randn(6, 3, 5, generator=gen)
+    diversity, fidelity = energy_terms(x, z, 1.3)
+    assert torch.allclose(energy_score(x, z, 1.3), diversity - 2 * fidelity)
+    assert torch.allclose(energy_score(x, z, 1.3, diversity_weight=0.5), 0.5 * diversity - 2 * fidelity)

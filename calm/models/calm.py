@@ -66,7 +66,7 @@ class CALM(nn.Module):
         if self.uses_latents:
             self.latent_proj = nn.Linear(config.latent_size, d)  # after the rest: keeps their initial draws
         if config.token_aux_weight > 0:  # ours: training-only next-token readout of h (built only when used)
-            self.token_aux_head = nn.Linear(d, config.vocab_size, bias=False)
+            self.token_aux_head = nn.Linear(d, config.token_aux_tokens * config.vocab_size, bias=False)
         for part in ("embed_tokens", "embed_proj", "backbone", "head", "latent_proj", "token_aux_head"):
             if hasattr(self, part):
                 init_weights(getattr(self, part), config.init_std)
@@ -152,8 +152,9 @@ class CALM(nn.Module):
         P = mu.shape[0] * mu.shape[1]
         loss, metrics = self.head.loss(h.reshape(P, -1), mu.reshape(P, -1), log_std.exp().reshape(P, -1))
         if c.token_aux_weight > 0:
-            logits = self.token_aux_head(h.reshape(P, -1)).float()
-            aux = F.cross_entropy(logits, chunks[:, 1:, 0].reshape(P))
+            n = c.token_aux_tokens  # the next chunk's first n tokens, one readout each
+            logits = self.token_aux_head(h.reshape(P, -1)).float().view(P * n, c.vocab_size)
+            aux = F.cross_entropy(logits, chunks[:, 1:, :n].reshape(P * n))
             metrics["token_aux_loss"] = aux.detach()
             loss = loss + c.token_aux_weight * aux
         return loss, metrics

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import CALMConfig
-from calm.losses import energy_loss
+from calm.losses import energy_loss, energy_terms
 
 
 class MLPBlock(nn.Module):
@@ -132,8 +132,11 @@ class EnergyHead(_BlockStack):
         c = self.config
         targets = _posterior_samples(mu, std, c.num_target_samples, generator)  # (M, P, l)
         samples = self.sample(h, c.num_samples, generator).float()  # (N, P, l)
-        loss = energy_loss(samples, targets, c.energy_alpha)
+        diversity, fidelity = energy_terms(samples, targets, c.energy_alpha)  # (P,) each
+        loss = (2.0 * fidelity - diversity).mean()
         metrics = {"energy_loss": loss.detach()}
+        if c.energy_diversity_weight != 1.0:  # ours: a weaker diversity term, the optimum sharper than the data
+            loss = (2.0 * fidelity - c.energy_diversity_weight * diversity).mean()
         if c.energy_mean_weight > 0:  # ours: alpha = 2 score, a consistent regression of the sample mean
             mean_loss = energy_loss(samples, targets, 2.0)
             metrics["mean_loss"] = mean_loss.detach()
