@@ -100,6 +100,7 @@ def test_demo_applies_its_recipe_under_the_users_overrides(demo_run) -> None:
     out, _, _ = demo_run
     model = json.loads((out / "calm" / "run_config.json").read_text())["model"]
     assert model["token_aux_weight"] == DEMO_RECIPE["calm"]["model.token_aux_weight"] > 0
+    assert model["energy_diversity_weight"] == DEMO_RECIPE["calm"]["model.energy_diversity_weight"] < 1
     train = json.loads((out / "calm" / "run_config.json").read_text())["train"]
     assert train["block_size"] == 64
     records = [json.loads(line) for line in (out / "calm" / "metrics.jsonl").read_text().splitlines()]
