@@ -124,9 +124,10 @@ def test_energy_knobs_reach_the_loss(monkeypatch):
 
     def spy(samples, targets, alpha):
         seen.update(n=samples.shape[0], m=targets.shape[0], alpha=alpha)
-        return samples.sum() * 0
+        zero = samples.sum(dim=(0, 2)) * 0  # (P,): the score's diversity and fidelity terms
+        return zero, zero
 
-    monkeypatch.setattr(heads, "energy_loss", spy)
+    monkeypatch.setattr(heads, "energy_terms", spy)
     model = tiny_calm(num_samples=3, num_target_samples=7, energy_alpha=1.25)
     model(torch.randint(0, 97, (2, 16)))
     assert seen == {"n": 3, "m": 7, "alpha": 1.25}

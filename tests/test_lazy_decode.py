@@ -98,15 +98,20 @@ def test_fast_generation_equals_the_reference_in_bf16() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lazy_hidden_states_are_bit_identical_to_the_full_decode(dtype: torch.dtype) -> None:
     """Per-position decoding of any number of rows (few rows take another fp32 kernel) must give
-    the very hidden states of ``decode_hidden`` over all candidates, at the paper's AE width."""
+    the very hidden states of ``decode_hidden`` over all candidates, at the paper's AE width. In bf16,
+    Intel AMX kernels depend on the row count itself: there the states agree to bf16 rounding."""
     torch.manual_seed(0)
     ae = Autoencoder(load_preset("autoencoder", "paper", {"model.vocab_size": 1000}).model).eval().to(dtype)
     with torch.no_grad():
         z = torch.randn(200, 1, 128).to(dtype)
         full = ae.decode_hidden(z)  # (N, 1, K, d)
         expanded = _expanded(ae, z)
-        for rows in (1, 2, 3, 4, 5, 200):
-            assert torch.equal(_token_hidden(ae, expanded[:rows, 0, 1]), full[:rows, 0, 1]), rows
+        for rows in (1, 2, 3, 4, 5, 15, 16, 17, 200):
+            lazy = _token_hidden(ae, expanded[:rows, 0, 1])
+            if dtype == torch.float32:
+                assert torch.equal(lazy, full[:rows, 0, 1]), rows
+            else:
+                assert torch.allclose(lazy.float(), full[:rows, 0, 1].float(), rtol=2e-2, atol=2e-2), rows
 
 
 def test_lazy_exact_sampler_decodes_less_and_samples_the_same() -> None:
