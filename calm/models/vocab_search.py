@@ -131,11 +131,12 @@ class Int8Screen:
         out = torch.empty(hidden.shape[0], dtype=torch.long)
         start = 0
         for m, n in enumerate(counts):
-            ids = idx[start : start + n].sort().values  # ascending: exact ties go to the lowest id, as argmax
+            ids = idx[start : start + n]
             start += n
             if n == 0 or n > MAX_WINDOW_IDS:  # no ids: only possible with non-finite input
                 out[m] = F.linear(hidden[m : m + 1], self.weight).argmax(-1)[0]
             else:
+                ids = ids.sort().values  # ascending: exact ties go to the lowest id, as the reference argmax
                 # one fp32 dot product per id, rounded as the matmul's output: a 1-row GEMV kernel may sum
                 # identical rows differently (seen on Intel AMX CPUs) and so break exact ties the wrong way
                 rows = self.weight.index_select(0, ids).float()
