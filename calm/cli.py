@@ -563,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
 
     _add_sweep_parser(sub)
+    from calm.prompt_following import add_follow_parser
+
+    add_follow_parser(sub)
     p = sub.add_parser("serve", help="OpenAI-compatible completions server for a CALM or GPT checkpoint")
     p.add_argument("--checkpoint", required=True, help="CALM or GPT checkpoint / run directory")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")

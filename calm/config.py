@@ -179,6 +179,15 @@ class CALMConfig(TransformerConfig):
     token_aux_tokens: int = 1
     """Ours: how many tokens of the next chunk the auxiliary readout predicts (1..K), one d → vocab
     readout each; used only when ``token_aux_weight`` > 0."""
+    token_score_weight: float = 0.0
+    """Ours, not the paper's (off by default; energy head only): weight of a log score on the next chunk's
+    first token under the head's own samples. A linear probe (latent → vocab), trained alongside on
+    posterior samples of the true chunks, reads ``token_score_samples`` fresh head samples; the term is
+    −log of the probe's mixture probability of the true first token, its gradient reaching the head (not
+    the probe). It rewards samples whose tokens fit the context's register and topic, which the energy
+    score in latent space hardly rewards (README "Small-CALM study"). Training only; FLOPs counted."""
+    token_score_samples: int = 2
+    """Ours: head samples per position in the token score (used only when ``token_score_weight`` > 0)."""
     head: str = "energy"
     """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
     flow_steps: int = 4
@@ -218,6 +227,12 @@ class CALMConfig(TransformerConfig):
         _require(
             1 <= self.token_aux_tokens <= self.chunk_size,
             f"token_aux_tokens must be in 1..chunk_size={self.chunk_size}, got {self.token_aux_tokens}",
+        )
+        _require(self.token_score_weight >= 0.0, f"token_score_weight must be >= 0, got {self.token_score_weight}")
+        _require(self.token_score_samples >= 1, f"token_score_samples must be >= 1, got {self.token_score_samples}")
+        _require(
+            self.token_score_weight == 0.0 or self.head == "energy",
+            f"token_score_weight={self.token_score_weight} applies to the energy head only; got head={self.head!r}",
         )
         _require(
             0.0 < self.energy_diversity_weight <= 1.0,

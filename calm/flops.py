@@ -272,6 +272,9 @@ def calm_flops(
     train_forward_step = backbone_fwd + attn + 2 * proj_matmul + config.num_samples * head_fwd
     if config.token_aux_weight > 0:  # ours: the training-only next-token readouts of h (d x vocab each)
         train_forward_step += 2 * d * config.token_aux_tokens * config.vocab_size
+    if config.token_score_weight > 0:  # ours: n more head samples, the probe on them and on one target sample
+        n = config.token_score_samples
+        train_forward_step += n * head_fwd + 2 * config.latent_size * config.vocab_size * (n + 1)
     train_step = 3 * train_forward_step + ae["encoder_flops_per_chunk"]
     train = train_step / K
     return {

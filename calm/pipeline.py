@@ -178,6 +178,7 @@ def run_demo(
     _banner("6/6 report and generations")
     summary["samples"] = _samples(calm_dir, gpt_dir)
     atomic_write_text(out / "samples.json", to_json(summary["samples"], indent=2) + "\n")
+    summary["prompt_following"] = _prompt_following(calm_dir, gpt_dir, data_dir, out / "prompt_following.json")
     summary["speed"] = _generation_speed(calm_dir, gpt_dir)
     atomic_write_text(out / "generation_speed.json", to_json(summary["speed"], indent=2) + "\n")
     from calm.report import write_report
@@ -235,6 +236,34 @@ def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int 
             print(f"[T={temperature:g}] CALM: {prompt}{calm_text}")
             print(f"[T={temperature:g}] GPT:  {prompt}{gpt_text}")
     return rows
+
+
+def _prompt_following(calm_dir: Path, gpt_dir: Path, data_dir: Path, out_json: Path) -> dict[str, Any]:
+    """Prompt retrieval AUC of both models and the real text on validation prompts (``calm follow``)."""
+    if out_json.exists():
+        return json.loads(out_json.read_text())
+    from calm.checkpoint import load_model
+    from calm.prompt_following import format_table, prompt_following
+
+    calm_model, tok, _ = load_model(calm_dir, kind="calm")
+    gpt_model, _, _ = load_model(gpt_dir, kind="gpt")
+    K = calm_model.chunk_size  # room for BOS, CALM's left pad and the last partial chunk
+    room = min(gpt_model.config.max_seq_len, calm_model.config.max_seq_len * K) - 2 * K
+    prompt_tokens = min(64, room * 2 // 3)
+    try:
+        result = prompt_following(
+            {"calm": calm_model, "gpt": gpt_model},
+            tok,
+            data_dir,
+            prompt_tokens=prompt_tokens,
+            new_tokens=min(32, room - prompt_tokens),
+        )
+    except ValueError as e:  # a small corpus whose validation documents are too short
+        print(f"prompt following skipped: {e}")
+        return {"skipped": str(e)}
+    print(format_table(result))
+    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    return result
 
 
 def _generation_speed(calm_dir: Path, gpt_dir: Path, new_tokens: int = 256, repeats: int = 3) -> dict[str, Any]:

@@ -287,6 +287,36 @@ def _md_text(text: str) -> str:
     return text.replace("\r\n", " ⏎ ").replace("\n", " ⏎ ").strip() or "(nothing)"
 
 
+def _prompt_following_lines(result: dict[str, Any] | None) -> list[str]:
+    """The prompt retrieval AUC table (``calm.prompt_following``) and one example, if the run has it."""
+    if not result:
+        return []
+    s = result["settings"]
+    lines = [
+        "## Do continuations follow their prompts?",
+        "",
+        f"Prompt retrieval AUC (`calm follow`): {s['prompts']} validation documents, each model continues the "
+        f"first {s['prompt_tokens']} tokens by {s['new_tokens']} at T = {s['temperature']:g} (seed {s['seed']}); "
+        "a continuation scores how often its own prompt explains it better than another prompt does (unigram "
+        "retrieval, rare shared tokens weigh most). 0.5: the continuation ignores its prompt; the real text "
+        "of the same documents gives the ceiling.",
+        "",
+        "| continuation | AUC ± SE | mean new tokens |",
+        "|---|---|---|",
+    ]
+    for name, r in result["results"].items():
+        label = "real text" if name == "reference" else name.upper() if name in ("calm", "gpt") else name
+        lines.append(f"| {label} | {r['auc']:.3f} ± {r['auc_se']:.3f} | {r['mean_new_tokens']:.1f} |")
+    lines.append("")
+    for example in result["examples"][:1]:
+        lines += [f"Example prompt (its end): …{_md_text(example['prompt'][-160:])}", ""]
+        for name in result["results"]:
+            label = "real text" if name == "reference" else name.upper() if name in ("calm", "gpt") else name
+            lines.append(f"- {label}: {_md_text(example[name])}")
+        lines.append("")
+    return lines
+
+
 def write_report(run: str | Path) -> Path:
     """Write ``run/report.md`` (and plots) from whatever the run has logged; return its path."""
     run = Path(run)
@@ -359,6 +389,7 @@ def write_report(run: str | Path) -> Path:
                 f"- GPT: {_md_text(s['prompt'])} → {_md_text(s['gpt'])}",
                 "",
             ]
+    lines += _prompt_following_lines(_read_json(run / "prompt_following.json"))
     path = run / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

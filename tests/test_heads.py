@@ -439,3 +439,58 @@ def test_token_aux_tokens_reads_out_the_first_n_tokens_of_the_next_chunk():
     assert flops[0] - flops[1] == 2 * 32 * 2 * 50
     with pytest.raises(ConfigError, match="token_aux_tokens"):
         factories.tiny_calm(token_aux_weight=0.5, token_aux_tokens=5)
+
+
+def test_token_score_trains_the_head_through_a_probe_that_learns_only_from_true_latents():
+    from calm.flops import calm_flops, head_params
+
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = factories.tiny_calm()
+    model = factories.tiny_calm(token_score_weight=0.5, token_score_samples=3)
+    lat = model.config.latent_size
+    assert model.latent_probe.weight.shape == (50, lat) and model.num_parameters() == plain.num_parameters()
+    torch.manual_seed(1)
+    loss, metrics = model(tokens)
+    assert torch.allclose(
+        loss, metrics["energy_loss"] + 0.5 * metrics["token_score"] + metrics["probe_loss"], atol=1e-5
+    )
+    assert 0 < float(metrics["token_score"]) and 0 < float(metrics["probe_loss"])
+    # the probe learns from its own loss only; the token score trains the head, not the probe
+    model.zero_grad()
+    h = model.hidden_states(tokens.view(2, 4, 4)[:, :-1]).reshape(-1, 32)
+    mu, log_std = model.target_posterior(tokens.view(2, 4, 4)[:, 1:])
+    score, probe_loss = model._token_score(
+        h, mu.reshape(-1, lat), log_std.exp().reshape(-1, lat), tokens.view(2, 4, 4)[:, 1:, 0].reshape(-1)
+    )
+    score.backward(retain_graph=True)
+    assert model.latent_probe.weight.grad is None and model.head.final_out.weight.grad.abs().sum() > 0
+    head_grad = model.head.final_out.weight.grad.clone()
+    probe_loss.backward()
+    assert model.latent_probe.weight.grad.abs().sum() > 0
+    assert torch.equal(model.head.final_out.weight.grad, head_grad)
+    extra = calm_flops(model.config, model.autoencoder.config)["train_forward_flops_per_step"]
+    base = calm_flops(plain.config, plain.autoencoder.config)["train_forward_flops_per_step"]
+    assert extra - base == 3 * 2 * head_params(model.config)[1] + 2 * lat * 50 * 4
+    for bad in ({"token_score_weight": -1.0}, {"token_score_weight": 0.5, "head": "flow"}, {"token_score_samples": 0}):
+        with pytest.raises(ConfigError, match="token_score"):
+            factories.tiny_calm(**bad)
+
+
+def test_token_score_of_a_head_that_decodes_the_true_token_is_low():
+    """Known answer: with a probe that reads token t off latent dimension t, a head whose samples sit on the
+    true first token's dimension scores far lower than one whose samples point elsewhere."""
+    model = factories.tiny_calm(token_score_weight=1.0, token_score_samples=2)
+    lat = model.config.latent_size
+    with torch.no_grad():
+        model.latent_probe.weight.zero_()
+        model.latent_probe.bias.fill_(-50.0)
+        model.latent_probe.bias[:lat] = 0.0
+        model.latent_probe.weight[:lat] = 20.0 * torch.eye(lat)
+    first = torch.arange(4) % lat
+    right = torch.nn.functional.one_hot(first, lat).float()
+    wrong = torch.nn.functional.one_hot((first + 1) % lat, lat).float()
+    scores = {}
+    for name, target in (("right", right), ("wrong", wrong)):
+        model.head.sample = lambda h, n, generator=None, t=target: t.expand(n, *t.shape)
+        scores[name] = model._token_score(torch.zeros(4, 32), right, torch.zeros(4, lat), first)[0]
+    assert scores["right"] < 0.01 and scores["wrong"] > 15.0

@@ -79,6 +79,10 @@ def test_demo_report_names_precisions_and_models(demo_run) -> None:
     assert "Training precision: autoencoder" in report and "calm " in report and "gpt " in report
     assert "| CALM |" in report and "| GPT |" in report
     assert (out / "brier_n_vs_flops.png").exists() and "brier_n_vs_flops.png" in report
+    assert "## Do continuations follow their prompts?" in report and "| real text |" in report
+    following = json.loads((out / "prompt_following.json").read_text())
+    assert set(following["results"]) == {"reference", "calm", "gpt"}
+    assert all(0.0 <= r["auc"] <= 1.0 for r in following["results"].values())
     for name in ("samples.json", "generation_speed.json", "eval_calm.json", "eval_gpt.json"):
         assert (out / name).exists(), name
     assert summary["eval"]["calm"]["precision"] in ("fp32", "bf16")

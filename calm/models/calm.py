@@ -22,6 +22,8 @@ never trained: its parameters have ``requires_grad=False`` and ``train()`` keeps
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,7 +69,9 @@ class CALM(nn.Module):
             self.latent_proj = nn.Linear(config.latent_size, d)  # after the rest: keeps their initial draws
         if config.token_aux_weight > 0:  # ours: training-only next-token readout of h (built only when used)
             self.token_aux_head = nn.Linear(d, config.token_aux_tokens * config.vocab_size, bias=False)
-        for part in ("embed_tokens", "embed_proj", "backbone", "head", "latent_proj", "token_aux_head"):
+        if config.token_score_weight > 0:  # ours: training-only probe latent -> first token of the chunk
+            self.latent_probe = nn.Linear(config.latent_size, config.vocab_size)
+        for part in ("embed_tokens", "embed_proj", "backbone", "head", "latent_proj", "token_aux_head", "latent_probe"):
             if hasattr(self, part):
                 init_weights(getattr(self, part), config.init_std)
         self.head.zero_init_output()
@@ -99,9 +103,12 @@ class CALM(nn.Module):
 
     def num_parameters(self) -> int:
         """Parameters used to generate, as the paper counts: without the frozen autoencoder and without
-        the training-only ``token_aux_head`` (ours)."""
-        aux = self.token_aux_head.weight.numel() if hasattr(self, "token_aux_head") else 0
-        return sum(p.numel() for p in self.trainable_parameters()) - aux
+        the training-only ``token_aux_head`` and ``latent_probe`` (ours)."""
+        extra = sum(
+            p.numel() for part in ("token_aux_head", "latent_probe") if hasattr(self, part)
+            for p in getattr(self, part).parameters()
+        )  # fmt: skip
+        return sum(p.numel() for p in self.trainable_parameters()) - extra
 
     def compress(self, chunks: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
         """chunks (B, L, K) token ids -> backbone inputs (B, L, d), as ``config.input`` says (§3.2, §8.5).
@@ -157,4 +164,27 @@ class CALM(nn.Module):
             aux = F.cross_entropy(logits, chunks[:, 1:, :n].reshape(P * n))
             metrics["token_aux_loss"] = aux.detach()
             loss = loss + c.token_aux_weight * aux
+        if c.token_score_weight > 0:
+            score, probe_loss = self._token_score(h.reshape(P, -1), mu.reshape(P, -1), log_std.exp().reshape(P, -1),
+                                                  chunks[:, 1:, 0].reshape(P))  # fmt: skip
+            metrics.update(token_score=score.detach(), probe_loss=probe_loss.detach())
+            loss = loss + c.token_score_weight * score + probe_loss  # the probe's loss reaches only the probe
         return loss, metrics
+
+    def _token_score(
+        self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, first: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(−log mixture probability of the true first token under the head's samples, the probe's own loss).
+
+        h (P, d), μ and σ (P, l) of the true next chunks, first (P,) their first tokens. The probe learns
+        on one posterior sample per position (detached); the head's n samples go through the probe's
+        detached weights, so the score trains the head and backbone, and the probe stays a decoder proxy.
+        """
+        n = self.config.token_score_samples
+        target = (mu + std * torch.randn_like(mu)).detach()
+        probe_loss = F.cross_entropy(self.latent_probe(target).float(), first)
+        samples = self.head.sample(h, n).float()  # (n, P, l)
+        weight, bias = self.latent_probe.weight.detach().float(), self.latent_probe.bias.detach().float()
+        log_probs = F.linear(samples, weight, bias).log_softmax(-1)  # (n, P, V)
+        log_mixture = torch.logsumexp(log_probs, dim=0) - math.log(n)
+        return F.nll_loss(log_mixture, first), probe_loss
