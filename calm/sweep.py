@@ -93,7 +93,8 @@ class Budget:
         return f"flops={self.flops:.3g}" if self.flops is not None else f"tokens={self.tokens}"
 
     def max_steps(self, flops_per_token: float, batch_tokens: int) -> int:
-        """Optimizer steps that fit the budget (rounded down): budget / (batch_tokens · FLOPs per token)."""
+        """Optimizer steps that fit the budget (rounded down, as ``calm.pipeline.steps_for_budget`` for the
+        demo): budget / (batch_tokens · FLOPs per token); 0 when not even one step fits."""
         if self.flops is not None:
             return int(self.flops // (flops_per_token * batch_tokens))
         return int(self.tokens // batch_tokens)
