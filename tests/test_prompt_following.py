@@ -87,3 +87,23 @@ def test_end_to_end_on_tiny_checkpoints(tiny_lm_checkpoints, tiny_data_dir):
         assert 0.0 <= r["auc"] <= 1.0 and r["auc_se"] >= 0.0 and 0 <= r["mean_new_tokens"] <= 8
     assert out["results"]["reference"]["mean_new_tokens"] == 8
     assert len(out["examples"]) >= 2 and {"prompt", "reference", "calm", "gpt"} <= set(out["examples"][0])
+
+
+def test_calm_follow_command_writes_json_and_refuses_bad_input(tiny_lm_checkpoints, tiny_data_dir, tmp_path, capsys):
+    import json
+
+    from calm.cli import main
+
+    runs = [str(tiny_lm_checkpoints["calm"]), str(tiny_lm_checkpoints["gpt"])]
+    small = ["--num-prompts", "4", "--prompt-tokens", "8", "--new-tokens", "8", "--num-samples", "8"]
+    out = tmp_path / "follow.json"
+    assert main(["follow", "--checkpoint", *runs, "--data", str(tiny_data_dir), *small, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "real text" in printed and "calm" in printed and "gpt" in printed
+    assert set(json.loads(out.read_text())["results"]) == {"reference", "calm", "gpt"}
+    long = ["--prompt-tokens", "100000"]
+    assert main(["follow", "--checkpoint", runs[0], "--data", str(tiny_data_dir), *long]) == 2
+    assert "document(s) of at least" in capsys.readouterr().err
+    hot = ["--temperature", "1.5"]  # CALM samples at T in (0, 1] only
+    assert main(["follow", "--checkpoint", runs[0], "--data", str(tiny_data_dir), *small, *hot]) == 2
+    assert "temperature" in capsys.readouterr().err
