@@ -304,16 +304,15 @@ def _prompt_following_lines(result: dict[str, Any] | None) -> list[str]:
         "| continuation | AUC ± SE | mean new tokens |",
         "|---|---|---|",
     ]
+    labels = {
+        name: {"reference": "real text", "calm": "CALM", "gpt": "GPT"}.get(name, name) for name in result["results"]
+    }
     for name, r in result["results"].items():
-        label = "real text" if name == "reference" else name.upper() if name in ("calm", "gpt") else name
-        lines.append(f"| {label} | {r['auc']:.3f} ± {r['auc_se']:.3f} | {r['mean_new_tokens']:.1f} |")
+        lines.append(f"| {labels[name]} | {r['auc']:.3f} ± {r['auc_se']:.3f} | {r['mean_new_tokens']:.1f} |")
     lines.append("")
     for example in result["examples"][:1]:
         lines += [f"Example prompt (its end): …{_md_text(example['prompt'][-160:])}", ""]
-        for name in result["results"]:
-            label = "real text" if name == "reference" else name.upper() if name in ("calm", "gpt") else name
-            lines.append(f"- {label}: {_md_text(example[name])}")
-        lines.append("")
+        lines += [f"- {labels[name]}: {_md_text(example[name])}" for name in result["results"]] + [""]
     return lines
 
 
