@@ -32,7 +32,7 @@ DEMO_VOCAB_SIZE = 4096
 DEMO_LM_FLOPS = 1.6e13
 """Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
 equal compute). With the tiny presets and the demo recipe that is 136 GPT steps (0.56M tokens) and
-238 CALM steps (0.97M tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without
+237 CALM steps (0.97M tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without
 native bf16 (README)."""
 
 
