@@ -36,6 +36,10 @@ from calm.models.layers import Backbone, KVCache, init_weights
 __all__ = ["CALM", "EnergyHead", "MLPBlock"]  # the head classes lived here before heads.py; kept importable
 
 
+_TRAINING_ONLY = ("token_aux_head", "latent_probe")
+"""Submodules (ours) that only training uses: left out of ``CALM.num_parameters``."""
+
+
 class CALM(nn.Module):
     def __init__(self, config: CALMConfig, autoencoder: Autoencoder) -> None:
         super().__init__()
@@ -105,9 +109,8 @@ class CALM(nn.Module):
         """Parameters used to generate, as the paper counts: without the frozen autoencoder and without
         the training-only ``token_aux_head`` and ``latent_probe`` (ours)."""
         extra = sum(
-            p.numel() for part in ("token_aux_head", "latent_probe") if hasattr(self, part)
-            for p in getattr(self, part).parameters()
-        )  # fmt: skip
+            p.numel() for part in _TRAINING_ONLY if hasattr(self, part) for p in getattr(self, part).parameters()
+        )
         return sum(p.numel() for p in self.trainable_parameters()) - extra
 
     def compress(self, chunks: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,31 +160,31 @@ class CALM(nn.Module):
             h = self.hidden_states(chunks[:, :-1])  # (B, L-1, d)
             mu, log_std = self.target_posterior(chunks[:, 1:])  # (B, L-1, l)
         P = mu.shape[0] * mu.shape[1]
-        loss, metrics = self.head.loss(h.reshape(P, -1), mu.reshape(P, -1), log_std.exp().reshape(P, -1))
+        h, mu, log_std = h.reshape(P, -1), mu.reshape(P, -1), log_std.reshape(P, -1)
+        loss, metrics = self.head.loss(h, mu, log_std.exp())
         if c.token_aux_weight > 0:
             n = c.token_aux_tokens  # the next chunk's first n tokens, one readout each
-            logits = self.token_aux_head(h.reshape(P, -1)).float().view(P * n, c.vocab_size)
+            logits = self.token_aux_head(h).float().view(P * n, c.vocab_size)
             aux = F.cross_entropy(logits, chunks[:, 1:, :n].reshape(P * n))
             metrics["token_aux_loss"] = aux.detach()
             loss = loss + c.token_aux_weight * aux
         if c.token_score_weight > 0:
-            score, probe_loss = self._token_score(h.reshape(P, -1), mu.reshape(P, -1), log_std.exp().reshape(P, -1),
-                                                  chunks[:, 1:, 0].reshape(P))  # fmt: skip
+            score, probe_loss = self._token_score(h, mu, log_std, chunks[:, 1:, 0].reshape(P))
             metrics.update(token_score=score.detach(), probe_loss=probe_loss.detach())
             loss = loss + c.token_score_weight * score + probe_loss  # the probe's loss reaches only the probe
         return loss, metrics
 
     def _token_score(
-        self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, first: torch.Tensor
+        self, h: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor, first: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(−log mixture probability of the true first token under the head's samples, the probe's own loss).
 
-        h (P, d), μ and σ (P, l) of the true next chunks, first (P,) their first tokens. The probe learns
+        h (P, d), μ and log σ (P, l) of the true next chunks, first (P,) their first tokens. The probe learns
         on one posterior sample per position (detached); the head's n samples go through the probe's
         detached weights, so the score trains the head and backbone, and the probe stays a decoder proxy.
         """
         n = self.config.token_score_samples
-        target = (mu + std * torch.randn_like(mu)).detach()
+        target = self.autoencoder.sample_posterior(mu, log_std).detach()
         probe_loss = F.cross_entropy(self.latent_probe(target).float(), first)
         samples = self.head.sample(h, n).float()  # (n, P, l)
         weight, bias = self.latent_probe.weight.detach().float(), self.latent_probe.bias.detach().float()
