@@ -177,10 +177,14 @@ def run_demo(
     }
 
     _banner("6/6 report and generations")
-    summary["samples"] = _samples(calm_dir, gpt_dir)
+    from calm.checkpoint import load_model
+
+    calm_model, tok, _ = load_model(calm_dir, kind="calm")
+    gpt_model, gpt_tok, _ = load_model(gpt_dir, kind="gpt")
+    summary["samples"] = _samples(calm_model, gpt_model, tok, gpt_tok)
     atomic_write_text(out / "samples.json", to_json(summary["samples"], indent=2) + "\n")
-    summary["prompt_following"] = _prompt_following(calm_dir, gpt_dir, data_dir, out / "prompt_following.json")
-    summary["speed"] = _generation_speed(calm_dir, gpt_dir)
+    summary["prompt_following"] = _prompt_following(calm_model, gpt_model, tok, data_dir, out / "prompt_following.json")
+    summary["speed"] = _generation_speed(calm_model, gpt_model, tok)
     atomic_write_text(out / "generation_speed.json", to_json(summary["speed"], indent=2) + "\n")
     from calm.report import write_report
 
@@ -221,13 +225,12 @@ def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | N
     return result
 
 
-def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int = 0) -> list[dict[str, Any]]:
-
-    from calm.checkpoint import load_model
+def _samples(
+    calm_model: Any, gpt_model: Any, tok: Any, gtok: Any, max_new_tokens: int = 48, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Both models' continuations of ``PROMPTS`` at T = 1 and 1/2, one seed."""
     from calm.generate import generate_text
 
-    calm_model, tok, _ = load_model(calm_dir, kind="calm")
-    gpt_model, gtok, _ = load_model(gpt_dir, kind="gpt")
     rows = []
     for temperature in (1.0, 0.5):
         for prompt in PROMPTS:
@@ -239,15 +242,12 @@ def _samples(calm_dir: Path, gpt_dir: Path, max_new_tokens: int = 48, seed: int 
     return rows
 
 
-def _prompt_following(calm_dir: Path, gpt_dir: Path, data_dir: Path, out_json: Path) -> dict[str, Any]:
+def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path, out_json: Path) -> dict[str, Any]:
     """Prompt retrieval AUC of both models and the real text on validation prompts (``calm follow``)."""
     if out_json.exists():
         return json.loads(out_json.read_text())
-    from calm.checkpoint import load_model
     from calm.prompt_following import format_table, prompt_following
 
-    calm_model, tok, _ = load_model(calm_dir, kind="calm")
-    gpt_model, _, _ = load_model(gpt_dir, kind="gpt")
     K = calm_model.chunk_size  # room for BOS, CALM's left pad and the last partial chunk
     room = min(gpt_model.config.max_seq_len, calm_model.config.max_seq_len * K) - 2 * K
     prompt_tokens = min(64, room * 2 // 3)
@@ -267,18 +267,17 @@ def _prompt_following(calm_dir: Path, gpt_dir: Path, data_dir: Path, out_json: P
     return result
 
 
-def _generation_speed(calm_dir: Path, gpt_dir: Path, new_tokens: int = 256, repeats: int = 3) -> dict[str, Any]:
+def _generation_speed(
+    calm_model: Any, gpt_model: Any, tok: Any, new_tokens: int = 256, repeats: int = 3
+) -> dict[str, Any]:
     """Greedy generation tokens/s of both models (batch 1, KV cache, 32-token prompt), median of
     ``repeats`` interleaved runs. ``calm bench generate`` is the full benchmark."""
     import statistics
 
     import torch
 
-    from calm.checkpoint import load_model
     from calm.generate import generate
 
-    calm_model, tok, _ = load_model(calm_dir, kind="calm")
-    gpt_model, _, _ = load_model(gpt_dir, kind="gpt")
     prompt = torch.tensor([[tok.bos_id] + tok.encode("The history of the city of London began") * 4])[:, :32]
     K = calm_model.chunk_size
     steps = min(new_tokens // K, calm_model.config.max_seq_len - prompt.shape[1] // K)
