@@ -81,8 +81,9 @@ def bag_aucs(model, tokenizer, data: str, num_prompts: int = 128, draws: int = 2
         f"head samples x{draws}, first tokens": ids[:, :, 0].T.tolist(),
         f"head samples x{draws}, whole chunks": ids.permute(1, 0, 2).reshape(B, -1).tolist(),
     }
-    if hasattr(model, "token_aux_head"):
-        probs = model.token_aux_head(h).float()[:, : val.vocab_size].softmax(-1)
+    readout = getattr(model, "token_aux_head", None) or getattr(model.head, "token_readout", None)
+    if readout is not None:  # the training-only aux readout, or the anchored head's own (token_anchor)
+        probs = readout(h).float()[:, : val.vocab_size].softmax(-1)
         bags[f"aux readout x{draws} draws"] = torch.multinomial(probs, draws, True, generator=generator).tolist()
     bags["real next token"] = [r[:1] for r in ps.references]
     bags["real next chunk"] = [r[:K] for r in ps.references]

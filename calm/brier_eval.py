@@ -75,7 +75,7 @@ def calm_block_brier(
     dev = chunks.device
     cache = model.new_cache(1, max_len=S + min(group_size, P) * depth) if depth else None
     h = model.hidden_states(chunks[:, :-1], cache)[0]  # (S, d)
-    pred = model.autoencoder.decode_ids(model.head.sample(h, 2, generator))  # (2, S, K)
+    pred = model.draw_chunks(h, 2, generator)  # (2, S, K)
     target = chunks[0, 1:]  # (S, K)
     if depth == 0:
         return brier_two_sample(pred[0, :, :n_max], pred[1, :, :n_max], target[:, :n_max])
@@ -92,7 +92,7 @@ def calm_block_brier(
         for j in range(1, depth + 1):
             x = model.compress(chain[None])  # (1, G, d)
             hj = model.backbone(x, cache, positions=group + j, attn_mask=_rollout_mask(S, group, j))[0]
-            pj = model.autoencoder.decode_ids(model.head.sample(hj, 2, generator))  # (2, G, K)
+            pj = model.draw_chunks(hj, 2, generator)  # (2, G, K)
             deeper[j - 1].append(pj[0] == pj[1])
             chain = pj[0]
     coll_tokens = torch.cat([matches[0]] + [torch.cat(d) for d in deeper], dim=1)[:, :n_max]  # (P, n_max)

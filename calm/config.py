@@ -179,6 +179,13 @@ class CALMConfig(TransformerConfig):
     token_aux_tokens: int = 1
     """Ours: how many tokens of the next chunk the auxiliary readout predicts (1..K), one d → vocab
     readout each; used only when ``token_aux_weight`` > 0."""
+    token_anchor: bool = False
+    """Ours, not the paper's (off by default; energy head only): anchor each chunk on a discrete first
+    token. The auxiliary readout (``token_aux_weight`` > 0, ``token_aux_tokens`` 1) becomes part of the
+    model: at sampling it draws the chunk's first token from softmax(readout(h)), and the head draws the
+    latent conditioned on h and that token's embedding (trained on the true first token). Each step
+    still emits one chunk; its first token is chosen the way a token LM chooses one, the rest by the
+    head (``calm.models.heads.AnchoredEnergyHead``; README "Small-CALM study", round 11)."""
     token_score_weight: float = 0.0
     """Ours, not the paper's (off by default; energy head only): weight of a log score on the next chunk's
     first token under the head's own samples. A linear probe (latent → vocab), trained alongside on
@@ -227,6 +234,13 @@ class CALMConfig(TransformerConfig):
         _require(
             1 <= self.token_aux_tokens <= self.chunk_size,
             f"token_aux_tokens must be in 1..chunk_size={self.chunk_size}, got {self.token_aux_tokens}",
+        )
+        _require(
+            not self.token_anchor
+            or (self.head == "energy" and self.token_aux_weight > 0 and self.token_aux_tokens == 1),
+            "token_anchor needs the energy head and its readout trained: head=energy, token_aux_weight > 0 "
+            f"and token_aux_tokens=1 (got head={self.head!r}, token_aux_weight={self.token_aux_weight}, "
+            f"token_aux_tokens={self.token_aux_tokens})",
         )
         _require(self.token_score_weight >= 0.0, f"token_score_weight must be >= 0, got {self.token_score_weight}")
         _require(self.token_score_samples >= 1, f"token_score_samples must be >= 1, got {self.token_score_samples}")

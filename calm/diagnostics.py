@@ -268,7 +268,7 @@ def head_diagnostics(
             target_ids,
             mu,
             log_std,
-            noise_size=c.noise_size,
+            noise_size=getattr(model.head, "noise_size", c.noise_size),  # the anchored head takes one more
             alpha=c.energy_alpha,
             # the noise floor needs pairs of posterior samples: a model trained with M = 1 (paper
             # Table 3) or N = 1 is diagnosed with 2; the estimates stay unbiased, only noisier

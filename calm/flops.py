@@ -103,6 +103,9 @@ def energy_head_params(config: CALMConfig) -> tuple[int, int]:
     matmul = noise * d + d * d + config.head_blocks * block_matmul + d * d + d * latent
     block_other = 2 * d + (d + d + 2 * d + d)  # LayerNorm + biases
     other = (d + 2 * d) + (d + 2 * d) + config.head_blocks * block_other + (2 * d + d + latent)
+    if config.token_anchor:  # ours: the readout d→vocab, the token embedding + LayerNorm, the latent offsets
+        # the readout runs once per step, not per sample: counted apart (``calm_flops``), not in matmul
+        other += 2 * d * config.vocab_size + 2 * d + config.vocab_size * latent
     return matmul + other, matmul
 
 
@@ -266,6 +269,8 @@ def calm_flops(
         "head": num_samples_inference * passes * head_fwd,
         "ae_decoder": num_samples_inference * ae["decoder_flops_per_chunk"],
     }
+    if config.token_anchor:  # ours: the first-token readout, once per step (its training cost: token_aux)
+        inference_step["token_readout"] = 2 * d * config.vocab_size
     if config.input in ("continuous", "both"):
         # the generated chunk is re-encoded to the next step's input latent
         inference_step["ae_encoder"] = ae["encoder_flops_per_chunk"]

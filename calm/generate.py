@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from calm.lazy_decode import LazyChunk, LazyChunks, lazy_batch_sample, reference_batch_sample, reference_decode_ids
+from calm.models.calm import with_first_tokens
 from calm.sampling import exact_temperature_sample
 
 
@@ -69,11 +70,14 @@ def sample_chunks(
     """
     ae = model.autoencoder
     decode_ids = ae.decode_ids if fast else lambda z: reference_decode_ids(ae, z)
+    # first: the anchored head's drawn first tokens (token_anchor, ours), which the chunks start with; else None
     if temperature == 1.0:
-        return decode_ids(model.head.sample(h, 1, generator)[0])
+        z, first = model.sample_next(h, 1, generator)
+        return with_first_tokens(decode_ids(z[0]), None if first is None else first[0])
     if sampler == "batch":
         batch_sample = lazy_batch_sample if fast else reference_batch_sample
-        return batch_sample(ae, model.head.sample(h, num_samples, generator), temperature, generator)
+        z, first = model.sample_next(h, num_samples, generator)
+        return batch_sample(ae, z, temperature, generator, first=first)
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
@@ -82,12 +86,13 @@ def sample_chunks(
 
         def draw() -> Hashable:
             if not buffer:  # draw head samples 64 at a time; each is an independent sample
-                z = model.head.sample(row, 64, generator)[:, 0]  # (64, l)
+                z, first = model.sample_next(row, 64, generator)
+                z, first = z[:, 0], None if first is None else first[:, 0]  # (64, l), (64,)
                 if fast:  # tokens decoded only as far as comparisons need them
-                    lazy = LazyChunks(ae, z)
+                    lazy = LazyChunks(ae, z, first)
                     buffer.extend(lazy.chunk(i) for i in range(z.shape[0]))
                 else:
-                    buffer.extend(tuple(x) for x in decode_ids(z).tolist())
+                    buffer.extend(tuple(x) for x in with_first_tokens(decode_ids(z), first).tolist())
             return buffer.pop()
 
         return draw

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from calm.models.autoencoder import Autoencoder, vocab_argmax
+from calm.models.calm import with_first_tokens
 from calm.sampling import batch_temperature_sample, batch_temperature_select
 
 __all__ = ["LazyChunk", "LazyChunks", "lazy_batch_sample", "reference_batch_sample", "reference_decode_ids"]
@@ -72,36 +73,51 @@ def _guess_choice(
     return batch_temperature_select(distinct, temperature, copy)
 
 
+def _refine(labels: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """Group ids (N, B) split by one more token column (N, B): equal new ids iff equal before and in the column."""
+    pairs = torch.stack([labels, column], dim=-1).reshape(-1, 2)
+    return torch.unique(pairs, dim=0, return_inverse=True)[1].reshape(labels.shape)
+
+
 @torch.no_grad()
 def lazy_batch_sample(
-    ae: Autoencoder, z: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+    ae: Autoencoder,
+    z: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Alg. 2 over the decoded latents z (N, B, l) -> the chosen chunks (B, K), decoding lazily.
 
-    Returns exactly what :func:`reference_batch_sample` returns for the same generator state
-    (module docstring), and leaves the generator in the same state.
+    ``first`` (N, B): the candidates' first tokens when the head drew them (``token_anchor``, ours);
+    position 0 is then not decoded. Returns exactly what :func:`reference_batch_sample` returns for the
+    same generator state (module docstring), and leaves the generator in the same state.
     """
     num_candidates, batch = z.shape[:2]
     K = ae.config.chunk_size
     expanded = _expanded(ae, z)  # (N, B, K, d)
     tokens = torch.full((num_candidates, batch, K), -1, dtype=torch.long, device=z.device)
     labels = torch.arange(batch, device=z.device).expand(num_candidates, batch).contiguous()  # (N, B) group ids
+    start = 0
+    if first is not None:
+        tokens[..., 0] = first
+        labels, start = _refine(labels, first), 1
     guess = _guess_choice(num_candidates, batch, temperature, generator)  # (B,) or None
-    for k in range(K):
+    for k in range(start, K):
         _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         shared = counts[inverse] >= 2  # candidates that still have a twin
         if not bool(shared.any()):
             break
         n_idx, b_idx = shared.nonzero(as_tuple=True)
         k_idx = torch.full_like(n_idx, k)
-        if k == 0 and guess is not None:  # the guessed choice's other tokens ride along in the first pass
-            rows = torch.arange(batch, device=z.device).repeat_interleave(K - 1)
-            n_idx = torch.cat([n_idx, guess.repeat_interleave(K - 1)])
+        if k == start and guess is not None and k + 1 < K:  # the guessed choice's other tokens ride along
+            rest = K - 1 - k
+            rows = torch.arange(batch, device=z.device).repeat_interleave(rest)
+            n_idx = torch.cat([n_idx, guess.repeat_interleave(rest)])
             b_idx = torch.cat([b_idx, rows])
-            k_idx = torch.cat([k_idx, torch.arange(1, K, device=z.device).repeat(batch)])
+            k_idx = torch.cat([k_idx, torch.arange(k + 1, K, device=z.device).repeat(batch)])
         tokens[n_idx, b_idx, k_idx] = ae.vocab_argmax(_token_hidden(ae, expanded[n_idx, b_idx, k_idx]))
-        pairs = torch.stack([labels, tokens[..., k]], dim=-1).reshape(-1, 2)
-        labels = torch.unique(pairs, dim=0, return_inverse=True)[1].reshape(num_candidates, batch)
+        labels = _refine(labels, tokens[..., k])
     choice = batch_temperature_select(labels.t().unsqueeze(-1), temperature, generator)  # (B,)
     rows = torch.arange(batch, device=z.device)
     chosen = tokens[choice, rows]  # (B, K), -1 where not decoded yet
@@ -121,10 +137,17 @@ def reference_decode_ids(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_batch_sample(
-    ae: Autoencoder, z: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+    ae: Autoencoder,
+    z: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Alg. 2 over z (N, B, l) -> (B, K) after decoding all N·K tokens: the reference of the lazy path."""
-    return batch_temperature_sample(reference_decode_ids(ae, z).transpose(0, 1), temperature, generator=generator)
+    """Alg. 2 over z (N, B, l) -> (B, K) after decoding all N·K tokens: the reference of the lazy path.
+
+    ``first`` (N, B): the anchored head's drawn first tokens, which replace position 0 (``token_anchor``)."""
+    ids = with_first_tokens(reference_decode_ids(ae, z), first)
+    return batch_temperature_sample(ids.transpose(0, 1), temperature, generator=generator)
 
 
 class LazyChunks:
@@ -135,12 +158,14 @@ class LazyChunks:
     full decode.
     """
 
-    def __init__(self, ae: Autoencoder, z: torch.Tensor) -> None:
+    def __init__(self, ae: Autoencoder, z: torch.Tensor, first: torch.Tensor | None = None) -> None:
         self.ae = ae
         # the latents, not the (N, K, d) decoder states: a sampler that runs out of budget holds
         # its draws until the end, and the states are recomputed (bit-identically) per position
         self.z = z  # (N, l)
         self.columns: list[list[int] | None] = [None] * ae.config.chunk_size
+        if first is not None:  # (N,) the anchored head's drawn first tokens (token_anchor, ours)
+            self.columns[0] = first.tolist()
 
     def token(self, index: int, position: int) -> int:
         column = self.columns[position]

@@ -24,12 +24,15 @@ from calm.models.heads import DiffusionHead, EnergyHead, FlowHead, cosine_alphas
 
 VOCAB = 50
 VARIANTS = [("energy", "discrete"), ("flow", "discrete"), ("diffusion", "discrete"), ("energy", "continuous")]
-VARIANTS += [("energy", "both"), ("flow", "both")]
+VARIANTS += [("energy", "both"), ("flow", "both"), ("anchored", "discrete")]
 IDS = [f"{h}-{i}" for h, i in VARIANTS]
+ANCHORED = {"head": "energy", "token_anchor": True, "token_aux_weight": 0.3}
+"""``head="anchored"`` here: the energy head anchored on a discrete first token (ours, ``token_anchor``)."""
 
 
 def tiny_calm(head: str = "energy", input: str = "discrete", vocab: int = VOCAB, seed: int = 0, **kw) -> CALM:
-    model = factories.tiny_calm(vocab=vocab, seed=seed, head=head, input=input, **{"diffusion_steps": 10, **kw}).eval()
+    variant = ANCHORED if head == "anchored" else {"head": head}
+    model = factories.tiny_calm(vocab=vocab, seed=seed, input=input, **{"diffusion_steps": 10, **variant, **kw}).eval()
     torch.nn.init.normal_(model.head.final_out.weight, std=0.5)  # non-trivial samples (it starts at zero)
     return model
 
@@ -90,15 +93,15 @@ def test_brier_rollout_conditions_on_the_true_prefix(head, input):
     model = tiny_calm(head, input)
     block = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
     seen = []
-    real = model.head.sample
+    real = model.sample_next
 
     def spy(h, n, generator=None):
         seen.append(h.clone())
         return real(h, n, generator)
 
-    model.head.sample = spy
+    model.sample_next = spy
     est = calm_block_brier(model, block, generator=torch.Generator().manual_seed(0))
-    model.head.sample = real
+    del model.sample_next
     assert est.shape == (9, 4) and torch.all(est <= 2) and torch.all(est >= -1)
     chunks = block.view(1, -1, 4)
     torch.testing.assert_close(seen[0], model.hidden_states(chunks[:, :-1])[0], atol=1e-5, rtol=1e-5)
@@ -115,7 +118,7 @@ def test_checkpoint_round_trip_is_bit_identical(head, input, tiny_tokenizer, tmp
     }
     path = save_checkpoint(tmp_path / "ckpt", model=model, config=config, tokenizer_json=tiny_tokenizer.to_str())
     loaded, _, saved = load_model(path, kind="calm")
-    assert saved["model"]["head"] == head and saved["model"]["input"] == input
+    assert saved["model"]["head"] == model.config.head and saved["model"]["input"] == input
     assert type(loaded.head) is type(model.head)
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
@@ -160,9 +163,11 @@ def test_flops_accounting_matches_the_model(head, input):
     h = torch.randn(rows, 32)
     with FlopCounterMode(display=False) as counter:
         model.head.sample(h, 1)
-    per_sample = counter.get_total_flops() / rows
+    per_row = counter.get_total_flops() / rows  # one sample: the head passes, plus the anchored head's readout
     expected = flops["head_passes_per_sample"] * 2 * head_params(cfg)[1]
-    assert per_sample == pytest.approx(expected, rel=0.05)
+    readout = flops["breakdown"]["inference_per_step"].get("token_readout", 0)
+    assert (readout > 0) == (head == "anchored")
+    assert per_row == pytest.approx(expected + readout, rel=0.05)
     assert flops["breakdown"]["inference_per_step"]["head"] == expected
     assert ("ae_encoder" in flops["breakdown"]["inference_per_step"]) == (input != "discrete")
 

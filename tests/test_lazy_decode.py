@@ -19,10 +19,12 @@ def _autoencoder(vocab: int = 50, seed: int = 0) -> Autoencoder:
     return Autoencoder(config).eval()
 
 
-def _both(ae: Autoencoder, z: torch.Tensor, temperature: float, seed: int) -> tuple[torch.Tensor, ...]:
+def _both(
+    ae: Autoencoder, z: torch.Tensor, temperature: float, seed: int, first: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     g_lazy, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    lazy = lazy_batch_sample(ae, z, temperature, g_lazy)
-    ref = reference_batch_sample(ae, z, temperature, g_ref)
+    lazy = lazy_batch_sample(ae, z, temperature, g_lazy, first=first)
+    ref = reference_batch_sample(ae, z, temperature, g_ref, first=first)
     return lazy, ref, torch.rand(3, generator=g_lazy), torch.rand(3, generator=g_ref)
 
 
@@ -41,6 +43,22 @@ def test_lazy_selection_equals_the_reference(temperature: float, distinct_latent
         lazy, ref, after_lazy, after_ref = _both(ae, z, temperature, seed)
         assert torch.equal(lazy, ref), seed
         assert torch.equal(after_lazy, after_ref)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.25])
+def test_lazy_selection_with_drawn_first_tokens_equals_the_reference(temperature: float) -> None:
+    """The anchored head (``token_anchor``) draws each candidate's first token: the chunks start with it,
+    lazily or not, and candidates with one latent but different first tokens are different chunks."""
+    ae = _autoencoder()
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 3, 8, generator=gen) * 3
+    z = base[torch.randint(0, 4, (64, 3), generator=gen), torch.arange(3)]  # (N=64, B=3, l): chunks repeat
+    first = torch.randint(0, 3, (64, 3), generator=gen)  # and so do first tokens
+    for seed in range(20):
+        lazy, ref, after_lazy, after_ref = _both(ae, z, temperature, seed, first)
+        assert torch.equal(lazy, ref), seed
+        assert torch.equal(after_lazy, after_ref)
+        assert all(int(lazy[b, 0]) in first[:, b].tolist() for b in range(3))
 
 
 def test_lazy_decoding_decodes_first_tokens_then_only_the_choice() -> None:
@@ -79,6 +97,17 @@ def _calm(vocab: int) -> CALM:
 def test_fast_generation_equals_the_reference(vocab: int, temperature: float, sampler: str) -> None:
     model = _calm(vocab)
     prompt = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(2))
+    kw = dict(temperature=temperature, num_samples=32, sampler=sampler)
+    fast = generate(model, prompt, 24, generator=torch.Generator().manual_seed(5), **kw)
+    ref = generate(model, prompt, 24, generator=torch.Generator().manual_seed(5), fast=False, **kw)
+    assert fast == ref
+
+
+@pytest.mark.parametrize(("temperature", "sampler"), [(1.0, "batch"), (0.5, "batch"), (0.5, "exact")])
+def test_fast_generation_of_an_anchored_head_equals_the_reference(temperature: float, sampler: str) -> None:
+    model = factories.tiny_calm(vocab=50, token_anchor=True, token_aux_weight=0.3).eval()
+    torch.nn.init.normal_(model.head.final_out.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(2))
     kw = dict(temperature=temperature, num_samples=32, sampler=sampler)
     fast = generate(model, prompt, 24, generator=torch.Generator().manual_seed(5), **kw)
     ref = generate(model, prompt, 24, generator=torch.Generator().manual_seed(5), fast=False, **kw)

@@ -11,7 +11,8 @@ CALM-SPEC §3 (paper §4). One backbone step per chunk of K tokens:
   model sees at inference exactly the kind of input it was trained on).
 - **Backbone** (§3.1): the Llama-style Transformer of ``layers.py``, final RMSNorm, no LM head.
 - **Generative head** (``heads.py``; §3.3, §3.6): energy (default; one pass per sample), flow
-  matching or diffusion, chosen by ``config.head``.
+  matching or diffusion, chosen by ``config.head``; ours: the energy head anchored on a discrete
+  first token (``token_anchor``).
 - **Loss** (§3.4–3.5): for a block of L chunks, chunks 0..L−2 are inputs and chunks 1..L−1 are
   targets, given as the frozen autoencoder's posterior (clean encoder, eval mode, no grad); the
   head's own objective (energy score with N = 8 samples against M = 100 targets by default).
@@ -33,11 +34,22 @@ from calm.models.autoencoder import Autoencoder
 from calm.models.heads import EnergyHead, MLPBlock, build_head
 from calm.models.layers import Backbone, KVCache, init_weights
 
-__all__ = ["CALM", "EnergyHead", "MLPBlock"]  # the head classes lived here before heads.py; kept importable
+# the head classes lived here before heads.py; kept importable
+__all__ = ["CALM", "EnergyHead", "MLPBlock", "with_first_tokens"]
 
 
 _TRAINING_ONLY = ("token_aux_head", "latent_probe")
 """Submodules (ours) that only training uses: left out of ``CALM.num_parameters``."""
+
+
+def with_first_tokens(ids: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+    """Decoded chunks (..., K) with position 0 set to ``first`` (...), the anchored head's drawn tokens
+    (``token_anchor``, ours); unchanged when ``first`` is None."""
+    if first is None:
+        return ids
+    ids = ids.clone()
+    ids[..., 0] = first
+    return ids
 
 
 class CALM(nn.Module):
@@ -71,7 +83,7 @@ class CALM(nn.Module):
         self.head = build_head(config)
         if self.uses_latents:
             self.latent_proj = nn.Linear(config.latent_size, d)  # after the rest: keeps their initial draws
-        if config.token_aux_weight > 0:  # ours: training-only next-token readout of h (built only when used)
+        if config.token_aux_weight > 0 and not config.token_anchor:  # ours: training-only readout of h
             self.token_aux_head = nn.Linear(d, config.token_aux_tokens * config.vocab_size, bias=False)
         if config.token_score_weight > 0:  # ours: training-only probe latent -> first token of the chunk
             self.latent_probe = nn.Linear(config.latent_size, config.vocab_size)
@@ -139,6 +151,24 @@ class CALM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         return self.backbone.new_cache(batch_size, max_len, dtype)
 
+    def sample_next(
+        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head samples for the next chunk: h (..., d) -> latents (num_samples, ..., l) and, for a head
+        anchored on a discrete first token (``token_anchor``, ours), those tokens (num_samples, ...), else None.
+
+        Decode with ``with_first_tokens(autoencoder.decode_ids(z), first)`` (or :meth:`draw_chunks`):
+        an anchored chunk starts with its drawn token, whatever the latent's first position decodes to.
+        """
+        if self.config.token_anchor:
+            return self.head.sample_with_tokens(h, num_samples, generator)
+        return self.head.sample(h, num_samples, generator), None
+
+    def draw_chunks(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """h (..., d) -> sampled next chunks (num_samples, ..., K) token ids (T = 1; CALM-SPEC §3.3)."""
+        z, first = self.sample_next(h, num_samples, generator)
+        return with_first_tokens(self.autoencoder.decode_ids(z), first)
+
     @torch.no_grad()
     def target_posterior(self, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """μ, log σ of the frozen (clean, eval-mode) encoder for chunks (..., K)."""
@@ -161,8 +191,11 @@ class CALM(nn.Module):
             mu, log_std = self.target_posterior(chunks[:, 1:])  # (B, L-1, l)
         P = mu.shape[0] * mu.shape[1]
         h, mu, log_std = h.reshape(P, -1), mu.reshape(P, -1), log_std.reshape(P, -1)
-        loss, metrics = self.head.loss(h, mu, log_std.exp())
-        if c.token_aux_weight > 0:
+        if c.token_anchor:  # ours: the head's own readout draws the first token; its CE is in the head's loss
+            loss, metrics = self.head.loss(h, mu, log_std.exp(), first_tokens=chunks[:, 1:, 0].reshape(P))
+        else:
+            loss, metrics = self.head.loss(h, mu, log_std.exp())
+        if c.token_aux_weight > 0 and not c.token_anchor:
             n = c.token_aux_tokens  # the next chunk's first n tokens, one readout each
             logits = self.token_aux_head(h).float().view(P * n, c.vocab_size)
             aux = F.cross_entropy(logits, chunks[:, 1:, :n].reshape(P * n))
