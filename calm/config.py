@@ -77,9 +77,19 @@ class AutoencoderConfig:
     drop_token_id: int = 0
     """The id a dropped token becomes; the official code uses 0, an ordinary token."""
     init_std: float = 0.02
+    context_weight: float = 0.0
+    """Ours, not the paper's (off by default): weight of an InfoNCE term that pulls each chunk's posterior
+    mean toward the next chunk's, against the other chunks of the batch (logits −‖μ_i − μ'_j‖ / τ). Half
+    of each batch is then drawn as usual, the other half the chunks that follow them. It gives the latent
+    space the context structure (topic, register) that the energy score can reward; the demo uses it
+    with ``model.token_anchor`` (README "Small-CALM study", rounds 10-11)."""
+    context_tau: float = 4.0
+    """τ of the InfoNCE term (used only when ``context_weight`` > 0)."""
 
     def validate(self) -> None:
         _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _require(self.context_weight >= 0, f"context_weight must be >= 0, got {self.context_weight}")
+        _require(self.context_tau > 0, f"context_tau must be > 0, got {self.context_tau}")
         _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
         _require(self.latent_size >= 1, f"latent_size must be >= 1, got {self.latent_size}")
         _require(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")

@@ -185,6 +185,36 @@ def _precision_lines(run: Path) -> list[str]:
     ]
 
 
+OURS = {
+    "autoencoder": ("context_weight",),
+    "calm": ("token_aux_weight", "energy_diversity_weight", "energy_mean_weight", "token_score_weight", "token_anchor"),
+}
+"""The options beyond the paper (README "Small-CALM study") that the report names when a run sets them."""
+
+
+def _options_lines(run: Path) -> list[str]:
+    """The non-paper options each stage trained with (those of ``OURS`` that differ from their defaults)."""
+    from calm.config import AutoencoderConfig, CALMConfig
+
+    defaults = {"autoencoder": AutoencoderConfig(), "calm": CALMConfig()}
+    used = []
+    for kind, names in OURS.items():
+        model = (_read_json(run / kind / "run_config.json") or {}).get("model", {})
+        changed = [f"{n}={model[n]}" for n in names if n in model and model[n] != getattr(defaults[kind], n)]
+        if changed:
+            used.append(f"{kind} {', '.join(changed)}")
+    if not used:
+        return []
+    lines = [f'Options beyond the paper (ours; README "Small-CALM study"): {"; ".join(used)}.']
+    if any("token_anchor=True" in u for u in used):
+        lines[0] += (
+            " With `token_anchor` each chunk's first token is drawn from a softmax readout of h, as a token"
+            " model draws it, and the head draws the rest of the chunk: CALM's Brier-1 scores that readout,"
+            " Brier-2..4 the head as well."
+        )
+    return lines + [""]
+
+
 def _brier_n_plot(run: Path, lm: dict[str, list[dict[str, Any]]], plt: Any) -> bool:
     """Validation Brier-1..4 of both models against training FLOPs (the paper compares at equal compute)."""
     series = {}
@@ -326,7 +356,7 @@ def write_report(run: str | Path) -> Path:
     if not rows and not (run / "autoencoder").exists():
         raise FileNotFoundError(f"{run} has no autoencoder/, calm/ or gpt/ training run to report on")
     plots = _plots(run, rows)
-    lines = ["# CALM vs GPT: run report", "", f"Run directory: `{run}`", ""]
+    lines = ["# CALM vs GPT: run report", "", f"Run directory: `{run}`", "", *_options_lines(run)]
     ae_eval = _read_json(run / "autoencoder_eval.json")
     if ae_eval:
         lines += [

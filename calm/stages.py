@@ -25,7 +25,7 @@ from torch import nn
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, TrainConfig
 from calm.data import TokenShard, ae_chunks, lm_blocks
 from calm.evaluate import evaluate_autoencoder
-from calm.models.autoencoder import Autoencoder
+from calm.models.autoencoder import Autoencoder, context_nce
 from calm.tokenizer import Tokenizer
 
 
@@ -77,17 +77,27 @@ class AutoencoderStage:
         return list(self.model.parameters())
 
     def make_batch(self, indices: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.chunks[np.sort(indices)], dtype=np.int64)).to(device)
+        """Chunks (B, K) at ``indices``. With ``context_weight`` (ours): the first half of the indices,
+        then the chunk after each of them, so that rows i and B/2 + i are neighbours (B stays the same)."""
+        if self.config.context_weight > 0:
+            first = np.sort(indices[: max(1, len(indices) // 2)])
+            rows = np.concatenate([first, np.minimum(first + 1, self.num_items - 1)])
+        else:
+            rows = np.sort(indices)
+        return torch.from_numpy(np.asarray(self.chunks[rows], dtype=np.int64)).to(device)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(batch)
         acc = (out.logits.argmax(-1) == batch).float().mean()
-        return out.loss, {
-            "loss": out.loss.detach(),
-            "ce": out.ce.detach(),
-            "kl": out.kl.detach(),
-            "accuracy": acc,
-        }
+        metrics = {"loss": out.loss.detach(), "ce": out.ce.detach(), "kl": out.kl.detach(), "accuracy": acc}
+        loss = out.loss
+        c = self.config
+        if c.context_weight > 0 and model.training:  # ours: InfoNCE between neighbouring chunks (make_batch)
+            half = batch.shape[0] // 2
+            nce = context_nce(out.mu[:half], out.mu[half : 2 * half], c.context_tau)
+            loss = loss + c.context_weight * nce
+            metrics.update(loss=loss.detach(), context_nce=nce.detach())
+        return loss, metrics
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         tok = self.tokenizer

@@ -81,6 +81,7 @@ def test_demo_report_names_precisions_and_models(demo_run) -> None:
     assert "| CALM |" in report and "| GPT |" in report
     assert (out / "brier_n_vs_flops.png").exists() and "brier_n_vs_flops.png" in report
     assert "## Do continuations follow their prompts?" in report and "| real text |" in report
+    assert "Options beyond the paper" in report and "token_anchor=True" in report and "context_weight=2.0" in report
     following = json.loads((out / "prompt_following.json").read_text())
     assert set(following["results"]) == {"reference", "calm", "gpt"}
     assert all(0.0 <= r["auc"] <= 1.0 for r in following["results"].values())
@@ -106,6 +107,9 @@ def test_demo_applies_its_recipe_under_the_users_overrides(demo_run) -> None:
     model = json.loads((out / "calm" / "run_config.json").read_text())["model"]
     assert model["token_aux_weight"] == DEMO_RECIPE["calm"]["model.token_aux_weight"] > 0
     assert model["energy_diversity_weight"] == DEMO_RECIPE["calm"]["model.energy_diversity_weight"] < 1
+    assert model["token_anchor"] is DEMO_RECIPE["calm"]["model.token_anchor"] is True
+    ae = json.loads((out / "autoencoder" / "run_config.json").read_text())["model"]
+    assert ae["context_weight"] == DEMO_RECIPE["autoencoder"]["model.context_weight"] > 0
     train = json.loads((out / "calm" / "run_config.json").read_text())["train"]
     assert train["block_size"] == 64
     records = [json.loads(line) for line in (out / "calm" / "metrics.jsonl").read_text().splitlines()]
