@@ -13,6 +13,11 @@ with half of each batch the chunks drawn as usual and the other half the chunks 
 The result is an ordinary autoencoder run directory for ``calm train-calm --autoencoder``.
 
     PYTHONPATH=. python docs/experiments/issue10_context_ae.py DATA OUT WEIGHT [TAU]
+
+Kept to reproduce round 10. The library has the same term since round 11 (``autoencoder.context_weight``,
+``context_tau``; ``calm train-ae --set model.context_weight=2``). It reads μ from the forward pass, whose
+input has DropToken applied, instead of a second clean encoding; at weight 2, τ 4 on the demo's data the two
+ended alike (InfoNCE 5.10 against 5.08, validation token accuracy 99.77% against 99.78%).
 """
 
 from __future__ import annotations
