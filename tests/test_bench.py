@@ -88,3 +88,17 @@ def test_timed_calls_restores_the_methods() -> None:
         assert thing.work(3) == 6 and thing.work(4) == 8
     assert len(calls["work"]) == 2 and all(t >= 0 for t in calls["work"])
     assert "work" not in vars(thing) and thing.work(5) == 10
+
+
+@pytest.mark.parametrize("anchored", [False, True])
+def test_profile_calm_times_the_head_once_per_step_for_plain_and_anchored_heads(anchored: bool) -> None:
+    import factories
+
+    from calm.bench.generate import profile_calm
+
+    extra = {"token_anchor": True, "token_aux_weight": 0.3} if anchored else {}
+    model = factories.tiny_calm(vocab=50, **extra).eval()
+    prompt = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))
+    for temperature in (1.0, 0.5):
+        out = profile_calm(model, prompt, new_tokens=16, temperature=temperature, num_samples=8)
+        assert out["steps"] == 4 and out["ms_per_step"]["head"] > 0  # 16 new tokens = 4 steps of K = 4

@@ -177,7 +177,7 @@ def profile_calm(
     """Where one CALM generation's time goes, per backbone step (prefill reported apart).
 
     backbone = input compression + Transformer with KV cache (``hidden_states``); head = the
-    energy head's S samples incl. noise (``head.sample``); ae_decoder = the autoencoder decoder,
+    energy head's S samples incl. noise (``CALM.sample_next``); ae_decoder = the autoencoder decoder,
     split in ``detail`` into the trunk (its layers, whichever rows the sampler decodes) and the
     tied vocabulary projection + argmax (``Autoencoder.vocab_argmax``, with the rows it got per
     step); sampler_other = the rest (Alg. 2 selection, the lazy path's bookkeeping, Python loop).
@@ -186,7 +186,7 @@ def profile_calm(
     trunk = (ae.latent_to_hidden, ae.dec_chunk_layers, ae.expand_layer, ae.dec_token_layers, ae.dec_norm)
     targets = [
         (model, "hidden_states", "backbone"),
-        (model.head, "sample", "head"),
+        (model, "sample_next", "head"),  # the head's samples (and an anchored head's first-token draws)
         (ae, "vocab_argmax", "ae_vocab_argmax"),
         *((module, "forward", f"ae_trunk_{i}") for i, module in enumerate(trunk)),
     ]
@@ -234,7 +234,7 @@ def distinct_candidates(model: CALM, prompt: torch.Tensor, num_samples: int, see
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
     with torch.no_grad():
         h = model.hidden_states(prompt.view(1, -1, K))[:, -1]
-        ids = model.autoencoder.decode_ids(model.head.sample(h, num_samples, gen))[:, 0]
+        ids = model.draw_chunks(h, num_samples, gen)[:, 0]
     return len({tuple(row) for row in ids.tolist()})
 
 
