@@ -123,6 +123,10 @@ TINY = {
 }
 
 
+COMPANIONS = {"token_anchor": {"token_aux_weight": 0.3}}
+"""Fields the config only accepts together with another: the anchored head needs its readout trained."""
+
+
 @pytest.fixture(scope="module")
 def tiny_ae(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ae") / "ae"
@@ -154,6 +158,8 @@ def test_derived_fields_are_exactly_the_fields_a_stage_replaces(kind, data_dir, 
         config = config_from_dict(MODEL_CONFIGS[kind], model_values)
         wanted = _other(f.name, getattr(config, f.name))
         setattr(config, f.name, wanted)
+        for key, value in COMPANIONS.get(f.name, {}).items():  # a switch that needs another field set
+            setattr(config, key, value)
         if getattr(build(config).config, f.name) != wanted:
             replaced.add(f"model.{f.name}")
     assert replaced == {k for k in DERIVED_FIELDS[kind] if k.startswith("model.")}
