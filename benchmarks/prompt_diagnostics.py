@@ -75,8 +75,7 @@ def bag_aucs(model, tokenizer, data: str, num_prompts: int = 128, draws: int = 2
     generator = torch.Generator().manual_seed(seed)
     prompt = left_pad_to_chunks([[tokenizer.bos_id] + p for p in ps.prompts], K, tokenizer.bos_id)
     h = model.hidden_states(prompt.view(B, -1, K))[:, -1]
-    z = model.head.sample(h, draws, generator)  # (draws, B, l)
-    ids = model.autoencoder.decode_ids(z.reshape(-1, z.shape[-1])).view(draws, B, K)
+    ids = model.draw_chunks(h, draws, generator)  # (draws, B, K); an anchored chunk starts with its drawn token
     bags = {
         f"head samples x{draws}, first tokens": ids[:, :, 0].T.tolist(),
         f"head samples x{draws}, whole chunks": ids.permute(1, 0, 2).reshape(B, -1).tolist(),

@@ -252,6 +252,11 @@ class CALMConfig(TransformerConfig):
             f"and token_aux_tokens=1 (got head={self.head!r}, token_aux_weight={self.token_aux_weight}, "
             f"token_aux_tokens={self.token_aux_tokens})",
         )
+        _require(
+            not (self.token_anchor and self.token_score_weight > 0),
+            "token_score_weight scores the latent's own first token, which an anchored head (token_anchor) never "
+            "emits; use one or the other",
+        )
         _require(self.token_score_weight >= 0.0, f"token_score_weight must be >= 0, got {self.token_score_weight}")
         _require(self.token_score_samples >= 1, f"token_score_samples must be >= 1, got {self.token_score_samples}")
         _require(

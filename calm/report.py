@@ -186,7 +186,7 @@ def _precision_lines(run: Path) -> list[str]:
 
 
 OURS = {
-    "autoencoder": ("context_weight",),
+    "autoencoder": ("context_weight", "context_tau"),
     "calm": ("token_aux_weight", "energy_diversity_weight", "energy_mean_weight", "token_score_weight", "token_anchor"),
 }
 """The options beyond the paper (README "Small-CALM study") that the report names when a run sets them."""

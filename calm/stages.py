@@ -62,6 +62,11 @@ class AutoencoderStage:
         config.validate()
         self.config, self.train_config = config, train
         K, tok = config.chunk_size, self.tokenizer
+        if config.context_weight > 0 and train.batch_tokens // K < 4:
+            raise ConfigError(
+                f"context_weight={config.context_weight} needs at least 4 chunks per step (2 neighbour pairs), "
+                f"got batch_tokens={train.batch_tokens} with chunk_size={K}; raise --batch-tokens"
+            )
         self.chunks = ae_chunks(train_shard, K, tok.eos_id, tok.pad_id)
         val_chunks = ae_chunks(val_shard, K, tok.eos_id, tok.pad_id)
         self.val_chunks = np.asarray(val_chunks[_eval_rows(len(val_chunks), train.eval_tokens // K)])
@@ -77,8 +82,9 @@ class AutoencoderStage:
         return list(self.model.parameters())
 
     def make_batch(self, indices: np.ndarray, device: torch.device) -> torch.Tensor:
-        """Chunks (B, K) at ``indices``. With ``context_weight`` (ours): the first half of the indices,
-        then the chunk after each of them, so that rows i and B/2 + i are neighbours (B stays the same)."""
+        """Chunks (B, K) at ``indices``. With ``context_weight`` (ours): the first ⌊B/2⌋ indices, then the
+        chunk after each of them, so that rows i and ⌊B/2⌋ + i are neighbours (2·⌊B/2⌋ rows; B is even
+        for any ``batch_tokens`` that is a multiple of 2K)."""
         if self.config.context_weight > 0:
             first = np.sort(indices[: max(1, len(indices) // 2)])
             rows = np.concatenate([first, np.minimum(first + 1, self.num_items - 1)])

@@ -66,6 +66,13 @@ def test_the_term_is_added_in_training_only(tiny_data_dir):
     assert "context_nce" not in eval_metrics
 
 
+def test_a_batch_too_small_for_two_pairs_is_refused(tiny_data_dir):
+    config = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4, context_weight=1.0)
+    train = TrainConfig(batch_tokens=8, max_steps=1, precision="fp32")
+    with pytest.raises(ConfigError, match="needs at least 4 chunks per step"):
+        AutoencoderStage(tiny_data_dir, config, train)
+
+
 @pytest.mark.parametrize("overrides", [{"context_weight": -1.0}, {"context_tau": 0.0}])
 def test_bad_values_are_refused(overrides):
     with pytest.raises(ConfigError, match=next(iter(overrides))):

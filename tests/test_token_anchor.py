@@ -102,6 +102,24 @@ def test_brier_of_an_anchored_model_scores_its_chunks_first_tokens():
     assert torch.all(est[:, 0] == 1)
 
 
+def test_a_token_of_probability_zero_is_never_drawn_even_from_bf16_noise():
+    head = anchored().head
+    h = _readout_with_probs(head, {3: 0.5, 5: 0.5})
+    assert head.first_tokens(h, torch.tensor([0.0, 0.5, 1.0])).tolist() == [3, 5, 5]  # u = 1: the last token with mass
+    noise = torch.full((8, head.noise_size), 0.4999).to(torch.bfloat16)  # rounds to 0.5: u = 1 exactly
+    seen = []
+    real = head.latent
+    head.latent = lambda hs, n, t: (seen.append(t), real(hs, n, t))[1]
+    head.to(torch.bfloat16)(h.expand(8, D).to(torch.bfloat16), noise)  # a bf16 model: the noise arrives in bf16
+    head.latent = real
+    assert seen[0].tolist() == [5] * 8
+
+
+def test_token_score_and_token_anchor_together_are_refused():
+    with pytest.raises(ConfigError, match="token_score_weight scores the latent's own first token"):
+        factories.tiny_calm(token_anchor=True, token_aux_weight=0.3, token_score_weight=0.5)
+
+
 def test_the_latent_depends_on_the_first_token_and_forward_is_a_function_of_its_noise():
     head = anchored().head
     h = torch.randn(6, D, generator=torch.Generator().manual_seed(1))

@@ -185,9 +185,9 @@ class AnchoredEnergyHead(EnergyHead):
     def first_tokens(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """h (..., d), uniforms u (..., n) in [0, 1) -> first tokens (..., n) ~ softmax(readout(h))."""
         cdf = self.token_readout(h).float().softmax(-1).cumsum(-1)
-        # the first index whose cdf exceeds u·total: never a token of probability 0, even for u = 0 or a
-        # cdf that rounds below 1
-        u = (u.float() * cdf[..., -1:]).contiguous()
+        # the first index whose cdf exceeds u·total: never a token of probability 0, even for u = 0, a cdf
+        # that rounds below 1, or u rounded up to 1 (bf16 noise): u is capped just below 1
+        u = (u.float().clamp(max=1.0 - 1e-6) * cdf[..., -1:]).contiguous()
         return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
 
     def latent(self, h: torch.Tensor, noise: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,7 @@ class AnchoredEnergyHead(EnergyHead):
     def forward(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """h (..., d), noise (..., noise_size) uniform in [−½, ½) -> latent (..., l); the last noise
         coordinate draws the first token."""
-        tokens = self.first_tokens(h, noise[..., -1:] + 0.5)[..., 0]
+        tokens = self.first_tokens(h, noise[..., -1:].float() + 0.5)[..., 0]
         return self.latent(h, noise[..., :-1], tokens)
 
     def sample_with_tokens(
@@ -213,7 +213,8 @@ class AnchoredEnergyHead(EnergyHead):
         """(..., d) -> latents (num_samples, ..., l) and their first tokens (num_samples, ...).
 
         The readout runs once per row of h, not once per sample. The chunk a sample stands for starts
-        with its drawn token (``CALM.draw_chunks``): the decoder reads only positions 2..K from the latent.
+        with its drawn token (``CALM.draw_chunks``): the latent's own first position is decoded (or, on
+        the lazy path, skipped) and then replaced.
         """
         shape = (num_samples, *h.shape[:-1])
         noise = torch.rand((*shape, self.noise_size), device=h.device, generator=generator).sub_(0.5)
