@@ -195,7 +195,9 @@ class CALMConfig(TransformerConfig):
     model: at sampling it draws the chunk's first token from softmax(readout(h)), and the head draws the
     latent conditioned on h and that token's embedding (trained on the true first token). Each step
     still emits one chunk; its first token is chosen the way a token LM chooses one, the rest by the
-    head (``calm.models.heads.AnchoredEnergyHead``; README "Small-CALM study", round 11)."""
+    head (``calm.models.heads.AnchoredEnergyHead``; README "Small-CALM study", round 11). Its logged
+    ``energy_loss`` is conditioned on the true first token, so it is not comparable with other models';
+    the head diagnostics draw the token, as sampling does."""
     token_score_weight: float = 0.0
     """Ours, not the paper's (off by default; energy head only): weight of a log score on the next chunk's
     first token under the head's own samples. A linear probe (latent → vocab), trained alongside on
