@@ -191,13 +191,14 @@ class CALM(nn.Module):
             mu, log_std = self.target_posterior(chunks[:, 1:])  # (B, L-1, l)
         P = mu.shape[0] * mu.shape[1]
         h, mu, log_std = h.reshape(P, -1), mu.reshape(P, -1), log_std.reshape(P, -1)
-        if c.token_anchor:  # ours: the head's own readout draws the first token; its CE is in the head's loss
+        if c.token_anchor:  # ours: the head conditions on the true first tokens, which its readout learns to draw
             loss, metrics = self.head.loss(h, mu, log_std.exp(), first_tokens=chunks[:, 1:, 0].reshape(P))
         else:
             loss, metrics = self.head.loss(h, mu, log_std.exp())
-        if c.token_aux_weight > 0 and not c.token_anchor:
+        if c.token_aux_weight > 0:
             n = c.token_aux_tokens  # the next chunk's first n tokens, one readout each
-            logits = self.token_aux_head(h).float().view(P * n, c.vocab_size)
+            readout = self.head.token_readout if c.token_anchor else self.token_aux_head
+            logits = readout(h).float().view(P * n, c.vocab_size)
             aux = F.cross_entropy(logits, chunks[:, 1:, :n].reshape(P * n))
             metrics["token_aux_loss"] = aux.detach()
             loss = loss + c.token_aux_weight * aux

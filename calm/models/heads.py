@@ -158,10 +158,10 @@ class AnchoredEnergyHead(EnergyHead):
     of h, then the latent from the energy head conditioned on h and that token.
 
     The model factorises p(chunk | h) = p(t₁ | h) · p(z | h, t₁): a linear readout (d → vocab),
-    trained by cross-entropy (weight ``token_aux_weight``), draws t₁; its embedding, LayerNorm'd as
-    the noise is, joins the head's condition, and a learned per-token offset is added to the latent
-    (:meth:`latent`). Training conditions on the true t₁ (teacher forcing,
-    exact for this factorisation); the energy score is then the conditional one. The readout is
+    trained by ``CALM.forward``'s auxiliary cross-entropy (weight ``token_aux_weight``), draws t₁;
+    its embedding, LayerNorm'd as the noise is, joins the head's condition, and a learned per-token
+    offset is added to the latent (:meth:`latent`). Training conditions on the true t₁ (teacher
+    forcing, exact for this factorisation); the energy score is then the conditional one. The readout is
     what carries topic and register into the samples: in the tiny autoencoder's latent space the
     energy score hardly pays for them (README "Small-CALM study", round 11). One readout per step
     (2·d·vocab FLOPs), not per sample. The noise has one more coordinate than ``noise_size``: its
@@ -234,8 +234,8 @@ class AnchoredEnergyHead(EnergyHead):
         generator: torch.Generator | None = None,
         first_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Energy score of samples conditioned on the true first tokens (P,), plus ``token_aux_weight`` ×
-        the readout's cross-entropy on them (reported as ``token_aux_loss``)."""
+        """Energy score of samples conditioned on the true first tokens (P,). The readout's cross-entropy on
+        them is the auxiliary term ``CALM.forward`` adds (``token_aux_weight``)."""
         if first_tokens is None:
             raise ValueError("the anchored head's loss needs the target chunks' first tokens (first_tokens=)")
         c = self.config
@@ -243,9 +243,7 @@ class AnchoredEnergyHead(EnergyHead):
         targets = _posterior_samples(mu, std, c.num_target_samples, generator)  # (M, P, l)
         noise = torch.rand((n, *h.shape[:-1], c.noise_size), device=h.device, generator=generator).sub_(0.5)
         samples = self.latent(h.unsqueeze(0).expand(n, *h.shape), noise.to(h.dtype), first_tokens.expand(n, -1))
-        loss, metrics = self._energy_loss(samples.float(), targets, mu)
-        aux = F.cross_entropy(self.token_readout(h).float(), first_tokens)
-        return loss + c.token_aux_weight * aux, {**metrics, "token_aux_loss": aux.detach()}
+        return self._energy_loss(samples.float(), targets, mu)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
