@@ -63,11 +63,13 @@ GPT: the learning rate tuned with the same effort as CALM's (1e-3, 3e-3, 6e-3: B
 def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: int) -> int:
     """Optimizer steps that fit in ``budget_flops`` training FLOPs (analytic, ``calm.flops``), rounded down,
     at least 1: the rule of ``calm sweep --budget-flops`` too, so a sweep reproduces the demo's runs."""
+    from calm.sweep import Budget
+
     if budget_flops <= 0 or flops_per_token <= 0:
         raise ValueError(
             f"the FLOPs budget and FLOPs per token must be positive, got {budget_flops}, {flops_per_token}"
         )
-    return max(1, int(budget_flops // (flops_per_token * batch_tokens)))
+    return max(1, Budget(flops=budget_flops).max_steps(flops_per_token, batch_tokens))
 
 
 def prepare_demo_data(
