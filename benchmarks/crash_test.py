@@ -152,7 +152,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from calm import checkpoint as ckpt
-    from calm.data import prepare
+    from calm.data.shards import prepare
 
     rng = random.Random(args.seed)
     work = Path(args.work)

@@ -18,13 +18,13 @@ library's ``Autoencoder.decode_ids`` and checks that they return the same ids:
   already lower, the fp32 argmax over the top 64 is the exact argmax (other rows are redone in
   fp32).
 - ``auto``: ``calm.models.autoencoder.vocab_argmax``: ``bf16_screened`` from 2^24 logits on where
-  ``calm.precision`` finds bf16 fast, else ``weight_left`` below 64 rows and ``reference`` from 64.
+  ``calm.hardware`` finds bf16 fast, else ``weight_left`` below 64 rows and ``reference`` from 64.
 - ``int8_screen``: exact, needs no bf16. ``calm.models.vocab_search.Int8Screen``: int8 logits
   (``torch._int_mm``) with a certified error bound, and an fp32 re-score of the ids within the
   bound of each row's best (what ``Autoencoder.decode_ids`` uses at large vocabularies). The int8
   table is built once per model, outside the timing.
 
-The lazy Alg. 2 path (``calm.lazy_decode``) decodes 200 rows per step with random weights (the
+The lazy Alg. 2 path (``calm.generate.lazy_decode``) decodes 200 rows per step with random weights (the
 first token of each candidate), then the K - 1 = 3 remaining tokens of the chosen one.
 
 Usage: ``PYTHONPATH=. python benchmarks/decode_argmax.py [--threads 1] [--ae paper] [--json]``
@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from calm.config import load_preset
-from calm.jsonio import to_json
-from calm.models.autoencoder import Autoencoder, vocab_argmax
-from calm.models.vocab_search import Int8Screen
-from calm.precision import int8_matmul_available
+from calm.hardware import bf16_is_fast, int8_matmul_available
+from calm.io import to_json
+from calm.models.autoencoder import Autoencoder
+from calm.models.vocab_search import Int8Screen, vocab_argmax
 
 SCREEN_MIN_LOGITS = 2**24
 """From this many logits on, the bf16 screen beats the fp32 product (on CPUs with bf16 matmuls);
@@ -87,7 +87,8 @@ VARIANTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "weight_left": weight_left_argmax,
     "bf16": bf16_argmax,
     "bf16_screened": screened_argmax,
-    "auto": vocab_argmax,  # the library's choice: the bf16 screen only where calm.precision finds bf16 fast
+    # the library's choice: the bf16 screen only where calm.hardware finds bf16 fast
+    "auto": lambda h, w: vocab_argmax(h, w, bf16_screen=bf16_is_fast(h.device)),
 }
 
 

@@ -5,7 +5,7 @@
 Builds the energy, flow and diffusion heads at one width (default the CALM-M head: d = 1024,
 4 blocks, l = 128), times ``head.sample(h, 1)`` for ``--rows`` conditioning vectors in one process
 with the heads interleaved in every repetition, and prints each head's median time relative to the
-energy head next to ``calm.flops``' ratio of head FLOPs per sample. Sampling steps are the
+energy head next to ``calm.models.flops``' ratio of head FLOPs per sample. Sampling steps are the
 defaults (flow 4 midpoint steps, diffusion 100) unless ``--flow-steps`` / ``--diffusion-steps``.
 """
 
@@ -18,7 +18,7 @@ import time
 import torch
 
 from calm.config import CALMConfig
-from calm.flops import head_params, head_passes_per_sample
+from calm.models.flops import head_params, head_passes_per_sample
 from calm.models.heads import build_head
 
 

@@ -7,7 +7,7 @@
    knowing the document barely lowers the score, the energy loss barely rewards a head for following
    the topic or register of its context.
 2. **Where the prompt is lost.** For the validation prompts of ``calm follow``, the prompt retrieval
-   AUC (``calm.prompt_following``) of bags of next-chunk tokens: 200 head samples (first tokens and
+   AUC (``calm.eval.prompt_following``) of bags of next-chunk tokens: 200 head samples (first tokens and
    whole chunks), 200 draws from the auxiliary next-token readout of h (if the model has one), and the
    real next token / chunk. A high readout AUC with a head AUC near 0.5 says that h knows the prompt
    and the head does not use it.
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from calm.checkpoint import load_model, resolve_checkpoint
-from calm.data import TokenShard
-from calm.generate import left_pad_to_chunks
-from calm.prompt_following import prompt_set, retrieval_auc, retrieval_scores, unigram
+from calm.data.shards import TokenShard
+from calm.eval.prompt_following import prompt_set, retrieval_auc, retrieval_scores, unigram
+from calm.generate.engine import left_pad_to_chunks
 
 
 @torch.no_grad()

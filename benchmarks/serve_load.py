@@ -38,8 +38,9 @@ import openai
 import torch
 
 from calm.checkpoint import load_model, save_checkpoint
-from calm.completion import TextCompleter
-from calm.jsonio import to_json
+from calm.data import WIKITEXT103_TEST
+from calm.generate.completion import TextCompleter
+from calm.io import to_json
 
 PROMPTS = [
     "The history of the city",
@@ -52,9 +53,9 @@ PROMPTS = [
 def build_checkpoint(kind: str, out: Path) -> Path:
     """A demo-sized checkpoint with random weights and a 4,096-entry BPE (see the module docstring)."""
     from calm.bench import build_pair
-    from calm.tokenizer import train_bpe
+    from calm.data.tokenizer import train_bpe
 
-    texts = [json.loads(line)["text"] for line in Path("data/wikitext103/test.jsonl").open(encoding="utf-8")]
+    texts = [json.loads(line)["text"] for line in WIKITEXT103_TEST.open(encoding="utf-8")]
     tokenizer = train_bpe(texts, vocab_size=4096)
     calm, gpt = build_pair("tiny")
     if tokenizer.vocab_size != calm.config.vocab_size:

@@ -2,7 +2,7 @@
 
 Stage 1 trains a chunk autoencoder (``calm.models.autoencoder``); stage 2 trains a Transformer
 that predicts the next chunk's latent vector with an energy-score head (``calm.models.calm``).
-``calm.metrics`` implements BrierLM, ``calm.sampling`` likelihood-free temperature sampling.
+``calm.eval.brierlm`` implements BrierLM, ``calm.generate.sampling`` likelihood-free temperature sampling.
 """
 
 __version__ = "0.1.0"

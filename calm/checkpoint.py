@@ -31,7 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from calm.jsonio import to_json
+from calm.hardware import bf16_is_fast, int8_matmul_available
+from calm.io import to_json
+from calm.models.autoencoder import Autoencoder
+from calm.models.vocab_search import ArgmaxScreens
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -346,7 +349,7 @@ def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: 
 
 
 def read_tokenizer_json(ckpt_dir: str | Path, expected_sha256: str | None = None) -> str:
-    from calm.tokenizer import Tokenizer
+    from calm.data.tokenizer import Tokenizer
 
     path = resolve_checkpoint(ckpt_dir) / TOKENIZER_FILE
     if not path.exists():
@@ -378,14 +381,28 @@ def load_training_state(ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str,
 # ----------------------------------------------------------------------------- models
 
 
+def fast_argmax_screens(device: torch.device) -> ArgmaxScreens:
+    """The exact vocabulary-argmax screens ``device`` runs fast (``calm.hardware``); both give the reference
+    argmax exactly, so they change decoding speed only (CALM-SPEC §7)."""
+    return ArgmaxScreens(bf16=device.type == "cpu" and bf16_is_fast(device), int8=int8_matmul_available(device))
+
+
+def use_fast_argmax(model: nn.Module) -> nn.Module:
+    """Let ``model``'s autoencoder (itself, or a CALM's frozen one) decode through :func:`fast_argmax_screens`;
+    returns ``model``. :func:`load_model` does this for every checkpoint it loads."""
+    ae = getattr(model, "autoencoder", model)
+    if isinstance(ae, Autoencoder):
+        ae.argmax_screens = fast_argmax_screens
+    return model
+
+
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: str | None = None):
     """Load any calm checkpoint -> (model in eval mode, Tokenizer, config dict).
 
     ``kind`` (autoencoder | calm | gpt), when given, is checked against the checkpoint's.
     """
     from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, config_from_dict
-    from calm.models.autoencoder import Autoencoder
-    from calm.tokenizer import Tokenizer
+    from calm.data.tokenizer import Tokenizer
 
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     config = read_config(ckpt_dir)
@@ -415,4 +432,5 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: s
         )
     load_state_into(model, load_weights(ckpt_dir, device), ckpt_dir)
     model.to(device).eval()
+    use_fast_argmax(model)
     return model, tokenizer, config

@@ -185,7 +185,7 @@ class CALMConfig(TransformerConfig):
     """Ours, not the paper's (off by default): weight of an auxiliary cross-entropy that predicts the next
     chunk's first token from the backbone state h through a linear layer (d → vocab) used in training only.
     It gives the backbone the direct next-token signal a token LM gets; its FLOPs count in training
-    (``calm.flops``) and it is ignored at sampling (README "Small-CALM study")."""
+    (``calm.models.flops``) and it is ignored at sampling (README "Small-CALM study")."""
     token_aux_tokens: int = 1
     """Ours: how many tokens of the next chunk the auxiliary readout predicts (1..K), one d → vocab
     readout each; used only when ``token_aux_weight`` > 0."""
@@ -316,7 +316,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 1
     precision: str = "auto"
-    """auto | fp32 | bf16 (autocast). auto: bf16 where the device runs it fast, else fp32 (``calm.precision``)."""
+    """auto | fp32 | bf16 (autocast). auto: bf16 where the device runs it fast, else fp32 (``calm.hardware``)."""
     compile: bool = False
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is not finite instead of stopping."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm.data import prepare
-from calm.tokenizer import Tokenizer, train_bpe
+from calm.data.shards import prepare
+from calm.data.tokenizer import Tokenizer, train_bpe
 
 _SUBJECTS = ["The river", "A small bird", "Robert Boulter", "The 1933 hurricane", "Du Fu", "The orchestra"]
 _VERBS = ["crossed", "described", "sang about", "destroyed", "followed", "wrote to"]
@@ -95,8 +95,8 @@ def tiny_lm_checkpoints(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFa
     Barely trained: for tests of serving and evaluation plumbing, not of quality.
     """
     from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TrainConfig
-    from calm.stages import AutoencoderStage, CALMStage, GPTStage
-    from calm.train import run_training
+    from calm.train.loop import run_training
+    from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
     def train_config(**kw: object) -> TrainConfig:
         base = dict(lr=3e-3, batch_tokens=64, max_steps=2, eval_every=2, save_every=2, log_every=1)

@@ -24,7 +24,7 @@ def test_distribution_name_and_single_sourced_version() -> None:
 def test_entry_points_resolve() -> None:
     scripts = {e.name: e for e in md.entry_points(group="console_scripts") if e.dist.name == "calm-lm"}
     assert scripts["calm"].value == "calm.cli:main"
-    assert scripts["calm-lm-eval"].value == "calm.lm_eval_model:main"
+    assert scripts["calm-lm-eval"].value == "calm.interop.lm_eval:main"
     plugins = {e.name: e.value for e in md.entry_points(group="lm_eval.models")}
-    assert plugins["calm"] == "calm.lm_eval_model:CALMLM"
+    assert plugins["calm"] == "calm.interop.lm_eval:CALMLM"
     assert callable(scripts["calm"].load())

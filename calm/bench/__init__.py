@@ -59,7 +59,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--precisions",
         nargs="+",
         choices=["fp32", "bf16"],
-        help="precisions to time (default: fp32, plus bf16 where calm.precision finds it fast)",
+        help="precisions to time (default: fp32, plus bf16 where calm.hardware finds it fast)",
     )
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak-FLOP/s matmuls")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from calm.checkpoint import use_fast_argmax
 from calm.config import ConfigError, load_preset
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
@@ -106,4 +107,4 @@ def build_pair(
     calm = CALM(calm_config, Autoencoder(ae_config))
     nn.init.normal_(calm.head.final_out.weight, std=calm_config.hidden_size**-0.5)
     gpt = GPT(gpt_config)
-    return calm.to(device).eval(), gpt.to(device).eval()
+    return use_fast_argmax(calm.to(device).eval()), gpt.to(device).eval()

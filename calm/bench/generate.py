@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from calm.bench.common import build_pair, log, median, run_header, run_record, sync
+from calm.checkpoint import fast_argmax_screens
 from calm.config import ConfigError
-from calm.flops import calm_flops, gpt_flops
-from calm.generate import generate
-from calm.jsonio import to_json
+from calm.generate.engine import generate
+from calm.hardware import bf16_is_fast, cpu_has_native_bf16, probe_record, resolve_precision
+from calm.io import to_json
 from calm.models.calm import CALM
+from calm.models.flops import calm_flops, gpt_flops
 from calm.models.gpt import GPT
-from calm.precision import bf16_is_fast, cpu_has_native_bf16, probe_record, resolve_precision
 
 
 def run_calm(
@@ -47,9 +48,9 @@ def run_calm(
     seed: int = 0,
     fast: bool = True,
 ) -> tuple[float, list[int]]:
-    """(wall-clock seconds, new tokens) of one ``calm.generate.generate`` call (prefill included).
+    """(wall-clock seconds, new tokens) of one ``calm.generate.engine.generate`` call (prefill included).
 
-    ``fast=False`` runs the reference path (every candidate decoded in full; ``calm.lazy_decode``).
+    ``fast=False`` runs the reference path (every candidate decoded in full; ``calm.generate.lazy_decode``).
     """
     device = prompt.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -68,7 +69,7 @@ def run_calm(
 def time_calm(
     model: CALM, prompt: torch.Tensor, new_tokens: int, temperature: float, num_samples: int, seed: int = 0
 ) -> float:
-    """Wall-clock seconds of one ``calm.generate.generate`` call (prefill included)."""
+    """Wall-clock seconds of one ``calm.generate.engine.generate`` call (prefill included)."""
     return run_calm(model, prompt, new_tokens, temperature, num_samples, seed)[0]
 
 
@@ -95,11 +96,11 @@ def precision_record(model: CALM) -> dict[str, Any]:
     """The precision CALM decodes in: weight dtype, the vocabulary screen used, bf16 matmul support."""
     weight = next(model.parameters())
     dtype, device = weight.dtype, weight.device
-    screen = model.autoencoder.vocab_screen()
+    screen = model.autoencoder.vocab_screen(fast_argmax_screens(device).int8)
     if screen is not None:
         vocab = "int8 screen (torch._int_mm) + re-score in " + str(dtype).removeprefix("torch.")
     elif dtype == torch.float32 and device.type == "cpu" and bf16_is_fast(device):
-        vocab = "fp32, bf16 screen from 2^24 logits (calm.models.autoencoder.vocab_argmax)"
+        vocab = "fp32, bf16 screen from 2^24 logits (calm.models.vocab_search.vocab_argmax)"
     else:
         vocab = "plain " + str(dtype).removeprefix("torch.") + " product"
     return {

@@ -1,7 +1,7 @@
 """``calm bench train``: training tokens/s and model-FLOPs utilisation of CALM and the GPT baseline.
 
-Training FLOPs per token are analytic (``calm.flops``, CALM-SPEC §7, paper Table 1); tokens/s is
-measured on the library's own training step (``calm.train``: forward, backward, clip, AdamW) on
+Training FLOPs per token are analytic (``calm.models.flops``, CALM-SPEC §7, paper Table 1); tokens/s is
+measured on the library's own training step (``calm.train.loop``: forward, backward, clip, AdamW) on
 random token blocks, CALM and GPT interleaved; MFU divides the achieved FLOP/s by a matmul peak
 measured in the same run on the same device. Figures: ``benchmarks/README.md``.
 """
@@ -20,10 +20,10 @@ from torch import nn
 
 from calm.bench.common import build_pair, log, median, run_header, run_record, sync
 from calm.config import ConfigError, TrainConfig, load_preset
-from calm.flops import calm_flops, gpt_flops
-from calm.jsonio import to_json
-from calm.precision import autocast, bf16_is_fast, probe_record, resolve_precision
-from calm.train import build_optimizer
+from calm.hardware import autocast, bf16_is_fast, probe_record, resolve_precision
+from calm.io import to_json
+from calm.models.flops import calm_flops, gpt_flops
+from calm.train.loop import build_optimizer
 
 
 def measure_matmul_peak(device: torch.device | str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -50,7 +50,7 @@ def _train_step(
     batch: torch.Tensor,
     precision: str,
 ) -> float:
-    """One forward + backward + clip + AdamW step as ``calm.train`` runs it; returns seconds."""
+    """One forward + backward + clip + AdamW step as ``calm.train.loop`` runs it; returns seconds."""
     device = batch.device
     sync(device)
     start = time.perf_counter()
@@ -156,7 +156,7 @@ def bench_train_size(
         "vocab_size": vocab,
         "chunk_size": K,
         "attention_flops": "causal",
-        "optimizer": "AdamW + clip 1.0 (calm.train recipe)",
+        "optimizer": "AdamW + clip 1.0 (calm.train.loop recipe)",
     }
     models.clear()
     return result
@@ -175,7 +175,7 @@ def bench_train(
 ) -> dict[str, Any]:
     """``calm bench train`` as a function: {"peak_flops", size: {"calm", "gpt"}, "device", ...}.
 
-    ``precisions`` None: fp32, and bf16 too where ``calm.precision`` finds it fast (timing emulated
+    ``precisions`` None: fp32, and bf16 too where ``calm.hardware`` finds it fast (timing emulated
     bf16 on a CPU without native kernels would take minutes and say nothing). ``precision_auto``
     in the result is what ``precision: auto`` resolves to for training on this device.
     """

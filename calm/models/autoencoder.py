@@ -16,6 +16,7 @@ DropToken / DropLatent off, and ``latent_size`` (see ``calm.config.latent_ablati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,7 @@ from torch import nn
 
 from calm.config import AutoencoderConfig
 from calm.models.layers import RMSNorm, SwiGLU, init_weights
-from calm.models.vocab_search import Int8Screen
-from calm.precision import bf16_is_fast, int8_matmul_available
+from calm.models.vocab_search import ArgmaxScreens, Int8Screen, vocab_argmax
 
 
 class AELayer(nn.Module):
@@ -78,45 +78,6 @@ INT8_SCREEN_MIN_VOCAB = 2**15
 """``Autoencoder.decode_ids`` uses the int8 screen (``calm.models.vocab_search``) from this vocabulary size
 on (the paper's 128k); below it the vocabulary product is cheap and runs as before."""
 
-SCREEN_MIN_LOGITS = 2**24
-"""``vocab_argmax`` screens in bf16 from this many logits on: e.g. the 200 candidates × 4 tokens
-of temperature sampling against the 128k vocabulary, not the tiny 4k one (where it does not pay)."""
-
-
-def vocab_argmax(hidden: torch.Tensor, weight: torch.Tensor, top: int = 64) -> torch.Tensor:
-    """argmax_v hidden·weight_v for hidden (M, d), weight (V, d) -> (M,) ids; exact, lowest id on a tie.
-
-    This product dominates a CALM decoding step (CALM-SPEC §7; ``benchmarks/decode_argmax.py``).
-    Few rows (greedy decoding decodes K = 4): the product runs as weight @ hidden^T, with the
-    (V, d) table on the left, which a CPU BLAS streams at memory bandwidth, about 2x faster
-    than hidden @ weight^T. Many fp32 logits on a CPU with bf16 matmuls: the logits are computed
-    in bf16 and the ``top`` best ids of each row are re-scored in fp32. With unit round-off
-    u = 2^-8, bf16 inputs (2u), fp32 accumulation and a bf16 output (u) keep each bf16 logit
-    within bound = 2^-6·‖hidden‖·max_v‖weight_v‖ of the exact one, so the exact argmax has a bf16
-    logit within 2·bound of the row's bf16 maximum. Where the ``top``-th bf16 logit is lower than
-    that, the fp32 argmax over the top ids is exact; the other rows (a flat top) are redone in fp32.
-    """
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    screen = (
-        rows * vocab >= SCREEN_MIN_LOGITS
-        and hidden.dtype == weight.dtype == torch.float32
-        and hidden.device.type == "cpu"
-        and bf16_is_fast("cpu")
-    )
-    if not screen:
-        return (weight @ hidden.t()).argmax(0) if rows < 64 else (hidden @ weight.t()).argmax(-1)
-    approx = F.linear(hidden.to(torch.bfloat16), weight.to(torch.bfloat16))  # (M, V)
-    values, ids = approx.topk(min(top, vocab), dim=-1)  # (M, top), best first
-    values = values.float()
-    bound = 2**-6 * hidden.norm(dim=-1) * weight.norm(dim=-1).max()  # (M,)
-    exact = torch.einsum("md,mtd->mt", hidden, weight[ids])  # (M, top) fp32 logits of the top ids
-    best = exact.max(-1, keepdim=True).values
-    out = torch.where(exact == best, ids, vocab).min(-1).values
-    flat = values[:, -1] >= values[:, 0] - 2 * bound  # an id outside the top could still win
-    if bool(flat.any()):
-        out[flat] = (hidden[flat] @ weight.t()).argmax(-1)
-    return out
-
 
 @dataclass
 class AutoencoderOutput:
@@ -151,6 +112,9 @@ class Autoencoder(nn.Module):
         self.dec_norm = RMSNorm(d, config.rms_norm_eps)
         init_weights(self, config.init_std)
         self._screen: Int8Screen | None = None
+        self.argmax_screens: Callable[[torch.device], ArgmaxScreens] | None = None
+        """Which exact screens :meth:`vocab_argmax` may use on a device (None: the plain product). The model
+        does not probe the hardware: ``calm.checkpoint.load_model`` sets this from ``calm.hardware``."""
 
     @property
     def chunk_size(self) -> int:
@@ -191,19 +155,21 @@ class Autoencoder(nn.Module):
         Exact (the reference matmul's argmax, lowest id on a tie); through the certified int8 screen
         where :meth:`vocab_screen` has one, else through :func:`vocab_argmax`.
         """
-        screen = self.vocab_screen()
+        weight = self.embed_tokens.weight
+        screens = ArgmaxScreens() if self.argmax_screens is None else self.argmax_screens(weight.device)
+        screen = self.vocab_screen(screens.int8)
         if screen is not None:
             return screen.argmax(hidden)
-        return vocab_argmax(hidden, self.embed_tokens.weight)
+        return vocab_argmax(hidden, weight, bf16_screen=screens.bf16)
 
-    def vocab_screen(self) -> Int8Screen | None:
+    def vocab_screen(self, allowed: bool = True) -> Int8Screen | None:
         """The int8 screen of the embedding table (built once, rebuilt when the table changes), or None.
 
-        None when the vocabulary is small (under ``INT8_SCREEN_MIN_VOCAB``), the table is not on a CPU
-        with int8 matmuls, or the module is training.
+        None when not ``allowed`` (the device has no int8 matmuls: :attr:`argmax_screens`), when the
+        vocabulary is small (under ``INT8_SCREEN_MIN_VOCAB``) or the module is training.
         """
         weight = self.embed_tokens.weight
-        if self.training or weight.shape[0] < INT8_SCREEN_MIN_VOCAB or not int8_matmul_available(weight.device):
+        if not allowed or self.training or weight.shape[0] < INT8_SCREEN_MIN_VOCAB:
             self._screen = None
             return None
         if self._screen is None or not self._screen.is_current(weight):

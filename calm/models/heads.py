@@ -8,7 +8,7 @@ checkpoints never need to know which head a model has:
 - ``loss(h, mu, std, generator)``: h (P, d) and the frozen encoder's posterior μ, σ (P, l) of the
   target chunks -> (scalar loss, metrics).
 
-``passes_per_sample(config)`` is the number of head forward passes one sample costs (``calm.flops``).
+``passes_per_sample(config)`` is the number of head forward passes one sample costs (``calm.models.flops``).
 
 **Energy** (§3.3, paper §4.2): uniform noise and h go through ``head_blocks`` residual MLP blocks
 to a latent in one pass; the loss is the energy score (§3.4) of N = ``num_samples`` head samples
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import CALMConfig
-from calm.losses import energy_loss, energy_terms
+from calm.models.losses import energy_loss, energy_terms
 
 
 class MLPBlock(nn.Module):
@@ -166,7 +166,7 @@ class AnchoredEnergyHead(EnergyHead):
     energy score hardly pays for them (README "Small-CALM study", round 11). One readout per step
     (2·d·vocab FLOPs), not per sample. The noise has one more coordinate than ``noise_size``: its
     uniform picks t₁ by the inverse CDF, so ``forward(h, noise)`` stays a deterministic function
-    of its noise, as ``calm.diagnostics`` needs.
+    of its noise, as ``calm.eval.diagnostics`` needs.
     """
 
     def __init__(self, config: CALMConfig) -> None:
@@ -466,7 +466,7 @@ def set_sampling_steps(config: CALMConfig, steps: int) -> None:
 def noise_driven_sampler(head: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``f(h (..., d), noise (..., n)) -> latent (..., l)``, one sample per row, fixed by ``noise``.
 
-    For callers that need common random numbers across heads (``calm.diagnostics``: the same noise
+    For callers that need common random numbers across heads (``calm.eval.diagnostics``: the same noise
     with a context's own and a shuffled hidden state). The energy head is such a function already
     (its forward). Flow and diffusion draw Gaussians inside their samplers, so for them the noise
     tensor's bytes seed a generator for ``sample``: equal noise (and shapes) gives exactly the same

@@ -21,6 +21,8 @@ E), and the lowest id among the best is returned, as ``argmax`` does. Ids outsid
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,66 @@ GROUP = 16
 """Ids per group whose int32 maximum is compared first: only groups that reach the window are opened."""
 MAX_WINDOW_IDS = 4096
 """A row with more ids than this in its window (a flat top) is re-scored over the whole vocabulary."""
+
+
+@dataclass(frozen=True)
+class ArgmaxScreens:
+    """Which exact screens a device may use for the vocabulary argmax; the caller (``calm.checkpoint``, from
+    ``calm.hardware``) decides, the models never probe the hardware. Both screens return the reference
+    argmax exactly: they change the speed only."""
+
+    bf16: bool = False
+    """Screen many fp32 logits in bf16 (:func:`vocab_argmax`): where bf16 matmuls are fast on a CPU."""
+    int8: bool = False
+    """Screen large vocabularies in int8 (:class:`Int8Screen`): where ``torch._int_mm`` runs."""
+
+
+SCREEN_MIN_LOGITS = 2**24
+"""``vocab_argmax`` screens in bf16 from this many logits on: e.g. the 200 candidates × 4 tokens
+of temperature sampling against the 128k vocabulary, not the tiny 4k one (where it does not pay)."""
+
+
+def vocab_argmax(hidden: torch.Tensor, weight: torch.Tensor, top: int = 64, bf16_screen: bool = False) -> torch.Tensor:
+    """argmax_v hidden·weight_v for hidden (M, d), weight (V, d) -> (M,) ids; exact, lowest id on a tie.
+
+    This product dominates a CALM decoding step (CALM-SPEC §7; ``benchmarks/decode_argmax.py``).
+    Few rows (greedy decoding decodes K = 4): the product runs as weight @ hidden^T, with the
+    (V, d) table on the left, which a CPU BLAS streams at memory bandwidth, about 2x faster
+    than hidden @ weight^T. Many fp32 logits on a CPU with ``bf16_screen`` (the caller's word that bf16
+    matmuls are fast here, from ``calm.hardware``): the logits are computed
+    in bf16 and the ``top`` best ids of each row are re-scored in fp32. With unit round-off
+    u = 2^-8, bf16 inputs (2u), fp32 accumulation and a bf16 output (u) keep each bf16 logit
+    within bound = 2^-6·‖hidden‖·max_v‖weight_v‖ of the exact one, so the exact argmax has a bf16
+    logit within 2·bound of the row's bf16 maximum. Where the ``top``-th bf16 logit is lower than
+    that, the fp32 argmax over the top ids is exact; the other rows (a flat top) are redone in fp32.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    screen = (
+        rows * vocab >= SCREEN_MIN_LOGITS
+        and hidden.dtype == weight.dtype == torch.float32
+        and hidden.device.type == "cpu"
+        and bf16_screen
+    )
+    if not screen:
+        return (weight @ hidden.t()).argmax(0) if rows < 64 else (hidden @ weight.t()).argmax(-1)
+    return bf16_screened_argmax(hidden, weight, top)
+
+
+def bf16_screened_argmax(hidden: torch.Tensor, weight: torch.Tensor, top: int = 64) -> torch.Tensor:
+    """The bf16 screen of :func:`vocab_argmax` (its docstring gives the bound): hidden (M, d), weight (V, d)
+    fp32 -> (M,) ids, exact. Correct on any device; fast only where bf16 matmuls are."""
+    vocab = weight.shape[0]
+    approx = F.linear(hidden.to(torch.bfloat16), weight.to(torch.bfloat16))  # (M, V)
+    values, ids = approx.topk(min(top, vocab), dim=-1)  # (M, top), best first
+    values = values.float()
+    bound = 2**-6 * hidden.norm(dim=-1) * weight.norm(dim=-1).max()  # (M,)
+    exact = torch.einsum("md,mtd->mt", hidden, weight[ids])  # (M, top) fp32 logits of the top ids
+    best = exact.max(-1, keepdim=True).values
+    out = torch.where(exact == best, ids, vocab).min(-1).values
+    flat = values[:, -1] >= values[:, 0] - 2 * bound  # an id outside the top could still win
+    if bool(flat.any()):
+        out[flat] = (hidden[flat] @ weight.t()).argmax(-1)
+    return out
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

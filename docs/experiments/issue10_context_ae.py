@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from calm.config import load_preset
-from calm.stages import AutoencoderStage
-from calm.train import run_training
+from calm.train.stages import AutoencoderStage
+from calm.train.loop import run_training
 
 
 class ContextAutoencoderStage(AutoencoderStage):

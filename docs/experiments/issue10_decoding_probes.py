@@ -1,7 +1,7 @@
 """Issue 10, round 10: attempts to make a trained CALM follow its prompts without retraining (none helped).
 
 Not part of the library: a record of what was tried, runnable on any CALM checkpoint trained with the
-auxiliary readout (``model.token_aux_weight`` > 0). Both score generations with ``calm.prompt_following``
+auxiliary readout (``model.token_aux_weight`` > 0). Both score generations with ``calm.eval.prompt_following``
 (128 validation prompts, 64 + 32 tokens, seed 0).
 
 - ``guidance W[,W...]``: extrapolate each head sample away from a context-free one with the same noise,
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calm.brier_eval import evaluate_checkpoint
+from calm.eval.brier import evaluate_checkpoint
 from calm.checkpoint import load_model, resolve_checkpoint
-from calm.data import TokenShard, lm_blocks
-from calm.generate import left_pad_to_chunks
+from calm.data.shards import TokenShard, lm_blocks
+from calm.generate.engine import left_pad_to_chunks
 from calm.models.heads import EnergyHead
-from calm.prompt_following import prompt_following, prompt_set, retrieval_auc, retrieval_scores, unigram
-from calm.sampling import batch_temperature_probs
+from calm.eval.prompt_following import prompt_following, prompt_set, retrieval_auc, retrieval_scores, unigram
+from calm.generate.sampling import batch_temperature_probs
 
 
 def guidance(weights: list[float], run: str, data: str) -> None:

@@ -1,0 +1,599 @@
+"""Experiment runner: a grid of ``--set`` overrides for one or several stages at a fixed training budget.
+
+``calm sweep SPEC.yaml --out DIR`` (or :func:`run_sweep` from Python) expands a grid of overrides into
+training runs of the autoencoder, CALM and/or GPT stages, gives every run the same budget in
+training FLOPs (or tokens) by deriving its ``max_steps`` from its analytic ``flops_per_token``
+(``calm.models.flops``, CALM-SPEC §7) and ``batch_tokens``, trains each in its own folder with the
+ordinary loop (``calm.train.loop``), and writes a table (``results.md``, ``results.csv``,
+``results.json``) and a plot (``results.png``) of the chosen validation metrics against training
+FLOPs. Comparing at equal training compute is how the paper compares CALM with Transformers
+(Table 1). Runs are resumable: a rerun skips finished runs (``DONE.json``) and resumes unfinished
+ones from their newest checkpoint, so a sweep can be interrupted and restarted at will.
+
+Spec format (YAML; every key but ``data`` and ``groups`` is optional)::
+
+    data: runs/demo/data                # prepared data directory (`calm prepare`)
+    autoencoder: runs/demo/autoencoder  # frozen autoencoder for CALM groups (run or checkpoint dir)
+    budget: {flops: 3.0e13}             # or {tokens: 1.6e6}: per run; a group may set its own
+    evals: 5                            # validation evaluations per run (sets eval_every, save_every)
+    metrics: [brier1, cond_gap, gap_closed, energy_loss]   # columns and plot panels
+    groups:
+      - kind: calm                      # autoencoder | calm | gpt
+        name: heads                     # run folders are NAME-KEY=VALUE-...; default: the kind
+        preset: tiny                    # default: tiny
+        set: {train.precision: fp32}    # overrides shared by the group's runs
+        grid:                           # the cartesian product of these lists
+          model.num_head_blocks: [1, 2, 4]
+      - kind: gpt
+        grid: {train.lr: [3.0e-4, 1.0e-3, 3.0e-3]}
+      - kind: autoencoder
+        name: ae
+        budget: {tokens: 2.0e6}
+        grid: {model.latent_dropout: [0.0, 0.15]}
+      - kind: calm
+        name: on-ae
+        autoencoder: "@ae"              # one CALM run per run of the earlier group `ae`
+
+Override keys are those of ``--set`` (``model.KEY`` / ``train.KEY``). ``train.max_steps`` is what the
+budget sets, so it may not be overridden. A CALM run on an autoencoder run whose grid sets
+``train.seed`` trains with that seed unless its own group sets one (seed s of an autoencoder study
+is one replicate: the autoencoder and the CALM on it). Named ablation studies (``calm sweep --study
+NAME``) build their specs in ``calm.experiments.studies``. Metric names are keys of the validation records in each
+run's ``metrics.jsonl``; ``train/KEY`` reads the training records instead (e.g. ``train/loss``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from calm.checkpoint import atomic_write_text
+from calm.config import AutoencoderConfig, ConfigError, config_from_dict, load_preset, parse_override
+from calm.io import to_json
+
+KINDS = ("autoencoder", "calm", "gpt")
+DEFAULT_METRICS = [
+    "brier1",
+    "brierlm",
+    "energy_loss",
+    "flow_loss",
+    "diffusion_loss",
+    "cond_gap",
+    "gap_closed",
+    "ce",
+    "token_accuracy",
+]
+"""Columns a results table offers; each run fills those its records hold (a CALM run logs its head's loss)."""
+"""Columns when the spec names none; a run that does not log one leaves its cell empty."""
+
+
+@dataclass
+class Budget:
+    """Training budget of one run: exactly one of ``flops`` (training FLOPs) or ``tokens``."""
+
+    flops: float | None = None
+    tokens: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.flops is None) == (self.tokens is None):
+            raise ConfigError(f"a budget needs exactly one of flops or tokens, got {self.describe()}")
+        value = self.flops if self.flops is not None else self.tokens
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise ConfigError(f"budget must be a positive number, got {self.describe()}")
+
+    def describe(self) -> str:
+        return f"flops={self.flops:.3g}" if self.flops is not None else f"tokens={self.tokens}"
+
+    def max_steps(self, flops_per_token: float, batch_tokens: int) -> int:
+        """Optimizer steps that fit the budget (rounded down, as ``calm.experiments.demo.steps_for_budget`` for the
+        demo): budget / (batch_tokens · FLOPs per token); 0 when not even one step fits."""
+        if self.flops is not None:
+            return int(self.flops // (flops_per_token * batch_tokens))
+        return int(self.tokens // batch_tokens)
+
+
+@dataclass
+class Group:
+    """One stage's grid: every combination of ``grid`` values on top of ``preset`` and ``set``."""
+
+    kind: str
+    name: str = ""
+    preset: str = "tiny"
+    set: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    budget: Budget | None = None
+    autoencoder: str | None = None
+    """CALM only: a run/checkpoint directory, or ``@GROUP`` for each run of an earlier autoencoder group."""
+
+
+@dataclass
+class SweepSpec:
+    """A whole sweep; build it in Python or read it with :func:`load_sweep` (module docstring)."""
+
+    data: str
+    groups: list[Group]
+    budget: Budget | None = None
+    autoencoder: str | None = None
+    evals: int | None = 5
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+
+
+@dataclass
+class PlannedRun:
+    """One training run of a sweep, with the steps its budget allows."""
+
+    name: str
+    group: str
+    kind: str
+    preset: str
+    overrides: dict[str, Any]
+    """Every override applied, the budget's ``train.max_steps`` included."""
+    grid_values: dict[str, Any]
+    autoencoder: str | None
+    flops_per_token: float
+    batch_tokens: int
+    max_steps: int
+    budget: str
+    costs: dict[str, float] = field(default_factory=dict)
+    """CALM runs: the head's inference cost (``head_passes_per_sample``, ``head_flops_per_sample`` =
+    passes x 2 x head matmul weights) and ``inference_flops_per_token`` (``calm.models.flops``, CALM-SPEC §8.6)."""
+
+    @property
+    def train_flops(self) -> float:
+        return self.flops_per_token * self.batch_tokens * self.max_steps
+
+
+# ----------------------------------------------------------------------------- reading a spec
+
+_TOP_KEYS = {"data", "groups", "budget", "autoencoder", "evals", "metrics"}
+_GROUP_KEYS = {"kind", "name", "preset", "set", "grid", "budget", "autoencoder"}
+
+
+def _budget(value: Any, where: str) -> Budget | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= {"flops", "tokens"}:
+        raise ConfigError(f"{where}: budget must be a mapping with one of 'flops' or 'tokens', got {value!r}")
+    values = {k: float(v) if isinstance(v, str) else v for k, v in value.items()}
+    try:
+        return Budget(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _overrides(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of KEY: VALUE overrides, e.g. {{train.lr: 1.0e-3}}")
+    out = {}
+    for key, v in value.items():
+        out[str(key)] = parse_override(f"{key}={v}")[1] if isinstance(v, str) else v
+    return out
+
+
+def _group(raw: Any, index: int) -> Group:
+    where = f"groups[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping with at least 'kind'")
+    unknown = sorted(set(raw) - _GROUP_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known keys are {sorted(_GROUP_KEYS)}")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: kind must be one of {list(KINDS)}, got {kind!r}")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}.grid must map override keys to lists of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.grid.{key} must be a non-empty list of values, got {values!r}")
+    grid = {str(k): [_overrides({k: v}, where)[str(k)] for v in vs] for k, vs in grid.items()}
+    name = str(raw.get("name") or kind)
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise ConfigError(f"{where}: name {name!r} may only use letters, digits and _ . + - (it names folders)")
+    return Group(
+        kind=kind,
+        name=name,
+        preset=str(raw.get("preset", "tiny")),
+        set=_overrides(raw.get("set"), f"{where}.set"),
+        grid=grid,
+        budget=_budget(raw.get("budget"), where),
+        autoencoder=raw.get("autoencoder"),
+    )
+
+
+def sweep_from_dict(raw: Any) -> SweepSpec:
+    """Validate a parsed spec (module docstring) and build a :class:`SweepSpec`; ConfigError names the fault."""
+    if not isinstance(raw, dict):
+        raise ConfigError("a sweep spec must be a YAML mapping with at least 'data' and 'groups'")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown sweep keys {unknown}; known keys are {sorted(_TOP_KEYS)}")
+    if not raw.get("data"):
+        raise ConfigError("the sweep spec needs 'data': a prepared data directory (`calm prepare --out DIR`)")
+    groups = raw.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError("the sweep spec needs 'groups': a non-empty list of {kind, preset, set, grid} mappings")
+    metrics = raw.get("metrics", DEFAULT_METRICS)
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
+        raise ConfigError(f"metrics must be a non-empty list of metric names, got {metrics!r}")
+    evals = raw.get("evals", 5)
+    if evals is not None and (not isinstance(evals, int) or isinstance(evals, bool) or evals < 1):
+        raise ConfigError(f"evals must be a positive integer (evaluations per run) or null, got {evals!r}")
+    parsed = [_group(g, i) for i, g in enumerate(groups)]
+    names = [g.name for g in parsed]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"two groups are named {name!r}; give each group its own 'name'")
+    return SweepSpec(
+        data=str(raw["data"]),
+        groups=parsed,
+        budget=_budget(raw.get("budget"), "budget"),
+        autoencoder=raw.get("autoencoder"),
+        evals=evals,
+        metrics=metrics,
+    )
+
+
+def _read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read a YAML sweep spec; relative paths in it are relative to the current directory."""
+    try:
+        return sweep_from_dict(_read_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def parse_grid_arg(text: str) -> tuple[str, list[Any]]:
+    """``KEY=V1,V2,...`` (or ``KEY=[V1, V2]``) -> (KEY, [values read as YAML])."""
+    key, value = parse_override(text)
+    if isinstance(value, list):
+        return key, value
+    items = text.split("=", 1)[1].split(",")
+    if not all(item.strip() for item in items):
+        raise ConfigError(f"--grid {text!r} must look like KEY=V1,V2,... with no empty value")
+    return key, [parse_override(f"{key}={item.strip()}")[1] for item in items]
+
+
+def spec_from_cli(
+    spec_path: str | None = None,
+    *,
+    data: str | None = None,
+    autoencoder: str | None = None,
+    kind: str | None = None,
+    name: str | None = None,
+    preset: str | None = None,
+    grid: list[str] | None = None,
+    sets: list[str] | None = None,
+    budget_flops: float | None = None,
+    budget_tokens: float | None = None,
+    evals: int | None = None,
+    metrics: str | None = None,
+) -> SweepSpec:
+    """A spec from an optional YAML file plus ``calm sweep`` arguments.
+
+    ``data``, ``autoencoder``, the budget, ``evals`` and ``metrics`` replace the file's values;
+    ``kind`` with ``grid`` (``KEY=V1,V2``), ``sets`` (``KEY=VALUE``), ``preset`` and ``name`` adds one group.
+    """
+    raw = dict(_read_yaml(spec_path) or {}) if spec_path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{spec_path}: a sweep spec must be a YAML mapping")
+    for key, value in (("data", data), ("autoencoder", autoencoder), ("evals", evals), ("metrics", metrics)):
+        if value is not None:
+            raw[key] = value
+    if budget_flops is not None or budget_tokens is not None:
+        raw["budget"] = {k: v for k, v in (("flops", budget_flops), ("tokens", budget_tokens)) if v is not None}
+    if grid or sets or name or preset:
+        if kind is None:
+            raise ConfigError("--grid, --set, --name and --preset describe a group: add --kind autoencoder|calm|gpt")
+    if kind is not None:
+        group: dict[str, Any] = {"kind": kind, "grid": dict(parse_grid_arg(g) for g in grid or [])}
+        group["set"] = dict(parse_override(t) for t in sets or [])
+        group.update({k: v for k, v in (("name", name), ("preset", preset)) if v})
+        raw["groups"] = list(raw.get("groups") or []) + [group]
+    try:
+        return sweep_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{spec_path}: {e}" if spec_path else str(e)) from e
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _value_text(value: Any) -> str:
+    text = format(value, "g") if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """``model.num_head_blocks`` -> ``num_head_blocks`` unless two keys would then collide."""
+    short = {k: k.partition(".")[2] or k for k in keys}
+    counts = {s: list(short.values()).count(s) for s in short.values()}
+    return {k: (s if counts[s] == 1 else k) for k, s in short.items()}
+
+
+def _data_vocab_size(data: Path) -> int:
+    meta = data / "meta.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta} is missing: 'data' must be a directory made by `calm prepare`")
+    return int(json.loads(meta.read_text())["vocab_size"])
+
+
+def stage_flops_per_token(
+    kind: str, preset: Any, vocab_size: int, ae_config: AutoencoderConfig | None
+) -> tuple[float, dict[str, float]]:
+    """The stage's analytic training FLOPs per token (the same call the stage makes) and, for CALM,
+    the head's inference cost (:attr:`PlannedRun.costs`)."""
+    from calm.models.flops import ae_flops, calm_flops, gpt_flops
+
+    model, train = preset.model, preset.train
+    model.vocab_size = vocab_size
+    if kind == "autoencoder":
+        model.validate()
+        return float(ae_flops(model)["train_flops_per_token"]), {}
+    if kind == "gpt":
+        if train.block_size - 1 > model.max_seq_len:
+            raise ConfigError(f"block_size={train.block_size} exceeds max_seq_len={model.max_seq_len} + 1")
+        model.validate()
+        return float(gpt_flops(model, context=train.block_size)["train_flops_per_token"]), {}
+    model.chunk_size, model.latent_size = ae_config.chunk_size, ae_config.latent_size
+    if train.block_size % model.chunk_size or train.block_size // model.chunk_size - 1 > model.max_seq_len:
+        raise ConfigError(
+            f"block_size={train.block_size} must be a multiple of K={model.chunk_size} with at most "
+            f"max_seq_len={model.max_seq_len} + 1 chunks"
+        )
+    model.validate()
+    counts = calm_flops(model, ae_config, context=train.block_size // model.chunk_size)
+    costs = {
+        "head_passes_per_sample": counts["head_passes_per_sample"],
+        "head_flops_per_sample": counts["breakdown"]["inference_per_step"]["head"],
+        "inference_flops_per_token": counts["inference_flops_per_token"],
+    }
+    return float(counts["train_flops_per_token"]), costs
+
+
+def _autoencoder_config(path: str) -> AutoencoderConfig:
+    from calm.checkpoint import read_config
+
+    config = read_config(path)
+    if config["kind"] != "autoencoder":
+        raise ConfigError(f"{path} is a {config['kind']} checkpoint; CALM groups need an autoencoder")
+    return config_from_dict(AutoencoderConfig, config["model"])
+
+
+def _group_autoencoders(
+    group: Group,
+    spec: SweepSpec,
+    out: Path,
+    by_group: dict[str, list[PlannedRun]],
+    ae_configs: dict[str, AutoencoderConfig],
+) -> list[tuple[str | None, str | None]]:
+    """[(autoencoder path, autoencoder run name or None)] a group trains on; [(None, None)] if not CALM.
+
+    Records the config of a given autoencoder checkpoint in ``ae_configs`` (keyed by its path).
+    """
+    where = f"group {group.name!r}"
+    source = group.autoencoder or spec.autoencoder
+    if group.kind != "calm":
+        if group.autoencoder:
+            raise ConfigError(f"{where}: only calm groups take an 'autoencoder'")
+        return [(None, None)]
+    if not source:
+        raise ConfigError(f"{where} trains CALM: set 'autoencoder' (a run directory or @GROUP)")
+    if source.startswith("@"):
+        ae_runs = by_group.get(source[1:])
+        if not ae_runs or ae_runs[0].kind != "autoencoder":
+            raise ConfigError(f"{where}: autoencoder {source!r} must name an earlier autoencoder group")
+        return [(str((out / r.name).resolve()), r.name) for r in ae_runs]
+    source = str(Path(source).resolve())
+    ae_configs[source] = _autoencoder_config(source)
+    return [(source, None)]
+
+
+def plan_sweep(spec: SweepSpec, out: str | Path, *, vocab_size: int | None = None) -> list[PlannedRun]:
+    """Expand every group into runs and derive each run's ``max_steps`` from its budget.
+
+    Everything that can be checked without training is checked here (override keys, presets,
+    budgets, autoencoders, name clashes), so a bad spec fails before any run starts.
+    ``vocab_size`` plans for data not prepared yet (default: the data's ``meta.json``).
+    """
+    out, vocab = Path(out), vocab_size or _data_vocab_size(Path(spec.data))
+    runs: list[PlannedRun] = []
+    by_group: dict[str, list[PlannedRun]] = {}
+    ae_configs: dict[str, AutoencoderConfig] = {}
+    for group in spec.groups:
+        where = f"group {group.name!r}"
+        budget = group.budget or spec.budget
+        if budget is None:
+            raise ConfigError(f"{where} has no budget: set 'budget' at the top of the spec or in the group")
+        if "train.max_steps" in group.set or "train.max_steps" in group.grid:
+            raise ConfigError(f"{where}: train.max_steps is derived from the budget; set the budget instead")
+        autoencoders = _group_autoencoders(group, spec, out, by_group, ae_configs)
+        short = _short_keys(list(group.grid))
+        points = list(itertools.product(*group.grid.values()))
+        group_runs = []
+        for (ae_path, ae_run), values in itertools.product(autoencoders, points):
+            grid_values = dict(zip(group.grid, values))
+            parts = [group.name] + [f"{short[k]}={_value_text(v)}" for k, v in grid_values.items()]
+            parts += [f"ae={ae_run}"] if ae_run else []
+            name = "-".join(parts)
+            overrides = {**group.set, **grid_values}
+            ae_seed = _chained_seed(ae_run, by_group)
+            if ae_seed is not None and "train.seed" not in overrides:
+                overrides["train.seed"] = ae_seed
+            try:
+                preset = load_preset(group.kind, group.preset, overrides)
+                preset.train.validate()
+                fpt, costs = stage_flops_per_token(group.kind, preset, vocab, ae_configs.get(ae_run or ae_path or ""))
+            except ConfigError as e:
+                raise ConfigError(f"run {name}: {e}") from e
+            steps = budget.max_steps(fpt, preset.train.batch_tokens)
+            if steps < 1:
+                raise ConfigError(
+                    f"run {name}: the budget ({budget.describe()}) is less than one optimizer step "
+                    f"({preset.train.batch_tokens} tokens x {fpt:.3g} FLOPs/token); raise it or lower batch_tokens"
+                )
+            overrides["train.max_steps"] = steps
+            if spec.evals and "train.eval_every" not in overrides:
+                overrides["train.eval_every"] = max(1, math.ceil(steps / spec.evals))
+            if spec.evals and "train.save_every" not in overrides:
+                overrides["train.save_every"] = overrides.get("train.eval_every", preset.train.eval_every)
+            run = PlannedRun(
+                name=name,
+                group=group.name,
+                kind=group.kind,
+                preset=group.preset,
+                overrides=overrides,
+                grid_values=grid_values if not ae_run else {**grid_values, "autoencoder": ae_run},
+                autoencoder=ae_path,
+                flops_per_token=fpt,
+                batch_tokens=preset.train.batch_tokens,
+                max_steps=steps,
+                budget=budget.describe(),
+                costs=costs,
+            )
+            if group.kind == "autoencoder":
+                ae_configs[name] = preset.model
+            group_runs.append(run)
+        by_group[group.name] = group_runs
+        runs += group_runs
+    names = [r.name for r in runs]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ConfigError(f"several runs would share the folders {clashes}; give the groups distinct names")
+    return runs
+
+
+def _chained_seed(ae_run: str | None, by_group: dict[str, list[PlannedRun]]) -> int | None:
+    """The ``train.seed`` an autoencoder run's grid set (None if it set none or there is no such run)."""
+    for runs in by_group.values():
+        for run in runs:
+            if run.name == ae_run and "train.seed" in run.grid_values:
+                return int(run.grid_values["train.seed"])
+    return None
+
+
+# ----------------------------------------------------------------------------- running
+
+_PLAN_FILE, _DONE_FILE = "sweep_run.json", "DONE.json"
+
+
+def _plan_record(run: PlannedRun, spec: SweepSpec) -> dict[str, Any]:
+    return json.loads(to_json({**asdict(run), "data": str(Path(spec.data).resolve())}))
+
+
+def _make_stage(run: PlannedRun, spec: SweepSpec, preset: Any) -> Any:
+    from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
+
+    if run.kind == "autoencoder":
+        return AutoencoderStage(spec.data, preset.model, preset.train)
+    if run.kind == "calm":
+        return CALMStage(spec.data, preset.model, preset.train, run.autoencoder)
+    return GPTStage(spec.data, preset.model, preset.train)
+
+
+def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train one planned run into ``out/run.name`` (resuming it if started); return its DONE record.
+
+    A finished run (``DONE.json``) is not trained again. A run that stops on a non-finite loss is
+    recorded as failed (a diverging setting is a result too); delete its folder to retry it.
+
+    Raises:
+        ConfigError: the folder holds a run of another plan (e.g. the budget or data changed).
+    """
+    from calm.train.loop import NonFiniteError, run_training
+
+    run_dir = Path(out) / run.name
+    plan = _plan_record(run, spec)
+    if (run_dir / _PLAN_FILE).exists():
+        previous = json.loads((run_dir / _PLAN_FILE).read_text())
+        if previous != plan:
+            changed = sorted(k for k in plan if previous.get(k) != plan[k])
+            raise ConfigError(
+                f"{run_dir} holds a run planned differently (changed: {changed}); delete the folder to retrain it "
+                "or sweep into another --out"
+            )
+    if (run_dir / _DONE_FILE).exists():
+        return json.loads((run_dir / _DONE_FILE).read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / _PLAN_FILE, to_json(plan, indent=2, sort_keys=True) + "\n")
+    preset = load_preset(run.kind, run.preset, run.overrides)
+    stage = _make_stage(run, spec, preset)
+    if stage.flops_per_token is not None and not math.isclose(stage.flops_per_token, run.flops_per_token):
+        raise RuntimeError(
+            f"run {run.name}: the stage counts {stage.flops_per_token:.6g} FLOPs/token but the plan "
+            f"{run.flops_per_token:.6g}; calm.experiments.sweep and calm.train.stages disagree (a bug)"
+        )
+    start = time.perf_counter()
+    try:
+        result, status = run_training(stage, preset.train, run_dir, resume=True, progress=progress), "done"
+    except NonFiniteError as e:
+        result, status = {}, f"failed: {e}"
+    record = {"status": status, "result": result, "wall_s": round(time.perf_counter() - start, 1), "plan": plan}
+    atomic_write_text(run_dir / _DONE_FILE, to_json(record, indent=2) + "\n")
+    return record
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    echo: Any = print,
+    title: str | None = None,
+    vocab_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """Plan, train every run not yet finished (in spec order), then write the results; return the rows.
+
+    ``dry_run`` plans and prints the runs without training or writing anything (``vocab_size``
+    plans it for data not prepared yet). Outputs in ``out``: one folder per run,
+    ``results.{md,csv,json}`` and ``results.png`` (:func:`write_results`, headed by ``title``).
+    """
+    runs = plan_sweep(spec, out, vocab_size=vocab_size)
+    for run in runs:
+        seed = run.overrides.get("train.seed")
+        echo(
+            f"{run.name}: {run.max_steps} steps x {run.batch_tokens} tokens = {run.train_flops:.3g} FLOPs"
+            + (f", seed {seed}" if seed is not None else "")
+        )
+    if dry_run:
+        return []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(_spec_record(spec), sort_keys=False))
+    for i, run in enumerate(runs, 1):
+        echo(f"\n=== sweep run {i}/{len(runs)}: {run.name} ===")
+        record = run_one(run, spec, out, progress=progress)
+        if record["status"] != "done":
+            echo(f"{run.name}: {record['status']}")
+    from calm.experiments.sweep_results import write_results
+
+    rows = write_results(out, runs, spec.metrics, title=title)
+    echo(f"\nresults: {out / 'results.md'}")
+    return rows
+
+
+def _spec_record(spec: SweepSpec) -> dict[str, Any]:
+    """The spec as plain data (YAML-safe), kept next to the results."""
+    return json.loads(to_json(asdict(spec)))

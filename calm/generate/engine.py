@@ -1,0 +1,353 @@
+"""Generation loops for CALM: K tokens per step, with likelihood-free temperature (CALM-SPEC §5.3).
+
+The engine knows nothing of text: it works on token ids. Each step the backbone's last hidden
+state goes to the energy head; the head's sample(s) are decoded by the frozen autoencoder (argmax)
+into a K-token chunk, which becomes the next input. Temperature T < 1 uses the batch
+approximation (paper Alg. 2, N candidates) or the exact rejection sampler (Alg. 1); T = 1 takes
+one head sample.
+
+**Prompts whose length is not a multiple of K.** The official code right-pads the prompt with
+PAD, which puts padding between the prompt and the continuation and feeds the model a token it
+never saw in training. We instead *left*-pad with BOS: the prompt ``[BOS] + text`` becomes
+``[BOS]*r + [BOS] + text`` with r = (−len) mod K. In training, chunk boundaries fall at arbitrary
+offsets inside documents (chunks are aligned to the block, not to document starts, §3.5), so a
+document's BOS appears at every offset of a chunk; the left pad keeps the last prompt token at the
+end of a chunk, so the continuation starts right after it.
+
+**Document ends.** Training data is packed: each document starts with BOS and (in the LM stages)
+has no EOS, so a model marks the end of a document by emitting BOS (or EOS). ``generate`` stops a
+row at the first token of ``stop_ids`` (and ``eos_id``) and drops it and the rest of its chunk;
+the text-level entry points (``complete``, ``generate_text``) stop at BOS or EOS by default
+(``stop_at_document_end=False`` keeps going across documents), serve CALM and the GPT baseline
+alike, and never return special tokens in text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from calm.generate.lazy_decode import (
+    LazyChunk,
+    LazyChunks,
+    lazy_batch_sample,
+    reference_batch_sample,
+    reference_decode_ids,
+)
+from calm.generate.sampling import exact_temperature_sample
+from calm.models.calm import with_first_tokens
+
+
+def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
+    """Left-pad every prompt with ``pad_id`` to one common length that is a multiple of K."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with BOS)")
+    longest = max(len(p) for p in prompts)
+    length = -(-longest // chunk_size) * chunk_size
+    return torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long)
+
+
+def _check_temperature(temperature: float, num_samples: int) -> None:
+    if not (0.0 < temperature <= 1.0):
+        raise ValueError(f"temperature must be in (0, 1] for likelihood-free sampling, got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+@torch.no_grad()
+def sample_chunks(
+    model: Any,
+    h: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    generator: torch.Generator | None = None,
+    max_attempts: int = 100_000,
+    fast: bool = True,
+) -> torch.Tensor:
+    """Next chunk per row of h (B, d) -> (B, K) token ids.
+
+    ``fast=False`` decodes every candidate in full, as the library did before the exact speed-ups
+    (``calm.generate.lazy_decode``); the samples are the same for the same generator state.
+    """
+    ae = model.autoencoder
+    decode_ids = ae.decode_ids if fast else lambda z: reference_decode_ids(ae, z)
+    # first: the anchored head's drawn first tokens (token_anchor, ours), which the chunks start with; else None
+    if temperature == 1.0:
+        z, first = model.sample_next(h, 1, generator)
+        return with_first_tokens(decode_ids(z[0]), None if first is None else first[0])
+    if sampler == "batch":
+        batch_sample = lazy_batch_sample if fast else reference_batch_sample
+        z, first = model.sample_next(h, num_samples, generator)
+        return batch_sample(ae, z, temperature, generator, first=first)
+    if sampler != "exact":
+        raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
+
+    def make_draw(row: torch.Tensor) -> Callable[[], Hashable]:
+        buffer: list[Hashable] = []
+
+        def draw() -> Hashable:
+            if not buffer:  # draw head samples 64 at a time; each is an independent sample
+                z, first = model.sample_next(row, 64, generator)
+                z, first = z[:, 0], None if first is None else first[:, 0]  # (64, l), (64,)
+                if fast:  # tokens decoded only as far as comparisons need them
+                    lazy = LazyChunks(ae, z, first)
+                    buffer.extend(lazy.chunk(i) for i in range(z.shape[0]))
+                else:
+                    buffer.extend(tuple(x) for x in with_first_tokens(decode_ids(z), first).tolist())
+            return buffer.pop()
+
+        return draw
+
+    rows = []
+    for b in range(h.shape[0]):
+        draw = make_draw(h[b : b + 1])
+
+        chunk, _ = exact_temperature_sample(draw, temperature, max_attempts=max_attempts, on_exhausted="fallback")
+        chunk = chunk.tokens() if isinstance(chunk, LazyChunk) else chunk
+        rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_chunk: Callable[[int, list[int]], None] | None = None,
+    stop_ids: Collection[int] | None = None,
+    fast: bool = True,
+) -> list[list[int]]:
+    """Continue ``prompt`` (B, T), T a multiple of K, by up to ``max_new_tokens`` tokens per row.
+
+    Returns the new tokens of each row. A row stops at the first token that is ``eos_id`` or in
+    ``stop_ids`` (e.g. BOS and EOS: the end of a document); that token and the rest of its chunk
+    are excluded. ``on_chunk(row, tokens)`` is called as each chunk is decoded, for streaming.
+    ``use_cache=False`` recomputes the whole prefix each step (for testing cache equivalence).
+    ``fast=False`` is the reference path of :func:`sample_chunks` (same samples, every candidate
+    decoded).
+    """
+    return _generate(
+        model,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        num_samples=num_samples,
+        sampler=sampler,
+        stop_ids=_stop_set(eos_id, stop_ids),
+        generator=generator,
+        use_cache=use_cache,
+        on_chunk=on_chunk,
+        fast=fast,
+    )[0]
+
+
+def _stop_set(eos_id: int | None, stop_ids: Collection[int] | None) -> frozenset[int]:
+    return frozenset(stop_ids or ()) | (frozenset() if eos_id is None else frozenset({eos_id}))
+
+
+def _generate(
+    model: Any,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    num_samples: int,
+    sampler: str,
+    stop_ids: frozenset[int],
+    generator: torch.Generator | None,
+    use_cache: bool,
+    on_chunk: Callable[[int, list[int]], None] | None,
+    fast: bool = True,
+) -> tuple[list[list[int]], list[bool]]:
+    """``generate``, also returning per row whether it ended at a stop token (else at the length)."""
+    _check_temperature(temperature, num_samples)
+    K = model.chunk_size
+    B, T = prompt.shape
+    if T % K != 0:
+        raise ValueError(f"prompt length {T} is not a multiple of K={K}; use left_pad_to_chunks first")
+    steps = -(-max_new_tokens // K)
+    context = model.config.max_seq_len
+    if T // K + steps - 1 > context:
+        raise ValueError(
+            f"prompt of {T // K} chunks plus {steps} new chunks exceeds the context of {context} steps; "
+            "shorten the prompt or ask for fewer tokens"
+        )
+    device = next(model.parameters()).device
+    chunks = prompt.to(device).view(B, T // K, K)
+    cache = model.new_cache(B, max_len=T // K + steps) if use_cache else None
+    h = model.hidden_states(chunks, cache)[:, -1]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    stopped = [False] * B
+    for step in range(steps):
+        nxt = sample_chunks(
+            model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator, fast=fast
+        )
+        for b, row in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            room = max_new_tokens - len(out[b])
+            row = row[:room]
+            cut = next((i for i, token in enumerate(row) if token in stop_ids), None)
+            if cut is not None:
+                row = row[:cut]
+                done[b] = stopped[b] = True
+            out[b].extend(row)
+            if on_chunk is not None and row:
+                on_chunk(b, row)
+            if len(out[b]) >= max_new_tokens:
+                done[b] = True
+        if all(done) or step == steps - 1:
+            break
+        if use_cache:
+            h = model.hidden_states(nxt[:, None], cache)[:, -1]
+        else:
+            chunks = torch.cat([chunks, nxt[:, None]], dim=1)
+            h = model.hidden_states(chunks)[:, -1]
+    return out, stopped
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation, as ``complete`` returns it."""
+
+    text: str
+    """The new text: special tokens never appear in it."""
+    token_ids: list[int]
+    """The new token ids, the stop token (BOS/EOS) excluded."""
+    finish_reason: str
+    """``"stop"``: the model ended the document (BOS or EOS); ``"length"``: ``max_new_tokens`` ran out."""
+
+
+def decode_text(tokenizer: Any, ids: list[int]) -> str:
+    """Text of generated ``ids`` without any special token (BOS, EOS, PAD and other special ids)."""
+    specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    return tokenizer.decode([i for i in ids if i not in specials], skip_special_tokens=True)
+
+
+def _make_generator(model: Any, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=next(model.parameters()).device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def complete(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+    stop_at_document_end: bool = True,
+) -> list[Completion]:
+    """Text in, ``Completion`` (text, token ids, finish reason) out, for a CALM or GPT model.
+
+    Each prompt is encoded as ``[BOS] + tokens``. ``temperature``: CALM needs (0, 1] (likelihood-free
+    sampling with ``num_samples`` candidates and ``sampler``, paper §6); the GPT divides its logits
+    by it (0 = greedy). ``stream`` receives decoded text of the first prompt as it is produced.
+    ``stop_at_document_end`` ends a continuation when the model emits BOS or EOS (the end of a
+    document); False keeps going across documents (the boundary tokens are still not in the text).
+    """
+    from calm.models.gpt import GPT
+
+    generator = _make_generator(model, seed)
+    stops = frozenset({tokenizer.bos_id, tokenizer.eos_id}) if stop_at_document_end else frozenset()
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    printed = [""]
+    produced: list[int] = []
+
+    def on_tokens(row: int, tokens: list[int]) -> None:
+        if stream is None or row != 0:
+            return
+        produced.extend(tokens)
+        text = decode_text(tokenizer, produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            stream(text[len(printed[0]) :])
+            printed[0] = text
+
+    if isinstance(model, GPT):
+        out, stopped = [], []
+        for i, row_ids in enumerate(ids):
+            row_stream = (lambda row, token, i=i: on_tokens(i, [token])) if i == 0 else None
+            new = model.generate(
+                torch.tensor([row_ids], device=next(model.parameters()).device),
+                max_new_tokens,
+                temperature=temperature,
+                generator=generator,
+                stop_ids=stops,
+                on_token=row_stream,
+            )[0, len(row_ids) :].tolist()
+            cut = next((j for j, token in enumerate(new) if token in stops), None)
+            out.append(new if cut is None else new[:cut])
+            stopped.append(cut is not None)
+    else:
+        prompt = left_pad_to_chunks(ids, model.chunk_size, tokenizer.bos_id)
+        out, stopped = _generate(
+            model,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            num_samples=num_samples,
+            sampler=sampler,
+            stop_ids=stops,
+            generator=generator,
+            use_cache=True,
+            on_chunk=on_tokens,
+        )
+    texts = [decode_text(tokenizer, o) for o in out]
+    if stream is not None and len(texts[0]) > len(printed[0]):
+        stream(texts[0][len(printed[0]) :])
+    return [Completion(t, o, "stop" if s else "length") for t, o, s in zip(texts, out, stopped)]
+
+
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    num_samples: int = 200,
+    sampler: str = "batch",
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+    stop_at_document_end: bool = True,
+) -> list[str]:
+    """Text in, text out: the batch-use Python entry point of ``calm generate`` (CALM or GPT).
+
+    ``stream`` receives decoded text as it is produced (for a single prompt). Generation stops at
+    the end of a document (BOS or EOS) unless ``stop_at_document_end=False``; the text never holds
+    special tokens. ``complete`` takes the same arguments and also returns ids and finish reasons.
+    """
+    completions = complete(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        num_samples=num_samples,
+        sampler=sampler,
+        seed=seed,
+        stream=stream,
+        stop_at_document_end=stop_at_document_end,
+    )
+    return [c.text for c in completions]

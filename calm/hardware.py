@@ -1,0 +1,182 @@
+"""Which device and floating-point precision to compute in: the one place that looks at the hardware.
+
+Training, evaluation, generation and the benchmarks all ask this module; no other module tests a
+CPU's or GPU's features. The models take what it finds as plain arguments (``calm.checkpoint`` tells
+a loaded autoencoder which exact vocabulary-argmax screens its device runs fast). ``precision:
+auto`` (the default of every preset and command) resolves once per process and device:
+
+- CUDA: ``bf16`` (autocast) where the GPU supports it, else ``fp32``;
+- CPU: ``bf16`` only where oneDNN has native bf16 kernels (AVX-512 BF16, AMX) *and* a short matmul
+  probe measures bf16 faster than fp32; otherwise ``fp32``. On CPUs without native bf16 (AVX2 only,
+  e.g. AMD Zen 3, most laptops) a bf16 matmul is emulated at about 1 GFLOP/s against about 60 for
+  fp32, so autocast there would make training some 50 times slower.
+
+``fp32`` and ``bf16`` stay available as explicit choices. The paper trains in bf16 on GPUs
+(CALM-SPEC §6); on CPUs the choice is ours and only about speed: results agree to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Accepted values of ``train.precision`` and of every ``--precision`` option."""
+
+PROBE_SIZE = 512
+"""Side of the square matmul the CPU probe times: 0.27 GFLOP, a few ms at native speeds."""
+
+PROBE_MIN_SPEEDUP = 1.1
+"""bf16 must beat fp32 by this factor in the probe to be chosen; a tie is not worth the rounding."""
+
+
+class PrecisionError(ValueError):
+    """An unknown precision, or bf16 asked for on a device that cannot run it."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the CPU probe found; kept for reports and benchmark JSON."""
+
+    native_bf16: bool
+    """oneDNN reports native bf16 kernels on this CPU."""
+    fp32_gflops: float | None
+    bf16_gflops: float | None
+    """None where the probe did not time bf16 (not native: it would be emulated and slow)."""
+
+    @property
+    def bf16_fast(self) -> bool:
+        if not self.native_bf16 or not self.fp32_gflops or not self.bf16_gflops:
+            return False
+        return self.bf16_gflops >= PROBE_MIN_SPEEDUP * self.fp32_gflops
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls natively (AVX-512 BF16 or AMX) on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _matmul_gflops(dtypes: tuple[torch.dtype, ...], size: int, repeats: int = 5) -> list[float]:
+    """GFLOP/s of a size² matmul per dtype: repetitions interleaved, best of each (robust to load)."""
+    pairs = [(torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)) for dt in dtypes]
+    for a, b in pairs:
+        torch.mm(a, b)  # warm-up: kernel selection, allocation
+    best = [float("inf")] * len(dtypes)
+    for _ in range(repeats):
+        for i, (a, b) in enumerate(pairs):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [2 * size**3 / t / 1e9 for t in best]
+
+
+@functools.cache
+def cpu_probe() -> Probe:
+    """Time fp32 against bf16 matmuls on this CPU, once per process (a few ms to ~0.1 s).
+
+    bf16 is timed only where oneDNN reports native kernels: emulated bf16 runs at ~1 GFLOP/s, and
+    the probe itself would then take seconds. Repetitions alternate between the two dtypes and the
+    best time of each counts, so a burst of load from other processes does not decide the outcome.
+    Uses the current ``torch.get_num_threads()``.
+    """
+    native = cpu_has_native_bf16()
+    if not native:
+        return Probe(native_bf16=False, fp32_gflops=_matmul_gflops((torch.float32,), PROBE_SIZE)[0], bf16_gflops=None)
+    fp32, bf16 = _matmul_gflops((torch.float32, torch.bfloat16), PROBE_SIZE)
+    return Probe(native_bf16=True, fp32_gflops=fp32, bf16_gflops=bf16)
+
+
+def int8_matmul_available(device: torch.device | str) -> bool:
+    """Whether ``torch._int_mm`` (int8 × int8 → int32, exact) runs on ``device``: the decoder's int8
+    vocabulary screen (``calm.models.vocab_search``) needs it. CPU only, checked once per process."""
+    return torch.device(device).type == "cpu" and _cpu_int_mm_works()
+
+
+@functools.cache
+def _cpu_int_mm_works() -> bool:
+    if not hasattr(torch, "_int_mm"):
+        return False
+    try:
+        torch._int_mm(torch.ones(4, 8, dtype=torch.int8), torch.ones(8, 4, dtype=torch.int8))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def default_device() -> torch.device:
+    """CUDA where a GPU is present, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    return default_device() if device is None else torch.device(device)
+
+
+def bf16_is_fast(device: torch.device | str | None = None) -> bool:
+    """Whether bf16 matmuls run faster than fp32 on ``device`` (CPU: native kernels + the probe)."""
+    device = _device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_probe().bf16_fast
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device | str | None = None) -> str:
+    """Turn ``auto | fp32 | bf16`` into ``fp32 | bf16`` for ``device`` (default: CUDA if present).
+
+    ``auto`` picks bf16 where :func:`bf16_is_fast` says so, else fp32. An explicit ``bf16`` is kept
+    even where it is slow (the caller asked), except on a GPU without bf16 support, where it cannot
+    run. Raises :class:`PrecisionError` for any other value.
+    """
+    if requested not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    device = _device(device)
+    if requested == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError("this GPU does not support bf16; use --precision fp32 (or auto)")
+    return requested
+
+
+def describe(precision: str, device: torch.device | str | None = None) -> str:
+    """One line for logs: the resolved precision and, on CPU, what the probe measured."""
+    device = _device(device)
+    if device.type != "cpu":
+        return f"precision {precision} on {device.type}"
+    probe = cpu_probe()
+    native = "native bf16" if probe.native_bf16 else "no native bf16"
+    rates = f"fp32 {probe.fp32_gflops:.0f} GFLOP/s"
+    if probe.bf16_gflops is not None:
+        rates += f", bf16 {probe.bf16_gflops:.0f} GFLOP/s"
+    return f"precision {precision} on cpu ({native}; probe: {rates}, {torch.get_num_threads()} threads)"
+
+
+def probe_record(device: torch.device | str | None = None) -> dict[str, object]:
+    """The probe's findings as a JSON-ready dict (benchmarks, reports); empty off the CPU."""
+    device = _device(device)
+    if device.type != "cpu":
+        return {"device": device.type, "bf16_supported": bf16_is_fast(device)}
+    probe = cpu_probe()
+    return {
+        "device": "cpu",
+        "native_bf16": probe.native_bf16,
+        "probe_fp32_gflops": round(probe.fp32_gflops or 0.0, 1),
+        "probe_bf16_gflops": None if probe.bf16_gflops is None else round(probe.bf16_gflops, 1),
+    }
+
+
+def autocast(device: torch.device | str, precision: str) -> AbstractContextManager:
+    """The autocast context for a resolved precision: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise PrecisionError(f"resolve the precision first (got {precision!r}; expected fp32 or bf16)")
+    return nullcontext()

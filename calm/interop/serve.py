@@ -1,0 +1,398 @@
+"""An OpenAI-compatible completions server for CALM and GPT checkpoints (``calm serve``).
+
+Speaks the part of the OpenAI API that text-completion clients use (the official ``openai``
+client, ``curl``, lm-evaluation-harness's ``local-completions``):
+
+- ``GET /v1/models`` lists the one served model;
+- ``POST /v1/completions`` with ``prompt`` (a string or a list of strings), ``max_tokens``,
+  ``temperature``, ``n``, ``stop``, ``seed``, ``stream`` (server-sent events, one event per decoded
+  chunk of K tokens for CALM, per token for the GPT), ``stream_options.include_usage``, and the CALM
+  options ``num_samples`` (N candidates of the batch approximation, paper Alg. 2) and ``sampler``
+  (``batch`` | ``exact``, Alg. 1) as extra body fields. Responses carry ``usage`` counts.
+
+Completions run one at a time on a single worker thread, in arrival order: concurrent requests
+queue, and each completion has its own KV cache. Choice ``i`` of a request with ``seed`` s is
+generated with seed s + i, so ``generate_text(model, tok, [prompt], max_tokens, ..., seed=s + i)``
+reproduces it (the choices of prompt j follow those of prompt j - 1 in the numbering).
+
+Bad requests (wrong types, unknown fields, a temperature outside (0, 1] for CALM, a prompt longer
+than the context, ``n`` too large, a wrong API key) get an OpenAI-style JSON error
+(``{"error": {"message", "type", "param", "code"}}``) with status 400 (401 for the key, 404 for
+an unknown model) and the server keeps serving. It binds to 127.0.0.1 unless told otherwise.
+
+Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install 'calm-lm[serve]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from calm.generate.completion import CompletionError, CompletionResult, TextCompleter
+from calm.io import to_json
+
+API_KEY_ENV = "CALM_API_KEY"
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status (OpenAI's shape)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    if status >= 500:
+        kind = "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of ``POST /v1/completions``; strict types, unknown fields refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float | None = 1.0
+    n: int | None = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # CALM's likelihood-free temperature (paper §6): extra body fields.
+    num_samples: int | None = Field(default=None, ge=1)
+    sampler: Literal["batch", "exact"] | None = None
+    # OpenAI fields accepted only at their neutral value.
+    top_p: float | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for the first OpenAI option set to something this server cannot do."""
+        neutral = {
+            "top_p": (None, 1, 1.0),
+            "logprobs": (None,),
+            "echo": (None, False),
+            "presence_penalty": (None, 0, 0.0),
+            "frequency_penalty": (None, 0, 0.0),
+            "logit_bias": (None, {}),
+            "suffix": (None, ""),
+        }
+        for name, allowed in neutral.items():
+            if getattr(self, name) not in allowed:
+                return name, f"{name}={getattr(self, name)!r} is not supported by this server; leave it unset"
+        if self.best_of not in (None, self.n):
+            return "best_of", "best_of is not supported (no likelihoods to rank choices by); leave it unset"
+        return None
+
+
+@dataclass
+class ServeSettings:
+    """What ``calm serve`` was started with."""
+
+    model_name: str
+    api_key: str | None = None
+    max_choices: int = 16  # len(prompt) * n per request
+    default_num_samples: int = 200
+    default_sampler: str = "batch"
+
+
+@dataclass
+class _Job:
+    """One validated completion request, expanded to (prompt, seed) per choice."""
+
+    prompts: list[str]
+    n: int
+    max_tokens: int
+    temperature: float
+    stop: list[str]
+    seed: int | None
+    num_samples: int
+    sampler: str
+
+    def choices(self) -> Iterator[tuple[int, str, int | None]]:
+        for j, prompt in enumerate(self.prompts):
+            for i in range(self.n):
+                index = j * self.n + i
+                yield index, prompt, None if self.seed is None else self.seed + index
+
+
+def _validate(req: CompletionRequest, completer: TextCompleter, settings: ServeSettings) -> _Job:
+    """Turn a parsed request into a job, or raise :class:`APIError` (400/404) naming the problem."""
+    if req.model != settings.model_name:
+        raise APIError(
+            404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}", "model",
+            "model_not_found",
+        )  # fmt: skip
+    problem = req.unsupported()
+    if problem:
+        raise APIError(400, problem[1], problem[0])
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not prompts:
+        raise APIError(400, "prompt is an empty list; send a string or a non-empty list of strings", "prompt")
+    n = req.n or 1
+    if len(prompts) * n > settings.max_choices:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompt(s) x n={n} asks for {len(prompts) * n} completions; this server allows at most "
+            f"{settings.max_choices} per request (calm serve --max-choices)",
+            "n",
+        )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise APIError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+    job = _Job(
+        prompts=prompts,
+        n=n,
+        max_tokens=16 if req.max_tokens is None else req.max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        stop=stop,
+        seed=req.seed,
+        num_samples=req.num_samples or settings.default_num_samples,
+        sampler=req.sampler or settings.default_sampler,
+    )
+    for prompt in prompts:
+        try:
+            completer.check(len(completer.prompt_ids(prompt)), job.max_tokens, job.temperature, job.num_samples)
+        except CompletionError as e:
+            raise APIError(400, str(e), e.param) from e
+    return job
+
+
+def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, int]:
+    prompt_tokens = sum(c.prompt_tokens for c in completions[:: job.n])  # each prompt counted once
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class CompletionService:
+    """Runs validated jobs on one worker thread, in arrival order (so requests queue, never interleave)."""
+
+    def __init__(self, completer: TextCompleter, settings: ServeSettings) -> None:
+        self.completer = completer
+        self.settings = settings
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calm-generate")
+
+    def _run_one(
+        self, job: _Job, prompt: str, seed: int | None, emit: Any = None, cancelled: Any = None
+    ) -> CompletionResult:
+        return self.completer.complete(
+            prompt,
+            job.max_tokens,
+            temperature=job.temperature,
+            stop=job.stop,
+            seed=seed,
+            num_samples=job.num_samples,
+            sampler=job.sampler,
+            emit=emit,
+            cancelled=cancelled,
+        )
+
+    async def complete(self, job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
+        """The whole response of a non-streaming request."""
+        run_all = lambda: [self._run_one(job, prompt, seed) for _, prompt, seed in job.choices()]  # noqa: E731
+        results = await asyncio.get_running_loop().run_in_executor(self.worker, run_all)
+        choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
+        return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, job)}
+
+    async def stream(self, job: _Job, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: text as it is decoded, a finish event per choice, usage, ``[DONE]``."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def produce() -> None:
+            results = []
+            try:
+                for index, prompt, seed in job.choices():
+                    if cancelled.is_set():
+                        return
+                    emit = lambda text, index=index: put("text", (index, text))  # noqa: E731
+                    results.append(self._run_one(job, prompt, seed, emit, cancelled))
+                    put("finish", (index, results[-1].finish_reason))
+                put("done", _usage(results, job))
+            except Exception as e:  # reported in the stream: the status line has already gone out
+                put("error", f"{type(e).__name__}: {e}")
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {to_json({'object': 'text_completion', **meta, 'choices': choices, **extra})}\n\n"
+
+        loop.run_in_executor(self.worker, produce)  # produce() reports its own errors; nothing to await
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "text":
+                    yield chunk([_choice(value[0], value[1], None)])
+                elif kind == "finish":
+                    yield chunk([_choice(value[0], "", value[1])])
+                elif kind == "error":
+                    error = {"message": value, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {to_json({'error': error})}\n\n"
+                    break
+                else:
+                    if include_usage:
+                        yield chunk([], usage=value)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            cancelled.set()  # a client that went away stops the generation at its next chunk
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "extra_forbidden":
+            message = f"unknown field {'.'.join(where)!r}; see GET /docs for the accepted fields"
+        return error_response(400, message, where[0] if where else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+
+def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
+    """The ASGI app: routes, API-key check, OpenAI-style errors, and the worker that runs completions."""
+    service = CompletionService(completer, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.worker.shutdown(wait=True, cancel_futures=True)
+
+    def check_key(request: Request) -> None:
+        if not settings.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
+
+    app = FastAPI(title="calm", lifespan=lifespan, dependencies=[Depends(check_key)])
+    _install_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "calm"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        job = _validate(req, completer, settings)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(service.stream(job, meta, include_usage), media_type="text/event-stream")
+        return await service.complete(job, meta)
+
+    return app
+
+
+def load_app(
+    checkpoint: str,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_choices: int = 16,
+    device: str = "cpu",
+) -> FastAPI:
+    """Load a checkpoint (or run directory) and build its app; ``model_name`` defaults to the folder name."""
+    from pathlib import Path
+
+    from calm.checkpoint import load_model
+
+    model, tokenizer, config = load_model(checkpoint, device=device)
+    completer = TextCompleter(model, tokenizer, config["kind"])
+    given = Path(checkpoint).resolve()
+    # runs/NAME or runs/NAME/checkpoints/step_N -> NAME
+    name = model_name or (given.parent.parent.name if given.parent.name == "checkpoints" else given.name)
+    settings = ServeSettings(model_name=name, api_key=api_key, max_choices=max_choices)
+    return create_app(completer, settings)
+
+
+@contextlib.contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread; yields its base URL (``http://HOST:PORT``), stops on exit.
+
+    ``port=0`` takes a free port: the socket is bound here and handed to uvicorn, so no other
+    process can take the port in between. For tests and benchmarks.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start; see the log above")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def serve(
+    checkpoint: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_choices: int = 16,
+) -> None:
+    """Serve a checkpoint until interrupted (the ``calm serve`` command)."""
+    app = load_app(checkpoint, model_name=model_name, api_key=api_key, max_choices=max_choices)
+    uvicorn.run(app, host=host, port=port, log_level="info")

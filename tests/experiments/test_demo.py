@@ -1,0 +1,116 @@
+"""The main job (``calm demo``) end to end on tiny models: equal-FLOPs step counts, report, reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from calm.experiments.demo import run_demo, steps_for_budget
+
+_AE = {
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.latent_size": 8,
+    "train.max_steps": 3,
+    "train.batch_tokens": 128,
+}
+_LM = {
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.num_layers": 1,
+    "model.num_heads": 2,
+    "model.max_seq_len": 72,
+    "train.batch_tokens": 128,
+    "train.warmup_steps": 1,
+}
+
+
+def test_steps_for_budget() -> None:
+    assert steps_for_budget(1e9, 1e3, 1000) == 1000
+    assert steps_for_budget(1.999e9, 1e3, 1000) == 1999  # rounded down: never over the budget
+    assert steps_for_budget(1.0, 1e3, 1000) == 1  # at least one step
+    with pytest.raises(ValueError, match="positive"):
+        steps_for_budget(0, 1e3, 1000)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, tiny_data_dir: Path) -> tuple:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    shutil.copytree(tiny_data_dir, out / "data")  # prepared with 20% held out; the demo reuses it
+    overrides = {
+        "autoencoder": dict(_AE),
+        "calm": {**_LM, "train.block_size": 64},
+        "gpt": {**_LM, "train.block_size": 32},
+    }
+    kwargs = dict(
+        corpus=[str(tiny_corpus)],
+        vocab_size=320,
+        eval_data=tiny_corpus / "a.jsonl",
+        eval_max_tokens=4096,
+        overrides=overrides,
+        lm_flops=1e9,
+        progress=False,
+    )
+    summary = run_demo(out, **kwargs)
+    return out, summary, kwargs
+
+
+def test_demo_gives_both_models_the_same_training_flops(demo_run) -> None:
+    out, _, _ = demo_run
+    steps, flops = {}, {}
+    for kind in ("calm", "gpt"):
+        train = [json.loads(line) for line in (out / kind / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in train if r["split"] == "train"]
+        steps[kind], flops[kind] = train[-1]["step"], train[-1]["train_flops"]
+        config = json.loads((out / kind / "run_config.json").read_text())["train"]
+        assert config["eval_every"] == config["save_every"] == -(-steps[kind] // 4)
+        assert config["precision"] in ("fp32", "bf16") and config["precision_requested"] == "auto"
+    for kind in ("calm", "gpt"):  # the most whole steps that fit the budget
+        per_step = flops[kind] / steps[kind]
+        assert 0 <= 1e9 - flops[kind] < per_step
+    assert steps["calm"] != steps["gpt"]  # equal FLOPs, not equal steps
+
+
+def test_demo_report_names_precisions_and_models(demo_run) -> None:
+    out, summary, _ = demo_run
+    report = (out / "report.md").read_text()
+    assert "Training precision: autoencoder" in report and "calm " in report and "gpt " in report
+    assert "| CALM |" in report and "| GPT |" in report
+    assert (out / "brier_n_vs_flops.png").exists() and "brier_n_vs_flops.png" in report
+    assert "## Do continuations follow their prompts?" in report and "| real text |" in report
+    assert "Options beyond the paper" in report and "token_anchor=True" in report and "context_weight=2.0" in report
+    following = json.loads((out / "prompt_following.json").read_text())
+    assert set(following["results"]) == {"reference", "calm", "gpt"}
+    assert all(0.0 <= r["auc"] <= 1.0 for r in following["results"].values())
+    for name in ("samples.json", "generation_speed.json", "eval_calm.json", "eval_gpt.json"):
+        assert (out / name).exists(), name
+    assert summary["eval"]["calm"]["precision"] in ("fp32", "bf16")
+
+
+def test_demo_rerun_reuses_finished_stages(demo_run, capsys: pytest.CaptureFixture[str]) -> None:
+    out, _, kwargs = demo_run
+    before = {kind: (out / kind / "metrics.jsonl").read_text() for kind in ("autoencoder", "calm", "gpt")}
+    run_demo(out, **kwargs)
+    printed = capsys.readouterr().out
+    for kind in ("autoencoder", "calm", "gpt"):
+        assert f"reusing {out / kind} (finished)" in printed
+        assert (out / kind / "metrics.jsonl").read_text() == before[kind]
+
+
+def test_demo_applies_its_recipe_under_the_users_overrides(demo_run) -> None:
+    from calm.experiments.demo import DEMO_RECIPE
+
+    out, _, _ = demo_run
+    model = json.loads((out / "calm" / "run_config.json").read_text())["model"]
+    assert model["token_aux_weight"] == DEMO_RECIPE["calm"]["model.token_aux_weight"] > 0
+    assert model["energy_diversity_weight"] == DEMO_RECIPE["calm"]["model.energy_diversity_weight"] < 1
+    assert model["token_anchor"] is DEMO_RECIPE["calm"]["model.token_anchor"] is True
+    ae = json.loads((out / "autoencoder" / "run_config.json").read_text())["model"]
+    assert ae["context_weight"] == DEMO_RECIPE["autoencoder"]["model.context_weight"] > 0
+    train = json.loads((out / "calm" / "run_config.json").read_text())["train"]
+    assert train["block_size"] == 64
+    records = [json.loads(line) for line in (out / "calm" / "metrics.jsonl").read_text().splitlines()]
+    assert any("token_aux_loss" in r for r in records if r["split"] == "train")

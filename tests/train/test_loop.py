@@ -1,0 +1,183 @@
+"""Training loop and checkpoints: save/load bit-identical, exact resume, guards, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from calm import checkpoint as ckpt
+from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, TrainConfig
+from calm.train.loop import NonFiniteError, run_training
+from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
+
+
+def ae_config() -> AutoencoderConfig:
+    return AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
+
+
+def train_config(**kw) -> TrainConfig:
+    base = dict(
+        lr=3e-3,
+        batch_tokens=256,
+        max_steps=8,
+        eval_every=4,
+        save_every=4,
+        log_every=1,
+        eval_tokens=256,
+        precision="fp32",
+        warmup_steps=2,
+        lr_schedule="cosine",
+        block_size=32,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_ae(data_dir, out, resume=False, **kw):
+    torch.manual_seed(0)
+    stage = AutoencoderStage(data_dir, ae_config(), train_config(**kw))
+    return stage, run_training(stage, stage.train_config, out, progress=False, resume=resume)
+
+
+def losses(run_dir):
+    return [
+        r["loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "train"
+    ]
+
+
+@pytest.fixture(scope="module")
+def ae_run(tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ae") / "run"
+    stage, _ = train_ae(tiny_data_dir, out)
+    return stage, out
+
+
+def test_checkpoint_layout_and_bit_identical_reload(ae_run):
+    stage, out = ae_run
+    path = ckpt.resolve_checkpoint(out)
+    assert path.name == "step_00000008"
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_state.json",
+        "training_state.safetensors",
+    ):
+        assert (path / name).exists(), name
+    model, tok, config = ckpt.load_model(out, kind="autoencoder")
+    ids = torch.randint(0, tok.vocab_size, (5, 4))
+    stage.model.eval()
+    assert torch.equal(model.decode(model.encode(ids)[0]), stage.model.decode(stage.model.encode(ids)[0]))
+    assert config["tokenizer_sha256"] == tok.sha256
+    # no pickle: the training state is JSON + safetensors
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin"))
+
+
+def test_resume_continues_the_same_run(tiny_data_dir, tmp_path, ae_run):
+    _, unbroken = ae_run
+    broken = tmp_path / "broken"
+    train_ae(tiny_data_dir, broken, max_steps=8, save_every=4)
+    # simulate a crash after step 4: drop the later checkpoint and the log lines after it
+    shutil.rmtree(ckpt.checkpoint_step_dir(broken, 8))
+    train_ae(tiny_data_dir, broken, resume=True)
+    assert losses(broken) == losses(unbroken)
+    a = ckpt.load_weights(unbroken)
+    b = ckpt.load_weights(broken)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_data_dir, ae_run):
+    _, out = ae_run
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="--resume"):
+        train_ae(tiny_data_dir, out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_truncated_weights_are_reported(ae_run, tmp_path):
+    _, out = ae_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt.resolve_checkpoint(out), copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.load_model(copy)
+
+
+def test_replaced_tokenizer_is_reported(ae_run, tmp_path):
+    from calm.data.tokenizer import train_bpe
+
+    _, out = ae_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt.resolve_checkpoint(out), copy)
+    other = train_bpe(["completely different text " * 20, "more words here"], vocab_size=280)
+    (copy / "tokenizer.json").write_text(other.to_str())
+    config = json.loads((copy / "config.json").read_text())
+    config["files"].pop("tokenizer.json")  # size check off: exercise the sha256 check itself
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer"):
+        ckpt.load_model(copy)
+
+
+def test_nonfinite_loss_stops_with_step_and_stage(tiny_data_dir, tmp_path, monkeypatch):
+    stage = AutoencoderStage(tiny_data_dir, ae_config(), train_config(max_steps=6, save_every=2))
+    real = stage.loss
+    calls = {"n": 0}
+
+    def bad_loss(model, batch):
+        calls["n"] += 1
+        loss, m = real(model, batch)
+        if calls["n"] == 3:
+            loss = loss * float("nan")
+            m = {**m, "loss": loss.detach()}
+        return loss, m
+
+    stage.loss = bad_loss
+    with pytest.raises(NonFiniteError, match="step 3 of stage autoencoder"):
+        run_training(stage, stage.train_config, tmp_path / "run", progress=False)
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "step_00000002"  # last good one kept
+
+
+def test_calm_and_gpt_stages_train_and_reload(tiny_data_dir, ae_run, tmp_path):
+    _, ae_dir = ae_run
+    cfg = CALMConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        max_seq_len=16,
+        num_samples=4,
+        num_target_samples=8,
+    )
+    torch.manual_seed(0)
+    stage = CALMStage(tiny_data_dir, cfg, train_config(max_steps=4, batch_tokens=64), ae_dir)
+    run_training(stage, stage.train_config, tmp_path / "calm", progress=False)
+    model, tok, config = ckpt.load_model(tmp_path / "calm", kind="calm")
+    assert config["autoencoder"]["chunk_size"] == 4  # the autoencoder travels inside the checkpoint
+    ae, _, _ = ckpt.load_model(ae_dir)
+    assert torch.equal(model.autoencoder.embed_tokens.weight, ae.embed_tokens.weight)  # frozen: unchanged
+    records = [json.loads(x) for x in (tmp_path / "calm" / "metrics.jsonl").read_text().splitlines()]
+    assert any("brierlm" in r for r in records if r["split"] == "val")
+
+    gcfg = GPTConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
+    gstage = GPTStage(tiny_data_dir, gcfg, train_config(max_steps=4, batch_tokens=64, block_size=16))
+    run_training(gstage, gstage.train_config, tmp_path / "gpt", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "gpt" / "metrics.jsonl").read_text().splitlines()]
+    assert {"brierlm", "perplexity"} <= set(next(r for r in records if r["split"] == "val"))
+    ckpt.load_model(tmp_path / "gpt", kind="gpt")
+
+
+def test_calm_refuses_an_autoencoder_with_another_tokenizer(tiny_data_dir, ae_run, tmp_path):
+    from calm.data.shards import prepare
+
+    _, ae_dir = ae_run
+    other = tmp_path / "other"
+    texts = tmp_path / "t.txt"
+    texts.write_text("entirely other words for another tokenizer " * 200)
+    prepare(other, [str(texts)], tokenizer="train", vocab_size=300, val_fraction=0.0, progress=False)
+    cfg = CALMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
+    with pytest.raises((ConfigError, ValueError), match="tokenizer"):
+        CALMStage(other, cfg, train_config(), ae_dir)
