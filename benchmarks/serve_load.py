@@ -22,7 +22,6 @@ Not part of the test suite. Keep runs under a few minutes on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -38,7 +37,8 @@ import openai
 import torch
 
 from calm.checkpoint import load_model, save_checkpoint
-from calm.data import WIKITEXT103_TEST
+from calm.data.corpus import iter_documents
+from calm.data.evalsets import WIKITEXT103_TEST
 from calm.generate.completion import TextCompleter
 from calm.io import to_json
 
@@ -55,7 +55,7 @@ def build_checkpoint(kind: str, out: Path) -> Path:
     from calm.bench import build_pair
     from calm.data.tokenizer import train_bpe
 
-    texts = [json.loads(line)["text"] for line in WIKITEXT103_TEST.open(encoding="utf-8")]
+    texts = list(iter_documents([WIKITEXT103_TEST], max_words=None))
     tokenizer = train_bpe(texts, vocab_size=4096)
     calm, gpt = build_pair("tiny")
     if tokenizer.vocab_size != calm.config.vocab_size:

@@ -121,7 +121,8 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
 def cmd_eval_ae(args: argparse.Namespace) -> int:
     from calm.checkpoint import load_model
-    from calm.eval.autoencoder import evaluate_autoencoder, load_eval_documents, pack_documents_for_ae
+    from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
+    from calm.eval.autoencoder import evaluate_autoencoder
 
     model, tok, _ = load_model(args.checkpoint, kind="autoencoder")
     docs = load_eval_documents(args.data, tok)

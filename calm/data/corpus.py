@@ -41,6 +41,7 @@ Measured with the 4,096 BPE: with the rendering, WikiText-103 test takes 1.65 to
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -54,12 +55,13 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 MAX_DOC_WORDS = 10_000
 """Documents with more whitespace-separated words are split into pieces of at most this many."""
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
+"""Corpus file names end in one of these; ``.gz`` files are read through gzip."""
 
 
 class CorpusError(ValueError):
@@ -153,14 +155,33 @@ def _json_text(item: object, path: Path, where: str) -> str:
     raise CorpusError(f"{path}: {where} is a {type(item).__name__}; expected a string or an object with 'text'")
 
 
+def text_suffix(path: Path) -> str:
+    """The format suffix of a corpus file, lower case, without a trailing ``.gz``: ``.txt``, ``.jsonl``, ..."""
+    name = path.name.lower()
+    return Path(name.removesuffix(".gz")).suffix if name.endswith(".gz") else path.suffix.lower()
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_bytes(path: Path) -> bytes:
+    with _open(path) as f:
+        return f.read()
+
+
+def _is_text_file(path: Path) -> bool:
+    return path.name.lower().endswith(TEXT_SUFFIXES)
+
+
 def _iter_file(path: Path) -> Iterator[str]:
     """Raw documents of one file, unsplit, in file order."""
-    suffix = path.suffix.lower()
+    suffix = text_suffix(path)
     if suffix == ".txt":
-        yield _decode(path.read_bytes(), path)
+        yield _decode(_read_bytes(path), path)
     elif suffix == ".jsonl":
         offset = 0
-        with open(path, "rb") as f:
+        with _open(path) as f:
             for lineno, raw in enumerate(f, 1):
                 line = _decode(raw, path, offset).strip()
                 offset += len(raw)
@@ -173,7 +194,7 @@ def _iter_file(path: Path) -> Iterator[str]:
                 yield _json_text(item, path, f"line {lineno}")
     elif suffix == ".json":
         try:
-            data = json.loads(_decode(path.read_bytes(), path))
+            data = json.loads(_decode(_read_bytes(path), path))
         except json.JSONDecodeError as e:
             raise CorpusError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         if isinstance(data, list):
@@ -194,7 +215,7 @@ def _expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in TEXT_SUFFIXES)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and _is_text_file(q))
             if not found:
                 raise CorpusError(f"folder {p} holds no {'/'.join(TEXT_SUFFIXES)} files")
             files.extend(found)
@@ -203,7 +224,7 @@ def _expand_paths(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise CorpusError(f"corpus path {p} does not exist; check the path passed as --corpus")
     for f in files:
-        if f.suffix.lower() not in TEXT_SUFFIXES:
+        if not _is_text_file(f):
             raise CorpusError(f"{f}: unknown suffix {f.suffix!r}; corpus files must end in {', '.join(TEXT_SUFFIXES)}")
     return files
 

@@ -2,48 +2,17 @@
 
 - ``evaluate_autoencoder``: token reconstruction accuracy decoding μ and decoding z ~ q(z|x) (the
   noise the language model sees, CALM-SPEC §2.2), chunk exact match and cross-entropy (paper §3).
-- ``load_eval_documents``: a prepared data directory's split, or a raw .txt/.jsonl/.json file
-  tokenized with the model's tokenizer (e.g. the WikiText-103 test set).
-The BrierLM drivers for CALM and token LMs live in ``calm.eval.brier``.
+Evaluation text comes from ``calm.data.evalsets``; the BrierLM drivers live in ``calm.eval.brier``.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calm.data.tokenizer import Tokenizer
 from calm.models.autoencoder import Autoencoder
-
-
-def pack_documents_for_ae(docs: list[np.ndarray], chunk_size: int, eos_id: int, pad_id: int) -> np.ndarray:
-    """AE packing (CALM-SPEC §1): doc + EOS, right-padded with PAD to a multiple of K -> (n, K)."""
-    rows = []
-    for doc in docs:
-        seq = np.concatenate([np.asarray(doc, dtype=np.int64), [eos_id]])
-        pad = (-len(seq)) % chunk_size
-        rows.append(np.concatenate([seq, np.full(pad, pad_id, dtype=np.int64)]))
-    if not rows:
-        raise ValueError("no documents to evaluate; the evaluation file is empty")
-    return np.concatenate(rows).reshape(-1, chunk_size)
-
-
-def load_eval_documents(path: str | Path, tokenizer: Tokenizer, split: str = "val") -> list[np.ndarray]:
-    """Token ids per document ([bos] + text) from a prepared data dir or a raw text file."""
-    from calm.data.shards import TokenShard, check_tokenizer_match, read_text_file_tokens
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluation data {path} does not exist; pass a text/jsonl file or a prepared data dir")
-    if path.is_dir() and (path / "meta.json").exists():
-        shard = TokenShard(path, split)
-        check_tokenizer_match(shard.meta, tokenizer)
-        return [np.asarray(shard.document(i)) for i in range(shard.num_documents)]
-    return read_text_file_tokens(path, tokenizer)
 
 
 @torch.no_grad()

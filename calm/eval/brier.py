@@ -353,7 +353,7 @@ def evaluate_checkpoint(
     accuracies) on at most ``diagnostic_positions`` evenly spread positions of the same blocks (0
     skips them).
     """
-    from calm.eval.autoencoder import load_eval_documents
+    from calm.data.evalsets import load_eval_documents, resolve_eval_data
     from calm.hardware import autocast, default_device, resolve_precision
 
     device = device or default_device()
@@ -365,7 +365,10 @@ def evaluate_checkpoint(
         from calm.data.corpus import iter_documents
 
         bos = [hf_tok.bos_token_id] if hf_tok.bos_token_id is not None else []
-        docs = [np.asarray(bos + hf_tok.encode(t, add_special_tokens=False)) for t in iter_documents([data])]
+        docs = [
+            np.asarray(bos + hf_tok.encode(t, add_special_tokens=False))
+            for t in iter_documents([resolve_eval_data(data)])
+        ]
         kind, K, max_len = "hf", 1, int(getattr(model.config, "max_position_embeddings", 2048))
         decode = lambda ids: hf_tok.decode(ids, skip_special_tokens=True)  # noqa: E731
         name = hf_model

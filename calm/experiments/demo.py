@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.checkpoint import atomic_write_text
-from calm.data import WIKITEXT103_TEST
+from calm.data.evalsets import WIKITEXT103_TEST, resolve_eval_data
 from calm.io import to_json
 
 DEFAULT_EVAL = WIKITEXT103_TEST
@@ -129,9 +129,7 @@ def run_demo(
     from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
     out = Path(out)
-    eval_data = Path(eval_data or DEFAULT_EVAL)
-    if not eval_data.exists():
-        raise FileNotFoundError(f"evaluation set {eval_data} is missing; pass --eval-data")
+    eval_data = resolve_eval_data(eval_data or DEFAULT_EVAL)
     user = overrides or {}
     kinds = ("autoencoder", "calm", "gpt")
     overrides = {kind: {**DEMO_RECIPE.get(kind, {}), **(user.get(kind) or {})} for kind in kinds}
@@ -210,7 +208,8 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
     if out_json.exists():
         return json.loads(out_json.read_text())
     from calm.checkpoint import load_model
-    from calm.eval.autoencoder import evaluate_autoencoder, load_eval_documents, pack_documents_for_ae
+    from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
+    from calm.eval.autoencoder import evaluate_autoencoder
 
     model, tok, _ = load_model(ae_dir, kind="autoencoder")
     chunks = pack_documents_for_ae(load_eval_documents(eval_data, tok), model.chunk_size, tok.eos_id, tok.pad_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from calm.data import WIKITEXT103_TEST
 from calm.data.corpus import CorpusError
+from calm.data.evalsets import WIKITEXT103_TEST
 from calm.data.tokenizer import Tokenizer, TokenizerError, llama3_tokenizer, load_tokenizer, train_bpe
 
 TRICKY = [
@@ -112,5 +113,5 @@ def test_llama3_rebuilt_from_pypi() -> None:
     big = [i for i in tok.encode("Supercalifragilistic zxqv 漢字 Ελληνικά") if i > 65_535]
     assert big and tok.decode(big)
     wikitext = WIKITEXT103_TEST
-    doc = json.loads(wikitext.read_text(encoding="utf-8").splitlines()[0])["text"]
+    doc = json.loads(gzip.decompress(wikitext.read_bytes()).decode("utf-8").splitlines()[0])["text"]
     assert tok.decode(tok.encode(doc)) == doc
