@@ -1,4 +1,4 @@
-"""Issue 10, round 10: an autoencoder whose latent geometry reflects context (a probe, not in the library).
+"""An autoencoder whose latent geometry reflects context (a probe, not part of the library).
 
 The tiny autoencoder places two chunks of one document as far apart as two chunks of different
 documents (``benchmarks/prompt_diagnostics.py``), so the energy score hardly rewards a head for the
@@ -12,12 +12,14 @@ with half of each batch the chunks drawn as usual and the other half the chunks 
 ``train.batch_tokens`` is halved, so the autoencoder sees as many chunks per step as the demo's.
 The result is an ordinary autoencoder run directory for ``calm train-calm --autoencoder``.
 
-    PYTHONPATH=. python docs/experiments/issue10_context_ae.py DATA OUT WEIGHT [TAU]
+    PYTHONPATH=. python docs/research/scripts/context_autoencoder.py DATA OUT WEIGHT [TAU]
 
-Kept to reproduce round 10. The library has the same term since round 11 (``autoencoder.context_weight``,
-``context_tau``; ``calm train-ae --set model.context_weight=2``). It reads μ from the forward pass, whose
-input has DropToken applied, instead of a second clean encoding; at weight 2, τ 4 on the demo's data the two
-ended alike (InfoNCE 5.10 against 5.08, validation token accuracy 99.77% against 99.78%).
+Kept to reproduce the context-shaped autoencoders of docs/research/small-calm.md ("Do the continuations
+follow their prompts?"). The library has the same term as an option of ours (``autoencoder: model.context_weight``,
+``context_tau``; ``calm train-ae --set model.context_weight=2``). The library's term reads μ from the forward
+pass, whose input has DropToken applied, where this script encodes the chunks a second time without it; at
+weight 2, τ 4 on the demo's data the two ended alike (InfoNCE 5.10 against 5.08, validation token accuracy
+99.77% against 99.78%).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Issue 10, round 10: attempts to make a trained CALM follow its prompts without retraining (none helped).
+"""Attempts to make a trained CALM follow its prompts without retraining (none helped).
 
-Not part of the library: a record of what was tried, runnable on any CALM checkpoint trained with the
-auxiliary readout (``model.token_aux_weight`` > 0). Both score generations with ``calm.eval.prompt_following``
+Not part of the library: a record of what was tried (docs/research/small-calm.md, "Do the continuations
+follow their prompts?"), runnable on any CALM checkpoint trained with the auxiliary readout
+(``model.token_aux_weight`` > 0, ours). Each scores generations with ``calm.eval.prompt_following``
 (128 validation prompts, 64 + 32 tokens, seed 0).
 
 - ``guidance W[,W...]``: extrapolate each head sample away from a context-free one with the same noise,
@@ -15,9 +16,9 @@ auxiliary readout (``model.token_aux_weight`` > 0). Both score generations with 
   energy loss + WEIGHT × the token score of ``model.token_score_weight`` over its 8 samples, and print
   ``benchmarks/prompt_diagnostics.py``'s bag AUCs.
 
-    PYTHONPATH=. python docs/experiments/issue10_decoding_probes.py guidance 1,1.5,2,3 RUN DATA
-    PYTHONPATH=. python docs/experiments/issue10_decoding_probes.py reweight RUN DATA
-    PYTHONPATH=. python docs/experiments/issue10_decoding_probes.py finetune 1.0 200 RUN DATA
+    PYTHONPATH=. python docs/research/scripts/decoding_probes.py guidance 1,1.5,2,3 RUN DATA
+    PYTHONPATH=. python docs/research/scripts/decoding_probes.py reweight RUN DATA
+    PYTHONPATH=. python docs/research/scripts/decoding_probes.py finetune 1.0 200 RUN DATA
 """
 
 from __future__ import annotations
