@@ -413,10 +413,10 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: s
         if config["kind"] == "autoencoder":
             model = Autoencoder(config_from_dict(AutoencoderConfig, config["model"]))
         elif config["kind"] == "calm":
-            from calm.models.calm import CALM
+            from calm.extensions import build_calm
 
             ae = Autoencoder(config_from_dict(AutoencoderConfig, config["autoencoder"]))
-            model = CALM(config_from_dict(CALMConfig, config["model"]), ae)
+            model = build_calm(config_from_dict(CALMConfig, config["model"]), ae)
         elif config["kind"] == "gpt":
             from calm.models.gpt import GPT
 

@@ -77,19 +77,18 @@ class AutoencoderConfig:
     drop_token_id: int = 0
     """The id a dropped token becomes; the official code uses 0, an ordinary token."""
     init_std: float = 0.02
+
+    # ---- ours, beyond the paper (calm.extensions.context; docs/guides/extensions.md), off by default ----
     context_weight: float = 0.0
-    """Ours, not the paper's (off by default): weight of an InfoNCE term that pulls each chunk's posterior
-    mean toward the next chunk's, against the other chunks of the batch (logits −‖μ_i − μ'_j‖ / τ). Half
-    of each batch is then drawn as usual, the other half the chunks that follow them. It gives the latent
-    space the context structure (topic, register) that the energy score can reward; the demo uses it
-    with ``model.token_anchor`` (README "Small-CALM study", rounds 10-11)."""
+    """Weight of an InfoNCE term that pulls each chunk's posterior mean toward the next chunk's, against the
+    other chunks of the batch (logits −‖μ_i − μ'_j‖ / τ). Half of each batch is then drawn as usual, the
+    other half the chunks that follow them. It gives the latent space the context structure (topic,
+    register) that the energy score can reward; the demo uses it with ``token_anchor``."""
     context_tau: float = 4.0
     """τ of the InfoNCE term (used only when ``context_weight`` > 0)."""
 
     def validate(self) -> None:
         _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
-        _require(self.context_weight >= 0, f"context_weight must be >= 0, got {self.context_weight}")
-        _require(self.context_tau > 0, f"context_tau must be > 0, got {self.context_tau}")
         _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
         _require(self.latent_size >= 1, f"latent_size must be >= 1, got {self.latent_size}")
         _require(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")
@@ -106,6 +105,9 @@ class AutoencoderConfig:
             0 <= self.drop_token_id < self.vocab_size,
             f"drop_token_id={self.drop_token_id} is outside the vocabulary of {self.vocab_size}",
         )
+        # ours
+        _require(self.context_weight >= 0, f"context_weight must be >= 0, got {self.context_weight}")
+        _require(self.context_tau > 0, f"context_tau must be > 0, got {self.context_tau}")
 
 
 @dataclass
@@ -171,42 +173,6 @@ class CALMConfig(TransformerConfig):
     """M: posterior samples per position for the energy loss."""
     energy_alpha: float = 1.0
     """Exponent of the distances in the energy score; strictly proper for 0 < alpha < 2."""
-    energy_mean_weight: float = 0.0
-    """Ours, not the paper's (off by default): weight λ of an auxiliary energy score with alpha = 2 added
-    to the loss. In expectation that score is −2‖E[x] − E[z]‖² + const: an unbiased regression of the
-    head's sample mean on the target that leaves the spread alone, so the sum stays strictly proper and
-    the optimum unchanged, while the pull on the conditional mean grows (README "Small-CALM study")."""
-    energy_diversity_weight: float = 1.0
-    """λ in the score λ·E‖x′ − x″‖^α − 2·E‖x − z‖^α. 1 is the paper's strictly proper energy score; below 1
-    (ours, not the paper's; energy head only) the diversity term is weakened, so the loss is no longer
-    proper and its optimum is sharper than the data's distribution, as a temperature below 1 would be
-    (README "Small-CALM study")."""
-    token_aux_weight: float = 0.0
-    """Ours, not the paper's (off by default): weight of an auxiliary cross-entropy that predicts the next
-    chunk's first token from the backbone state h through a linear layer (d → vocab) used in training only.
-    It gives the backbone the direct next-token signal a token LM gets; its FLOPs count in training
-    (``calm.models.flops``) and it is ignored at sampling (README "Small-CALM study")."""
-    token_aux_tokens: int = 1
-    """Ours: how many tokens of the next chunk the auxiliary readout predicts (1..K), one d → vocab
-    readout each; used only when ``token_aux_weight`` > 0."""
-    token_anchor: bool = False
-    """Ours, not the paper's (off by default; energy head only): anchor each chunk on a discrete first
-    token. The auxiliary readout (``token_aux_weight`` > 0, ``token_aux_tokens`` 1) becomes part of the
-    model: at sampling it draws the chunk's first token from softmax(readout(h)), and the head draws the
-    latent conditioned on h and that token's embedding (trained on the true first token). Each step
-    still emits one chunk; its first token is chosen the way a token LM chooses one, the rest by the
-    head (``calm.models.heads.AnchoredEnergyHead``; README "Small-CALM study", round 11). Its logged
-    ``energy_loss`` is conditioned on the true first token, so it is not comparable with other models';
-    the head diagnostics draw the token, as sampling does."""
-    token_score_weight: float = 0.0
-    """Ours, not the paper's (off by default; energy head only): weight of a log score on the next chunk's
-    first token under the head's own samples. A linear probe (latent → vocab), trained alongside on
-    posterior samples of the true chunks, reads ``token_score_samples`` fresh head samples; the term is
-    −log of the probe's mixture probability of the true first token, its gradient reaching the head (not
-    the probe). It rewards samples whose tokens fit the context's register and topic, which the energy
-    score in latent space hardly rewards (README "Small-CALM study"). Training only; FLOPs counted."""
-    token_score_samples: int = 2
-    """Ours: head samples per position in the token score (used only when ``token_score_weight`` > 0)."""
     head: str = "energy"
     """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
     flow_steps: int = 4
@@ -218,6 +184,40 @@ class CALMConfig(TransformerConfig):
     input: str = "discrete"
     """discrete | continuous | both: backbone input from the previous chunk's tokens (embed + MLP), its
     posterior mean latent (Linear), or the sum (CALM-SPEC §3.2, §8.5 Table 5)."""
+
+    # ---- ours, beyond the paper (calm.extensions; docs/guides/extensions.md), all off by default ----
+    energy_diversity_weight: float = 1.0
+    """λ in the score λ·E‖x′ − x″‖^α − 2·E‖x − z‖^α. 1 is the paper's strictly proper energy score; below 1
+    (energy head only) the diversity term is weakened, so the loss is no longer proper and its optimum is
+    sharper than the data's distribution, as a temperature below 1 would be."""
+    energy_mean_weight: float = 0.0
+    """Weight λ of an auxiliary energy score with alpha = 2 added to the loss (energy head only). In expectation
+    that score is −2‖E[x] − E[z]‖² + const: an unbiased regression of the head's sample mean on the target
+    that leaves the spread alone, so the sum stays strictly proper and the optimum unchanged, while the pull
+    on the conditional mean grows."""
+    token_aux_weight: float = 0.0
+    """Weight of an auxiliary cross-entropy that predicts the next chunk's first token from the backbone state
+    h through a linear layer (d → vocab) used in training only. It gives the backbone the direct next-token
+    signal a token LM gets; its FLOPs count in training (``calm.models.flops``) and it is ignored at
+    sampling (unless ``token_anchor``)."""
+    token_aux_tokens: int = 1
+    """How many tokens of the next chunk the auxiliary readout predicts (1..K), one d → vocab readout each;
+    used only when ``token_aux_weight`` > 0."""
+    token_anchor: bool = False
+    """Anchor each chunk on a discrete first token (energy head only). The auxiliary readout
+    (``token_aux_weight`` > 0, ``token_aux_tokens`` 1) becomes part of the model: at sampling it draws the
+    chunk's first token from softmax(readout(h)), and the head draws the latent conditioned on h and that
+    token's embedding (trained on the true first token). Each step still emits one chunk; its first token
+    is chosen the way a token LM chooses one, the rest by the head (``calm.extensions.anchor``). Its
+    logged ``energy_loss`` is conditioned on the true first token, so it is not comparable with other
+    models'; the head diagnostics draw the token, as sampling does."""
+    token_score_weight: float = 0.0
+    """Weight of a log score on the next chunk's first token under the head's own samples (energy head only).
+    A linear probe (latent → vocab), trained alongside on posterior samples of the true chunks, reads
+    ``token_score_samples`` fresh head samples; the term is −log of the probe's mixture probability of the
+    true first token, its gradient reaching the head (not the probe). Training only; FLOPs counted."""
+    token_score_samples: int = 2
+    """Head samples per position in the token score (used only when ``token_score_weight`` > 0)."""
 
     @property
     def head_blocks(self) -> int:
@@ -237,6 +237,17 @@ class CALMConfig(TransformerConfig):
             0.0 < self.energy_alpha < 2.0,
             f"energy_alpha={self.energy_alpha}: the energy score is strictly proper only for 0 < alpha < 2",
         )
+        _require(self.head in CALM_HEADS, f"head={self.head!r} is unknown; choose one of {', '.join(CALM_HEADS)}")
+        _require(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
+        _require(
+            self.diffusion_train_steps >= 2, f"diffusion_train_steps must be >= 2, got {self.diffusion_train_steps}"
+        )
+        _require(
+            1 <= self.diffusion_steps <= self.diffusion_train_steps,
+            f"diffusion_steps={self.diffusion_steps} must be in 1..diffusion_train_steps={self.diffusion_train_steps}",
+        )
+        _require(self.input in CALM_INPUTS, f"input={self.input!r} is unknown; choose one of {', '.join(CALM_INPUTS)}")
+        # ours (calm.extensions)
         _require(self.energy_mean_weight >= 0.0, f"energy_mean_weight must be >= 0, got {self.energy_mean_weight}")
         _require(
             self.energy_mean_weight == 0.0 or self.head == "energy",
@@ -273,16 +284,46 @@ class CALMConfig(TransformerConfig):
             self.energy_diversity_weight == 1.0 or self.head == "energy",
             f"energy_diversity_weight applies to the energy head only; got head={self.head!r}",
         )
-        _require(self.head in CALM_HEADS, f"head={self.head!r} is unknown; choose one of {', '.join(CALM_HEADS)}")
-        _require(self.flow_steps >= 1, f"flow_steps must be >= 1, got {self.flow_steps}")
-        _require(
-            self.diffusion_train_steps >= 2, f"diffusion_train_steps must be >= 2, got {self.diffusion_train_steps}"
-        )
-        _require(
-            1 <= self.diffusion_steps <= self.diffusion_train_steps,
-            f"diffusion_steps={self.diffusion_steps} must be in 1..diffusion_train_steps={self.diffusion_train_steps}",
-        )
-        _require(self.input in CALM_INPUTS, f"input={self.input!r} is unknown; choose one of {', '.join(CALM_INPUTS)}")
+
+
+EXTENSION_FIELDS: dict[type, tuple[str, ...]] = {
+    AutoencoderConfig: ("context_weight", "context_tau"),
+    CALMConfig: (
+        "energy_diversity_weight",
+        "energy_mean_weight",
+        "token_aux_weight",
+        "token_aux_tokens",
+        "token_anchor",
+        "token_score_weight",
+        "token_score_samples",
+    ),
+}
+"""The model-config fields of the options beyond the paper (ours; ``calm.extensions``), per config class."""
+
+_COMPANIONS = {
+    "context_tau": "context_weight",
+    "token_aux_tokens": "token_aux_weight",
+    "token_score_samples": "token_score_weight",
+}
+"""Extension fields that only matter when another one turns the option on."""
+
+
+def extensions_in_use(config: Any) -> list[str]:
+    """``name=value`` of each option of ours (beyond the paper) that ``config`` turns on, in field order.
+
+    A field counts when it differs from its default; a companion field (``context_tau``,
+    ``token_aux_tokens``, ``token_score_samples``) only when its option is on too. An empty list means
+    the paper's model.
+    """
+    default = type(config)()
+
+    def changed(name: str) -> bool:
+        return getattr(config, name) != getattr(default, name)
+
+    names = EXTENSION_FIELDS.get(type(config), ())
+    return [
+        f"{n}={getattr(config, n)}" for n in names if changed(n) and (n not in _COMPANIONS or changed(_COMPANIONS[n]))
+    ]
 
 
 @dataclass

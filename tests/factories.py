@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from calm.config import AutoencoderConfig, CALMConfig
+from calm.extensions import build_calm
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 
@@ -29,4 +30,4 @@ def tiny_calm(*, vocab: int = 50, K: int = 4, latent: int = 8, seed: int = 0, **
         num_samples=4,
         num_target_samples=16,
     )
-    return CALM(CALMConfig(**{**settings, **overrides}), ae)
+    return build_calm(CALMConfig(**{**settings, **overrides}), ae)

@@ -133,24 +133,25 @@ def test_eval_records_the_resolved_precision(cpu_with, tiny_data_dir, tmp_path) 
 
 
 def test_the_decoder_screen_asks_the_resolver(cpu_with, monkeypatch: pytest.MonkeyPatch) -> None:
-    """vocab_argmax's bf16 screen runs only where bf16 is fast; the result is exact either way."""
-    from calm.models import autoencoder
+    """A loaded autoencoder's vocabulary argmax screens in bf16 only where the resolver finds bf16 fast; the
+    model itself never asks (``calm.checkpoint.use_fast_argmax`` tells it); the result is exact either way."""
+    from calm.checkpoint import fast_argmax_screens, use_fast_argmax
+    from calm.config import AutoencoderConfig
+    from calm.models import vocab_search
+    from calm.models.autoencoder import Autoencoder
 
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(40_000, 64, generator=gen)
-    hidden = torch.randn(512, 64, generator=gen)
-    reference = (hidden @ weight.t()).argmax(-1)
-    screened: list[torch.dtype] = []
-    linear = autoencoder.F.linear
-
-    def spy(x, w, *args):
-        screened.append(x.dtype)
-        return linear(x, w, *args)
-
-    monkeypatch.setattr(autoencoder.F, "linear", spy)
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(vocab_size=30_000, hidden_size=64, intermediate_size=64, latent_size=8)).eval()
+    hidden = torch.randn(560, 64, generator=torch.Generator().manual_seed(0))  # 560 x 30,000 >= 2^24 logits
+    reference = (hidden @ ae.embed_tokens.weight.t()).argmax(-1)
+    screened = []
+    real = vocab_search.bf16_screened_argmax
+    monkeypatch.setattr(vocab_search, "bf16_screened_argmax", lambda *a: screened.append(1) or real(*a))
+    assert torch.equal(ae.vocab_argmax(hidden), reference) and not screened  # not told: the plain product
+    use_fast_argmax(ae)
     cpu_with(EMULATED)
-    assert torch.equal(autoencoder.vocab_argmax(hidden, weight), reference)
-    assert torch.bfloat16 not in screened
+    assert not fast_argmax_screens(torch.device("cpu")).bf16
+    assert torch.equal(ae.vocab_argmax(hidden), reference) and not screened
     cpu_with(NATIVE_FAST)
-    assert torch.equal(autoencoder.vocab_argmax(hidden, weight), reference)
-    assert torch.bfloat16 in screened
+    assert fast_argmax_screens(torch.device("cpu")).bf16
+    assert torch.equal(ae.vocab_argmax(hidden), reference) and len(screened) == 1

@@ -18,6 +18,7 @@ from torch import nn
 
 from calm.checkpoint import use_fast_argmax
 from calm.config import ConfigError, load_preset
+from calm.extensions import build_calm
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
@@ -104,7 +105,7 @@ def build_pair(
     calm_config.max_seq_len = gpt_config.max_seq_len = context
     calm_config.chunk_size, calm_config.latent_size = ae_config.chunk_size, ae_config.latent_size
     torch.manual_seed(seed)
-    calm = CALM(calm_config, Autoencoder(ae_config))
+    calm = build_calm(calm_config, Autoencoder(ae_config))
     nn.init.normal_(calm.head.final_out.weight, std=calm_config.hidden_size**-0.5)
     gpt = GPT(gpt_config)
     return use_fast_argmax(calm.to(device).eval()), gpt.to(device).eval()

@@ -38,7 +38,6 @@ from calm.generate.lazy_decode import (
     reference_decode_ids,
 )
 from calm.generate.sampling import exact_temperature_sample
-from calm.models.calm import with_first_tokens
 
 
 def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
@@ -76,14 +75,11 @@ def sample_chunks(
     """
     ae = model.autoencoder
     decode_ids = ae.decode_ids if fast else lambda z: reference_decode_ids(ae, z)
-    # first: the anchored head's drawn first tokens (token_anchor, ours), which the chunks start with; else None
     if temperature == 1.0:
-        z, first = model.sample_next(h, 1, generator)
-        return with_first_tokens(decode_ids(z[0]), None if first is None else first[0])
+        return model.sample_next(h, 1, generator)[0].tokens(decode_ids)
     if sampler == "batch":
         batch_sample = lazy_batch_sample if fast else reference_batch_sample
-        z, first = model.sample_next(h, num_samples, generator)
-        return batch_sample(ae, z, temperature, generator, first=first)
+        return batch_sample(ae, model.sample_next(h, num_samples, generator), temperature, generator)
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
@@ -92,13 +88,12 @@ def sample_chunks(
 
         def draw() -> Hashable:
             if not buffer:  # draw head samples 64 at a time; each is an independent sample
-                z, first = model.sample_next(row, 64, generator)
-                z, first = z[:, 0], None if first is None else first[:, 0]  # (64, l), (64,)
+                draws = model.sample_next(row, 64, generator)[:, 0]  # latents (64, l)
                 if fast:  # tokens decoded only as far as comparisons need them
-                    lazy = LazyChunks(ae, z, first)
-                    buffer.extend(lazy.chunk(i) for i in range(z.shape[0]))
+                    lazy = LazyChunks(ae, draws)
+                    buffer.extend(lazy.chunk(i) for i in range(draws.latents.shape[0]))
                 else:
-                    buffer.extend(tuple(x) for x in with_first_tokens(decode_ids(z), first).tolist())
+                    buffer.extend(tuple(x) for x in draws.tokens(decode_ids).tolist())
             return buffer.pop()
 
         return draw

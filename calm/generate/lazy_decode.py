@@ -29,7 +29,7 @@ import torch
 
 from calm.generate.sampling import batch_temperature_sample, batch_temperature_select
 from calm.models.autoencoder import Autoencoder
-from calm.models.calm import with_first_tokens
+from calm.models.calm import ChunkDraws
 from calm.models.vocab_search import vocab_argmax
 
 __all__ = ["LazyChunk", "LazyChunks", "lazy_batch_sample", "reference_batch_sample", "reference_decode_ids"]
@@ -83,26 +83,28 @@ def _refine(labels: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def lazy_batch_sample(
     ae: Autoencoder,
-    z: torch.Tensor,
+    draws: ChunkDraws,
     temperature: float,
     generator: torch.Generator | None = None,
-    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Alg. 2 over the decoded latents z (N, B, l) -> the chosen chunks (B, K), decoding lazily.
+    """Alg. 2 over N candidate draws per row (latents (N, B, l)) -> the chosen chunks (B, K), decoding lazily.
 
-    ``first`` (N, B): the candidates' first tokens when the head drew them (``token_anchor``, ours);
-    position 0 is then not decoded. Returns exactly what :func:`reference_batch_sample` returns for the
-    same generator state (module docstring), and leaves the generator in the same state.
+    Positions the model drew itself (``draws.prefix``, (N, B, p)) are taken as they are, not decoded.
+    Returns exactly what :func:`reference_batch_sample` returns for the same generator state (module
+    docstring), and leaves the generator in the same state.
     """
+    z = draws.latents
     num_candidates, batch = z.shape[:2]
     K = ae.config.chunk_size
     expanded = _expanded(ae, z)  # (N, B, K, d)
     tokens = torch.full((num_candidates, batch, K), -1, dtype=torch.long, device=z.device)
     labels = torch.arange(batch, device=z.device).expand(num_candidates, batch).contiguous()  # (N, B) group ids
     start = 0
-    if first is not None:
-        tokens[..., 0] = first
-        labels, start = _refine(labels, first), 1
+    if draws.prefix is not None:
+        start = draws.prefix.shape[-1]
+        tokens[..., :start] = draws.prefix
+        for k in range(start):
+            labels = _refine(labels, draws.prefix[..., k])
     guess = _guess_choice(num_candidates, batch, temperature, generator)  # (B,) or None
     for k in range(start, K):
         _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -139,34 +141,32 @@ def reference_decode_ids(ae: Autoencoder, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_batch_sample(
     ae: Autoencoder,
-    z: torch.Tensor,
+    draws: ChunkDraws,
     temperature: float,
     generator: torch.Generator | None = None,
-    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Alg. 2 over z (N, B, l) -> (B, K) after decoding all N·K tokens: the reference of the lazy path.
-
-    ``first`` (N, B): the anchored head's drawn first tokens, which replace position 0 (``token_anchor``)."""
-    ids = with_first_tokens(reference_decode_ids(ae, z), first)
+    """Alg. 2 over draws (latents (N, B, l)) -> (B, K) after decoding all N·K tokens: the lazy path's reference."""
+    ids = draws.tokens(lambda z: reference_decode_ids(ae, z))
     return batch_temperature_sample(ids.transpose(0, 1), temperature, generator=generator)
 
 
 class LazyChunks:
-    """A batch of head samples (N, l) whose K tokens are decoded one position at a time, on demand.
+    """A batch of draws (latents (N, l)) whose K tokens are decoded one position at a time, on demand.
 
     Position k is decoded for the whole batch the first time any chunk's token k is asked for (one
     batched vocabulary pass), so comparing chunks that differ in their first token costs 1/K of a
     full decode.
     """
 
-    def __init__(self, ae: Autoencoder, z: torch.Tensor, first: torch.Tensor | None = None) -> None:
+    def __init__(self, ae: Autoencoder, draws: ChunkDraws) -> None:
         self.ae = ae
         # the latents, not the (N, K, d) decoder states: a sampler that runs out of budget holds
         # its draws until the end, and the states are recomputed (bit-identically) per position
-        self.z = z  # (N, l)
+        self.z = draws.latents  # (N, l)
         self.columns: list[list[int] | None] = [None] * ae.config.chunk_size
-        if first is not None:  # (N,) the anchored head's drawn first tokens (token_anchor, ours)
-            self.columns[0] = first.tolist()
+        if draws.prefix is not None:  # (N, p): positions the model drew itself are known already
+            for k in range(draws.prefix.shape[-1]):
+                self.columns[k] = draws.prefix[:, k].tolist()
 
     def token(self, index: int, position: int) -> int:
         column = self.columns[position]

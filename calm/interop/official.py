@@ -411,8 +411,8 @@ def convert_calm(
     The embedded ``ae_model.*`` is the autoencoder (``config['ae_path']`` is ignored, §2).
     Raises ConvertError as :func:`convert_autoencoder`, and for a head count that does not fit.
     """
+    from calm.extensions import build_calm
     from calm.models.autoencoder import Autoencoder
-    from calm.models.calm import CALM
 
     sd = _fold_aliases(sd, "calm")
     cfg = calm_config(config, sd)
@@ -429,5 +429,5 @@ def convert_calm(
         _layer_count(sd, "ae_model.encoder.encoder_layers."),
         _layer_count(sd, "ae_model.decoder.decoder_layers."),
     )
-    expected = _meta_shapes(lambda: CALM(cfg, Autoencoder(ae_cfg)))
+    expected = _meta_shapes(lambda: build_calm(cfg, Autoencoder(ae_cfg)))
     return cfg, ae_cfg, _apply_map(sd, key_map, expected, "CALM")

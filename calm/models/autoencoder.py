@@ -63,17 +63,6 @@ def kl_term(mu: torch.Tensor, log_std: torch.Tensor, config: AutoencoderConfig) 
     return clipped_kl(mu, log_std, config.kl_clamp if config.kl_mode == "clipped" else None).mean()
 
 
-def context_nce(mu: torch.Tensor, next_mu: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE of chunks against the chunks that follow them (ours; ``AutoencoderConfig.context_weight``).
-
-    mu, next_mu (B, l): posterior means of B chunks and of their successors. Row i's logits are
-    −‖μ_i − μ'_j‖ / τ over the B successors, the right one j = i: a scalar cross-entropy, fp32, whose
-    minimum pulls neighbouring chunks together in the Euclidean distance the energy score uses.
-    """
-    logits = -torch.cdist(mu.float(), next_mu.float()) / tau
-    return F.cross_entropy(logits, torch.arange(mu.shape[0], device=mu.device))
-
-
 INT8_SCREEN_MIN_VOCAB = 2**15
 """``Autoencoder.decode_ids`` uses the int8 screen (``calm.models.vocab_search``) from this vocabulary size
 on (the paper's 128k); below it the vocabulary product is cheap and runs as before."""

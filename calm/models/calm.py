@@ -11,51 +11,77 @@ CALM-SPEC §3 (paper §4). One backbone step per chunk of K tokens:
   model sees at inference exactly the kind of input it was trained on).
 - **Backbone** (§3.1): the Llama-style Transformer of ``layers.py``, final RMSNorm, no LM head.
 - **Generative head** (``heads.py``; §3.3, §3.6): energy (default; one pass per sample), flow
-  matching or diffusion, chosen by ``config.head``; ours: the energy head anchored on a discrete
-  first token (``token_anchor``).
+  matching or diffusion, chosen by ``config.head``.
 - **Loss** (§3.4–3.5): for a block of L chunks, chunks 0..L−2 are inputs and chunks 1..L−1 are
   targets, given as the frozen autoencoder's posterior (clean encoder, eval mode, no grad); the
   head's own objective (energy score with N = 8 samples against M = 100 targets by default).
 
 The frozen autoencoder is a submodule, so its weights travel inside the CALM checkpoint, but it is
 never trained: its parameters have ``requires_grad=False`` and ``train()`` keeps it in eval mode.
+
+This is the paper's model only. The options of ours beyond the paper (``calm.extensions``) build on
+it by subclassing; ``calm.extensions.build_calm`` picks the class a config needs, and this class
+refuses a config that turns one of them on.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from calm.config import CALMConfig
+from calm.config import CALMConfig, ConfigError, extensions_in_use
 from calm.models.autoencoder import Autoencoder
-from calm.models.heads import EnergyHead, MLPBlock, build_head
+from calm.models.heads import build_head
 from calm.models.layers import Backbone, KVCache, init_weights
 
-# the head classes lived here before heads.py; kept importable
-__all__ = ["CALM", "EnergyHead", "MLPBlock", "with_first_tokens"]
+__all__ = ["CALM", "ChunkDraws"]
 
 
-_TRAINING_ONLY = ("token_aux_head", "latent_probe")
-"""Submodules (ours) that only training uses: left out of ``CALM.num_parameters``."""
+@dataclass(frozen=True)
+class ChunkDraws:
+    """Draws of the next chunk from a CALM: what generation, both temperature samplers and BrierLM consume.
 
+    ``latents`` (N, ..., l) are head samples, decoded by the frozen autoencoder into K tokens each.
+    ``prefix`` (N, ..., p) holds the chunk's first p tokens where the model drew them itself rather than
+    through the latent (an extension may: ``calm.extensions.anchor``); None in the paper's CALM. The
+    decoded chunk then starts with the prefix, whatever the latent's first positions decode to.
+    """
 
-def with_first_tokens(ids: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
-    """Decoded chunks (..., K) with position 0 set to ``first`` (...), the anchored head's drawn tokens
-    (``token_anchor``, ours); unchanged when ``first`` is None."""
-    if first is None:
+    latents: torch.Tensor
+    prefix: torch.Tensor | None = None
+
+    def tokens(self, decode_ids: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The chunks (N, ..., K): ``decode_ids`` (latents (..., l) -> ids (..., K)) with the prefix laid over."""
+        ids = decode_ids(self.latents)
+        if self.prefix is None:
+            return ids
+        ids = ids.clone()
+        ids[..., : self.prefix.shape[-1]] = self.prefix
         return ids
-    ids = ids.clone()
-    ids[..., 0] = first
-    return ids
+
+    def __getitem__(self, index: int | slice | tuple) -> ChunkDraws:
+        """The same draws indexed over their leading dimensions, e.g. ``draws[:, 0]``."""
+        return ChunkDraws(self.latents[index], None if self.prefix is None else self.prefix[index])
 
 
 class CALM(nn.Module):
+    """The paper's CALM over a frozen ``autoencoder`` (module docstring).
+
+    A subclass (``calm.extensions``) changes it through :meth:`make_head`, :meth:`add_parts`, :meth:`loss`
+    and :meth:`sample_next`; the paper's model is what this class does with none of them overridden.
+    """
+
     def __init__(self, config: CALMConfig, autoencoder: Autoencoder) -> None:
         super().__init__()
         config.validate()
+        if type(self) is CALM and extensions_in_use(config):
+            raise ConfigError(
+                f"the config turns on options beyond the paper ({', '.join(extensions_in_use(config))}), which "
+                "calm.models.calm.CALM does not implement; build the model with calm.extensions.build_calm"
+            )
         ae = autoencoder.config
         if ae.chunk_size != config.chunk_size:
             raise ValueError(
@@ -80,20 +106,24 @@ class CALM(nn.Module):
                 nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=config.rms_norm_eps)
             )
         self.backbone = Backbone(config)
-        self.head = build_head(config)
+        self.head = self.make_head()
         if self.uses_latents:
             self.latent_proj = nn.Linear(config.latent_size, d)  # after the rest: keeps their initial draws
-        if config.token_aux_weight > 0 and not config.token_anchor:  # ours: training-only readout of h
-            self.token_aux_head = nn.Linear(d, config.token_aux_tokens * config.vocab_size, bias=False)
-        if config.token_score_weight > 0:  # ours: training-only probe latent -> first token of the chunk
-            self.latent_probe = nn.Linear(config.latent_size, config.vocab_size)
-        for part in ("embed_tokens", "embed_proj", "backbone", "head", "latent_proj", "token_aux_head", "latent_probe"):
-            if hasattr(self, part):
-                init_weights(getattr(self, part), config.init_std)
+        self.add_parts()
+        for part in self.children():  # initial weights drawn in registration order
+            init_weights(part, config.init_std)
         self.head.zero_init_output()
         self.autoencoder = autoencoder
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
+
+    def make_head(self) -> nn.Module:
+        """The generative head: the paper's head named by ``config.head`` (energy, flow or diffusion)."""
+        return build_head(self.config)
+
+    def add_parts(self) -> None:
+        """Register further submodules before the initial weights are drawn: none in the paper's model (a
+        subclass's parts then draw their weights in the same sequence as the paper's parts)."""
 
     def train(self, mode: bool = True) -> CALM:
         super().train(mode)
@@ -118,12 +148,13 @@ class CALM(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("autoencoder.")]
 
     def num_parameters(self) -> int:
-        """Parameters used to generate, as the paper counts: without the frozen autoencoder and without
-        the training-only ``token_aux_head`` and ``latent_probe`` (ours)."""
-        extra = sum(
-            p.numel() for part in _TRAINING_ONLY if hasattr(self, part) for p in getattr(self, part).parameters()
-        )
-        return sum(p.numel() for p in self.trainable_parameters()) - extra
+        """Parameters used to generate, as the paper counts them: without the frozen autoencoder (and without
+        any training-only part a subclass adds: :meth:`training_only_parameters`)."""
+        return sum(p.numel() for p in self.trainable_parameters()) - self.training_only_parameters()
+
+    def training_only_parameters(self) -> int:
+        """Parameters that training uses and generation does not: none in the paper's model."""
+        return 0
 
     def compress(self, chunks: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
         """chunks (B, L, K) token ids -> backbone inputs (B, L, d), as ``config.input`` says (§3.2, §8.5).
@@ -151,23 +182,14 @@ class CALM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         return self.backbone.new_cache(batch_size, max_len, dtype)
 
-    def sample_next(
-        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Head samples for the next chunk: h (..., d) -> latents (num_samples, ..., l) and, for a head
-        anchored on a discrete first token (``token_anchor``, ours), those tokens (num_samples, ...), else None.
-
-        Decode with ``with_first_tokens(autoencoder.decode_ids(z), first)`` (or :meth:`draw_chunks`):
-        an anchored chunk starts with its drawn token, whatever the latent's first position decodes to.
-        """
-        if self.config.token_anchor:
-            return self.head.sample_with_tokens(h, num_samples, generator)
-        return self.head.sample(h, num_samples, generator), None
+    def sample_next(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> ChunkDraws:
+        """Draws of the next chunk: h (..., d) -> :class:`ChunkDraws` of ``num_samples`` head samples per row,
+        latents (num_samples, ..., l) (paper §4.2; the temperature samplers of §6 consume these)."""
+        return ChunkDraws(self.head.sample(h, num_samples, generator))
 
     def draw_chunks(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """h (..., d) -> sampled next chunks (num_samples, ..., K) token ids (T = 1; CALM-SPEC §3.3)."""
-        z, first = self.sample_next(h, num_samples, generator)
-        return with_first_tokens(self.autoencoder.decode_ids(z), first)
+        """h (..., d) -> sampled next chunks (num_samples, ..., K) token ids (T = 1; paper §4.2)."""
+        return self.sample_next(h, num_samples, generator).tokens(self.autoencoder.decode_ids)
 
     @torch.no_grad()
     def target_posterior(self, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +198,7 @@ class CALM(nn.Module):
         return mu.float(), log_std.float()
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens (B, T) with T a multiple of K -> (the head's loss, metrics)."""
+        """tokens (B, T) with T a multiple of K -> (the training loss, metrics) (paper §4.2, Eqs. 9-10)."""
         c = self.config
         B, T = tokens.shape
         if T % c.chunk_size != 0 or T // c.chunk_size < 2:
@@ -191,37 +213,12 @@ class CALM(nn.Module):
             mu, log_std = self.target_posterior(chunks[:, 1:])  # (B, L-1, l)
         P = mu.shape[0] * mu.shape[1]
         h, mu, log_std = h.reshape(P, -1), mu.reshape(P, -1), log_std.reshape(P, -1)
-        if c.token_anchor:  # ours: the head conditions on the true first tokens, which its readout learns to draw
-            loss, metrics = self.head.loss(h, mu, log_std.exp(), first_tokens=chunks[:, 1:, 0].reshape(P))
-        else:
-            loss, metrics = self.head.loss(h, mu, log_std.exp())
-        if c.token_aux_weight > 0:
-            n = c.token_aux_tokens  # the next chunk's first n tokens, one readout each
-            readout = self.head.token_readout if c.token_anchor else self.token_aux_head
-            logits = readout(h).float().view(P * n, c.vocab_size)
-            aux = F.cross_entropy(logits, chunks[:, 1:, :n].reshape(P * n))
-            metrics["token_aux_loss"] = aux.detach()
-            loss = loss + c.token_aux_weight * aux
-        if c.token_score_weight > 0:
-            score, probe_loss = self._token_score(h, mu, log_std, chunks[:, 1:, 0].reshape(P))
-            metrics.update(token_score=score.detach(), probe_loss=probe_loss.detach())
-            loss = loss + c.token_score_weight * score + probe_loss  # the probe's loss reaches only the probe
-        return loss, metrics
+        return self.loss(h, mu, log_std, chunks[:, 1:].reshape(P, c.chunk_size))
 
-    def _token_score(
-        self, h: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor, first: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(−log mixture probability of the true first token under the head's samples, the probe's own loss).
-
-        h (P, d), μ and log σ (P, l) of the true next chunks, first (P,) their first tokens. The probe learns
-        on one posterior sample per position (detached); the head's n samples go through the probe's
-        detached weights, so the score trains the head and backbone, and the probe stays a decoder proxy.
-        """
-        n = self.config.token_score_samples
-        target = self.autoencoder.sample_posterior(mu, log_std).detach()
-        probe_loss = F.cross_entropy(self.latent_probe(target).float(), first)
-        samples = self.head.sample(h, n).float()  # (n, P, l)
-        weight, bias = self.latent_probe.weight.detach().float(), self.latent_probe.bias.detach().float()
-        log_probs = F.linear(samples, weight, bias).log_softmax(-1)  # (n, P, V)
-        log_mixture = torch.logsumexp(log_probs, dim=0) - math.log(n)
-        return F.nll_loss(log_mixture, first), probe_loss
+    def loss(
+        self, h: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss at P positions: the head's own objective (the energy loss by default) for h (P, d)
+        against the frozen posterior μ, log σ (P, l) of the target chunks, whose tokens are ``targets`` (P, K)
+        (unused here; objectives of ours read them)."""
+        return self.head.loss(h, mu, log_std.exp())

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import CALMConfig
-from calm.models.losses import energy_loss, energy_terms
+from calm.models.losses import energy_terms
 
 
 class MLPBlock(nn.Module):
@@ -89,10 +89,16 @@ class _BlockStack(nn.Module):
         return self.final_out(F.silu(self.final_fc(self.final_norm(x))))
 
 
-def _posterior_samples(mu: torch.Tensor, std: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """n samples μ + σ·ξ, ξ ~ N(0, I): (P, l) -> (n, P, l)."""
+def posterior_samples(mu: torch.Tensor, std: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """n samples μ + σ·ξ, ξ ~ N(0, I): (P, l) -> (n, P, l): the energy loss's targets (paper Eq. 10)."""
     xi = torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype, generator=generator)
     return mu + std * xi
+
+
+@torch.no_grad()
+def sample_distance(samples: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Mean distance of a head sample (N, P, l) to the posterior mean μ (P, l): a readable progress signal."""
+    return (samples - mu).norm(dim=-1).mean()
 
 
 class EnergyHead(_BlockStack):
@@ -129,121 +135,18 @@ class EnergyHead(_BlockStack):
         self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """−energy score of N head samples against M posterior samples, mean over the P positions (§3.4)."""
-        targets = _posterior_samples(mu, std, self.config.num_target_samples, generator)  # (M, P, l)
+        targets = posterior_samples(mu, std, self.config.num_target_samples, generator)  # (M, P, l)
         samples = self.sample(h, self.config.num_samples, generator).float()  # (N, P, l)
-        return self._energy_loss(samples, targets, mu)
+        return self.energy_loss(samples, targets, mu)
 
-    def _energy_loss(
+    def energy_loss(
         self, samples: torch.Tensor, targets: torch.Tensor, mu: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The energy loss of head samples (N, P, l), fp32, against posterior samples (M, P, l) of means μ (P, l)."""
-        c = self.config
-        diversity, fidelity = energy_terms(samples, targets, c.energy_alpha)  # (P,) each
-        # the reported energy loss is always the paper's proper score; the trained one weighs the diversity
-        # term by energy_diversity_weight (ours; 1 by default: then the two are the same)
-        metrics = {"energy_loss": (2.0 * fidelity - diversity).mean().detach()}
-        loss = (2.0 * fidelity - c.energy_diversity_weight * diversity).mean()
-        if c.energy_mean_weight > 0:  # ours: alpha = 2 score, a consistent regression of the sample mean
-            mean_loss = energy_loss(samples, targets, 2.0)
-            metrics["mean_loss"] = mean_loss.detach()
-            loss = loss + c.energy_mean_weight * mean_loss
-        with torch.no_grad():
-            # mean distance of a head sample to the posterior mean: a readable progress signal
-            dist = (samples - mu).norm(dim=-1).mean()
-        return loss, {**metrics, "sample_dist": dist}
-
-
-class AnchoredEnergyHead(EnergyHead):
-    """Ours, not the paper's (``token_anchor``): the chunk's first token is drawn from a softmax readout
-    of h, then the latent from the energy head conditioned on h and that token.
-
-    The model factorises p(chunk | h) = p(t₁ | h) · p(z | h, t₁): a linear readout (d → vocab),
-    trained by ``CALM.forward``'s auxiliary cross-entropy (weight ``token_aux_weight``), draws t₁;
-    its embedding, LayerNorm'd as the noise is, joins the head's condition, and a learned per-token
-    offset is added to the latent (:meth:`latent`). Training conditions on the true t₁ (teacher
-    forcing, exact for this factorisation); the energy score is then the conditional one. The readout is
-    what carries topic and register into the samples: in the tiny autoencoder's latent space the
-    energy score hardly pays for them (README "Small-CALM study", round 11). One readout per step
-    (2·d·vocab FLOPs), not per sample. The noise has one more coordinate than ``noise_size``: its
-    uniform picks t₁ by the inverse CDF, so ``forward(h, noise)`` stays a deterministic function
-    of its noise, as ``calm.eval.diagnostics`` needs.
-    """
-
-    def __init__(self, config: CALMConfig) -> None:
-        super().__init__(config)
-        d, eps = config.hidden_size, config.rms_norm_eps
-        self.noise_size = config.noise_size + 1
-        self.token_readout = nn.Linear(d, config.vocab_size, bias=False)
-        self.token_embd = nn.Embedding(config.vocab_size, d)
-        self.token_norm = nn.LayerNorm(d, eps=eps)
-        self.token_latent = nn.Embedding(config.vocab_size, config.latent_size)
-
-    def zero_init_output(self) -> None:
-        super().zero_init_output()
-        nn.init.zeros_(self.token_latent.weight)
-
-    def first_tokens(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """h (..., d), uniforms u (..., n) in [0, 1) -> first tokens (..., n) ~ softmax(readout(h))."""
-        cdf = self.token_readout(h).float().softmax(-1).cumsum(-1)
-        # the first index whose cdf exceeds u·total: never a token of probability 0, even for u = 0, a cdf
-        # that rounds below 1, or u rounded up to 1 (bf16 noise): u is capped just below 1
-        u = (u.float().clamp(max=1.0 - 1e-6) * cdf[..., -1:]).contiguous()
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-
-    def latent(self, h: torch.Tensor, noise: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """h (..., d), noise (..., noise_size − 1), first tokens (...) -> latent (..., l).
-
-        The trunk's output is added to a learned latent offset per first token (``token_latent``, zero at
-        init), which the loss's gradient reaches directly. Measured at the demo's budget: it did not change
-        how often a latent decodes to its own first token (16% against 18%), but it raised Brier-2 on
-        average over seeds (README "Small-CALM study", round 11).
-        """
-        c = self.hidden_norm(self.hidden_embd(h)) + self.token_norm(self.token_embd(tokens)).to(h.dtype)
-        return self.trunk(self.noise_norm(self.noise_embd(noise)), c) + self.token_latent(tokens)
-
-    def forward(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """h (..., d), noise (..., noise_size) uniform in [−½, ½) -> latent (..., l); the last noise
-        coordinate draws the first token."""
-        tokens = self.first_tokens(h, noise[..., -1:].float() + 0.5)[..., 0]
-        return self.latent(h, noise[..., :-1], tokens)
-
-    def sample_with_tokens(
-        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., d) -> latents (num_samples, ..., l) and their first tokens (num_samples, ...).
-
-        The readout runs once per row of h, not once per sample. The chunk a sample stands for starts
-        with its drawn token (``CALM.draw_chunks``): the latent's own first position is decoded (or, on
-        the lazy path, skipped) and then replaced.
-        """
-        shape = (num_samples, *h.shape[:-1])
-        noise = torch.rand((*shape, self.noise_size), device=h.device, generator=generator).sub_(0.5)
-        tokens = self.first_tokens(h, noise[..., -1].movedim(0, -1) + 0.5).movedim(-1, 0)  # (num_samples, ...)
-        z = self.latent(h.unsqueeze(0).expand(*shape, h.shape[-1]), noise[..., :-1].to(h.dtype), tokens)
-        return z, tokens
-
-    def sample(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(..., d) -> (num_samples, ..., l): the latents of :meth:`sample_with_tokens`."""
-        return self.sample_with_tokens(h, num_samples, generator)[0]
-
-    def loss(
-        self,
-        h: torch.Tensor,
-        mu: torch.Tensor,
-        std: torch.Tensor,
-        generator: torch.Generator | None = None,
-        first_tokens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Energy score of samples conditioned on the true first tokens (P,). The readout's cross-entropy on
-        them is the auxiliary term ``CALM.forward`` adds (``token_aux_weight``)."""
-        if first_tokens is None:
-            raise ValueError("the anchored head's loss needs the target chunks' first tokens (first_tokens=)")
-        c = self.config
-        n = c.num_samples
-        targets = _posterior_samples(mu, std, c.num_target_samples, generator)  # (M, P, l)
-        noise = torch.rand((n, *h.shape[:-1], c.noise_size), device=h.device, generator=generator).sub_(0.5)
-        samples = self.latent(h.unsqueeze(0).expand(n, *h.shape), noise.to(h.dtype), first_tokens.expand(n, -1))
-        return self._energy_loss(samples.float(), targets, mu)
+        """The energy loss (paper Eqs. 9-10) of head samples (N, P, l), fp32, against posterior samples (M, P, l)
+        of means μ (P, l): 2·fidelity − diversity, averaged over the P positions, with its metrics."""
+        diversity, fidelity = energy_terms(samples, targets, self.config.energy_alpha)  # (P,) each
+        loss = (2.0 * fidelity - diversity).mean()
+        return loss, {"energy_loss": loss.detach(), "sample_dist": sample_distance(samples, mu)}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -325,7 +228,7 @@ class FlowHead(_ConditionalNet):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MSE between v(x_t, t, h) and z − x₀, h repeated N = ``num_samples`` times (§3.6)."""
         n = self.config.num_samples
-        z = _posterior_samples(mu, std, n, generator)  # (N, P, l)
+        z = posterior_samples(mu, std, n, generator)  # (N, P, l)
         x0 = torch.randn(z.shape, device=z.device, generator=generator)
         t = torch.rand(z.shape[:-1], device=z.device, generator=generator)  # (N, P)
         x_t = (1 - t[..., None]) * x0 + t[..., None] * z
@@ -389,7 +292,7 @@ class DiffusionHead(_ConditionalNet):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MSE between ε(x_t, t, h) and ε, h repeated N = ``num_samples`` times (§3.6)."""
         n, T = self.config.num_samples, self.config.diffusion_train_steps
-        z = _posterior_samples(mu, std, n, generator)  # (N, P, l)
+        z = posterior_samples(mu, std, n, generator)  # (N, P, l)
         eps = torch.randn(z.shape, device=z.device, generator=generator)
         t = torch.randint(0, T, z.shape[:-1], device=z.device, generator=generator)  # (N, P)
         a = self.alphas_cumprod[t][..., None]
@@ -437,10 +340,7 @@ HEADS: dict[str, type[nn.Module]] = {"energy": EnergyHead, "flow": FlowHead, "di
 
 
 def build_head(config: CALMConfig) -> nn.Module:
-    """The head named by ``config.head`` (energy | flow | diffusion); the energy head anchored on a
-    discrete first token when ``config.token_anchor`` (ours)."""
-    if config.token_anchor:
-        return AnchoredEnergyHead(config)
+    """The paper's head named by ``config.head``: energy | flow | diffusion."""
     return HEADS[config.head](config)
 
 

@@ -26,7 +26,8 @@ from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, T
 from calm.data.shards import TokenShard, ae_chunks, lm_blocks
 from calm.data.tokenizer import Tokenizer
 from calm.eval.autoencoder import evaluate_autoencoder
-from calm.models.autoencoder import Autoencoder, context_nce
+from calm.extensions.context import context_term, neighbour_rows
+from calm.models.autoencoder import Autoencoder
 
 
 def _open_data(data_dir: str | Path) -> tuple[TokenShard, TokenShard, Tokenizer]:
@@ -86,8 +87,7 @@ class AutoencoderStage:
         chunk after each of them, so that rows i and ⌊B/2⌋ + i are neighbours (2·⌊B/2⌋ rows; B is even
         for any ``batch_tokens`` that is a multiple of 2K)."""
         if self.config.context_weight > 0:
-            first = np.sort(indices[: max(1, len(indices) // 2)])
-            rows = np.concatenate([first, np.minimum(first + 1, self.num_items - 1)])
+            rows = neighbour_rows(indices, self.num_items)
         else:
             rows = np.sort(indices)
         return torch.from_numpy(np.asarray(self.chunks[rows], dtype=np.int64)).to(device)
@@ -99,8 +99,7 @@ class AutoencoderStage:
         loss = out.loss
         c = self.config
         if c.context_weight > 0 and model.training:  # ours: InfoNCE between neighbouring chunks (make_batch)
-            half = batch.shape[0] // 2
-            nce = context_nce(out.mu[:half], out.mu[half : 2 * half], c.context_tau)
+            nce = context_term(out.mu, c.context_tau)
             loss = loss + c.context_weight * nce
             metrics.update(loss=loss.detach(), context_nce=nce.detach())
         return loss, metrics
@@ -157,7 +156,7 @@ class CALMStage(_BlockStage):
         self, data_dir: str | Path, config: CALMConfig, train: TrainConfig, autoencoder_dir: str | Path
     ) -> None:
         from calm.checkpoint import load_model
-        from calm.models.calm import CALM
+        from calm.extensions import build_calm
 
         ae, ae_tokenizer, _ = load_model(autoencoder_dir, kind="autoencoder")
 
@@ -185,7 +184,7 @@ class CALMStage(_BlockStage):
         config.validate()
         self.config, self.train_config = config, train
         torch.manual_seed(train.seed)
-        self.model = CALM(config, ae)
+        self.model = build_calm(config, ae)
         self.ae_config = ae.config
         from calm.models.flops import calm_flops
 

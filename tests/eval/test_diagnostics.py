@@ -21,7 +21,8 @@ import torch
 from calm.config import AutoencoderConfig, CALMConfig
 from calm.eval.diagnostics import diagnose_head, head_diagnostics
 from calm.models.autoencoder import Autoencoder
-from calm.models.calm import CALM, EnergyHead
+from calm.models.calm import CALM
+from calm.models.heads import EnergyHead
 
 V, K, LATENT, SIGMA, P = 6, 2, 16, 0.3, 1024
 CODES = V**K

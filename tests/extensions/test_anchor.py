@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from calm.config import ConfigError
 from calm.eval.brier import calm_block_brier
+from calm.extensions.anchor import AnchoredEnergyHead
 from calm.generate.engine import generate
 from calm.models.flops import calm_flops
-from calm.models.heads import AnchoredEnergyHead
 
 VOCAB, D = 50, 32
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from calm.config import AutoencoderConfig, ConfigError, TrainConfig
-from calm.models.autoencoder import context_nce
+from calm.extensions.context import context_nce
 from calm.train.loop import run_training
 from calm.train.stages import AutoencoderStage
 

@@ -10,7 +10,7 @@ from calm.config import AutoencoderConfig, load_preset
 from calm.generate.engine import generate, sample_chunks
 from calm.generate.lazy_decode import _expanded, _token_hidden, lazy_batch_sample, reference_batch_sample
 from calm.models.autoencoder import Autoencoder
-from calm.models.calm import CALM
+from calm.models.calm import CALM, ChunkDraws
 
 
 def _autoencoder(vocab: int = 50, seed: int = 0) -> Autoencoder:
@@ -23,8 +23,9 @@ def _both(
     ae: Autoencoder, z: torch.Tensor, temperature: float, seed: int, first: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     g_lazy, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    lazy = lazy_batch_sample(ae, z, temperature, g_lazy, first=first)
-    ref = reference_batch_sample(ae, z, temperature, g_ref, first=first)
+    draws = ChunkDraws(z, None if first is None else first[..., None])
+    lazy = lazy_batch_sample(ae, draws, temperature, g_lazy)
+    ref = reference_batch_sample(ae, draws, temperature, g_ref)
     return lazy, ref, torch.rand(3, generator=g_lazy), torch.rand(3, generator=g_ref)
 
 

@@ -14,6 +14,7 @@ import torch
 
 import calm.models.heads as heads
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError, latent_ablation_overrides, load_preset
+from calm.extensions import build_calm
 from calm.models.autoencoder import Autoencoder, clipped_kl
 from calm.models.calm import CALM
 
@@ -28,7 +29,7 @@ def tiny_calm(**kw) -> CALM:
     ae = tiny_ae()
     base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
     base.update(chunk_size=4, latent_size=8, num_samples=4, num_target_samples=16)
-    return CALM(CALMConfig(**{**base, **kw}), ae)
+    return build_calm(CALMConfig(**{**base, **kw}), ae)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -464,7 +464,7 @@ def test_token_score_trains_the_head_through_a_probe_that_learns_only_from_true_
     model.zero_grad()
     h = model.hidden_states(tokens.view(2, 4, 4)[:, :-1]).reshape(-1, 32)
     mu, log_std = model.target_posterior(tokens.view(2, 4, 4)[:, 1:])
-    score, probe_loss = model._token_score(
+    score, probe_loss = model.token_score(
         h, mu.reshape(-1, lat), log_std.reshape(-1, lat), tokens.view(2, 4, 4)[:, 1:, 0].reshape(-1)
     )
     score.backward(retain_graph=True)
@@ -497,5 +497,5 @@ def test_token_score_of_a_head_that_decodes_the_true_token_is_low():
     scores = {}
     for name, target in (("right", right), ("wrong", wrong)):
         model.head.sample = lambda h, n, generator=None, t=target: t.expand(n, *t.shape)
-        scores[name] = model._token_score(torch.zeros(4, 32), right, torch.full((4, lat), -30.0), first)[0]
+        scores[name] = model.token_score(torch.zeros(4, 32), right, torch.full((4, lat), -30.0), first)[0]
     assert scores["right"] < 0.01 and scores["wrong"] > 15.0

@@ -13,8 +13,8 @@ import time
 import torch
 
 from calm.config import AutoencoderConfig, CALMConfig
+from calm.extensions import build_calm
 from calm.models.autoencoder import Autoencoder
-from calm.models.calm import CALM
 
 VOCAB, K, PASSAGES, PASSAGE_LEN, BLOCK = 32, 4, 4, 128, 64
 
@@ -71,7 +71,7 @@ def train_calm_and_score(
         init_std=0.08,
         **config,
     )
-    model = CALM(cfg, ae)
+    model = build_calm(cfg, ae)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     model.train()
     for _ in range(400):
