@@ -359,3 +359,23 @@ def test_read_jsonl_refuses_a_damaged_line_before_the_last_naming_it(tmp_path: P
     with pytest.raises(JSONFileError, match=re.escape(str(path)) + message + ".*repair or delete that line"):
         read_jsonl(path)
 
+
+def test_every_rename_and_temporary_file_goes_through_calm_io() -> None:
+    """Atomic writes are implemented once: no other module renames files into place or makes temporary
+    files and directories of its own (a download moved into the cache is checked by its sha256)."""
+    allowed = {("calm/data/corpus.py", "replace")}
+    offenders = []
+    for path in sorted((ROOT / "calm").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel == "calm/io.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and isinstance(func, ast.Attribute):
+                owner = getattr(func.value, "id", None)
+                banned = (owner == "os" and func.attr in ("replace", "rename")) or (
+                    owner == "tempfile" and func.attr in ("mkstemp", "mkdtemp", "NamedTemporaryFile")
+                )
+                if banned and (rel, func.attr) not in allowed:
+                    offenders.append(f"{rel}:{node.lineno} {owner}.{func.attr}")
+    assert not offenders, f"write through calm.io (atomic_file, atomic_directory, ...) at {offenders}"

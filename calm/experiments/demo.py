@@ -16,14 +16,12 @@ scale the same pipeline up without code changes.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from calm.checkpoint import atomic_write_text
 from calm.data.evalsets import WIKITEXT103_TEST, resolve_eval_data
-from calm.io import to_json
+from calm.io import read_json, write_json
 
 DEFAULT_EVAL = WIKITEXT103_TEST
 PROMPTS = ["The history of the city", "In 1905 , the company"]
@@ -90,12 +88,12 @@ def prepare_demo_data(
 
 def _done(path: Path) -> dict[str, Any] | None:
     marker = path / "DONE.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
+    return read_json(marker) if marker.exists() else None
 
 
 def _mark(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "DONE.json", to_json(result, indent=2) + "\n")
+    write_json(path / "DONE.json", result)
     return result
 
 
@@ -147,7 +145,7 @@ def run_demo(
         print(f"reusing {data_dir}")
     else:
         prepare_demo_data(data_dir, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
-    summary["data"] = json.loads((data_dir / "meta.json").read_text())
+    summary["data"] = read_json(data_dir / "meta.json")
 
     def train(kind: str, run_dir: Path, make_stage, preset_name: str) -> dict[str, Any]:
         done = _done(run_dir)
@@ -191,10 +189,10 @@ def run_demo(
     calm_model, tok, _ = load_model(calm_dir, kind="calm")
     gpt_model, gpt_tok, _ = load_model(gpt_dir, kind="gpt")
     summary["samples"] = _samples(calm_model, gpt_model, tok, gpt_tok)
-    atomic_write_text(out / "samples.json", to_json(summary["samples"], indent=2) + "\n")
+    write_json(out / "samples.json", summary["samples"])
     summary["prompt_following"] = _prompt_following(calm_model, gpt_model, tok, data_dir, out / "prompt_following.json")
     summary["speed"] = _generation_speed(calm_model, gpt_model, tok)
-    atomic_write_text(out / "generation_speed.json", to_json(summary["speed"], indent=2) + "\n")
+    write_json(out / "generation_speed.json", summary["speed"])
     from calm.experiments.report import write_report
 
     report = write_report(out)
@@ -206,7 +204,7 @@ def run_demo(
 
 def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
     if out_json.exists():
-        return json.loads(out_json.read_text())
+        return read_json(out_json)
     from calm.checkpoint import load_model
     from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
     from calm.eval.autoencoder import evaluate_autoencoder
@@ -218,20 +216,20 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
         f"autoencoder on {eval_data.name}: token accuracy {result['token_accuracy']:.4%} (μ), "
         f"{result['token_accuracy_sampled']:.4%} (z ~ q), chunk exact match {result['chunk_exact_match']:.4%}"
     )
-    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    write_json(out_json, result)
     return result
 
 
 def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | None, progress: bool) -> dict[str, Any]:
     """BrierLM on the first ``max_tokens`` tokens of the evaluation set (the same text for both models)."""
     if out_json.exists():
-        return json.loads(out_json.read_text())
+        return read_json(out_json)
     from calm.eval.brier import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
     se = "n/a" if result["brierlm_se"] is None else f"{result['brierlm_se']:.3f}"
     print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {se} over {result['tokens']:,} tokens")
-    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    write_json(out_json, result)
     return result
 
 
@@ -255,7 +253,7 @@ def _samples(
 def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path, out_json: Path) -> dict[str, Any]:
     """Prompt retrieval AUC of both models and the real text on validation prompts (``calm follow``)."""
     if out_json.exists():
-        return json.loads(out_json.read_text())
+        return read_json(out_json)
     from calm.eval.prompt_following import format_table, prompt_following
 
     K = calm_model.chunk_size  # room for BOS, CALM's left pad and the last partial chunk
@@ -273,7 +271,7 @@ def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path,
         print(f"prompt following skipped: {e}")
         return {"skipped": str(e)}
     print(format_table(result))
-    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    write_json(out_json, result)
     return result
 
 

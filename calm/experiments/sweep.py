@@ -55,9 +55,8 @@ from typing import Any
 
 import yaml
 
-from calm.checkpoint import atomic_write_text
 from calm.config import AutoencoderConfig, ConfigError, config_from_dict, load_preset, parse_override
-from calm.io import to_json
+from calm.io import atomic_write_text, read_json, to_json, write_json
 
 KINDS = ("autoencoder", "calm", "gpt")
 DEFAULT_METRICS = [
@@ -336,7 +335,7 @@ def _data_vocab_size(data: Path) -> int:
     meta = data / "meta.json"
     if not meta.exists():
         raise FileNotFoundError(f"{meta} is missing: 'data' must be a directory made by `calm prepare`")
-    return int(json.loads(meta.read_text())["vocab_size"])
+    return int(read_json(meta)["vocab_size"])
 
 
 def stage_flops_per_token(
@@ -526,7 +525,7 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
     run_dir = Path(out) / run.name
     plan = _plan_record(run, spec)
     if (run_dir / _PLAN_FILE).exists():
-        previous = json.loads((run_dir / _PLAN_FILE).read_text())
+        previous = read_json(run_dir / _PLAN_FILE)
         if previous != plan:
             changed = sorted(k for k in plan if previous.get(k) != plan[k])
             raise ConfigError(
@@ -534,9 +533,9 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
                 "or sweep into another --out"
             )
     if (run_dir / _DONE_FILE).exists():
-        return json.loads((run_dir / _DONE_FILE).read_text())
+        return read_json(run_dir / _DONE_FILE)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / _PLAN_FILE, to_json(plan, indent=2, sort_keys=True) + "\n")
+    write_json(run_dir / _PLAN_FILE, plan, sort_keys=True)
     preset = load_preset(run.kind, run.preset, run.overrides)
     stage = _make_stage(run, spec, preset)
     if stage.flops_per_token is not None and not math.isclose(stage.flops_per_token, run.flops_per_token):
@@ -550,7 +549,7 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
     except NonFiniteError as e:
         result, status = {}, f"failed: {e}"
     record = {"status": status, "result": result, "wall_s": round(time.perf_counter() - start, 1), "plan": plan}
-    atomic_write_text(run_dir / _DONE_FILE, to_json(record, indent=2) + "\n")
+    write_json(run_dir / _DONE_FILE, record)
     return record
 
 
