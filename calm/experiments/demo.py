@@ -16,6 +16,7 @@ scale the same pipeline up without code changes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -155,15 +156,16 @@ def run_demo(
         preset = load_preset(kind, preset_name, overrides.get(kind))
         stage = make_stage(preset)
         given = overrides.get(kind) or {}
+        train_config = preset.train
         if kind != "autoencoder" and lm_flops and "train.max_steps" not in given:
             steps = steps_for_budget(lm_flops, stage.flops_per_token, preset.train.batch_tokens)
-            preset.train.max_steps = steps
-            for key in ("eval_every", "save_every"):
-                if f"train.{key}" not in given:
-                    setattr(preset.train, key, max(1, -(-steps // 4)))
+            intervals = {
+                key: max(1, -(-steps // 4)) for key in ("eval_every", "save_every") if f"train.{key}" not in given
+            }
+            train_config = dataclasses.replace(preset.train, max_steps=steps, **intervals)
             print(f"{kind}: {steps} steps for {lm_flops:.3g} training FLOPs ({stage.flops_per_token:.3g} per token)")
         start = time.perf_counter()
-        result = run_training(stage, preset.train, run_dir, resume=True, progress=progress)
+        result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
         return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
 
     _banner("2/6 train the autoencoder")

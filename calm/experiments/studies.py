@@ -185,7 +185,7 @@ def _budgets(scale: Scale, vocab_size: int) -> tuple[float, float]:
     ae = load_preset("autoencoder", scale.ae_preset, scale.ae_set)
     ae_fpt, _ = stage_flops_per_token("autoencoder", ae, vocab_size, None)
     calm = load_preset("calm", scale.calm_preset, scale.calm_set)
-    calm_fpt, _ = stage_flops_per_token("calm", calm, vocab_size, ae.model)
+    calm_fpt, _ = stage_flops_per_token("calm", calm, vocab_size, replace(ae.model, vocab_size=vocab_size))
     return calm_fpt * calm.train.batch_tokens * scale.calm_steps, ae_fpt * ae.train.batch_tokens * scale.ae_steps
 
 

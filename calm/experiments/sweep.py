@@ -49,7 +49,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -342,11 +342,13 @@ def stage_flops_per_token(
     kind: str, preset: Any, vocab_size: int, ae_config: AutoencoderConfig | None
 ) -> tuple[float, dict[str, float]]:
     """The stage's analytic training FLOPs per token (the same call the stage makes) and, for CALM,
-    the head's inference cost (:attr:`PlannedRun.costs`)."""
+    the head's inference cost (:attr:`PlannedRun.costs`).
+
+    Computed on the model config the stage would build (``vocab_size`` from the data and, for CALM,
+    K and the latent size from ``ae_config``); ``preset`` itself is not changed."""
     from calm.models.flops import ae_flops, calm_flops, gpt_flops
 
-    model, train = preset.model, preset.train
-    model.vocab_size = vocab_size
+    model, train = replace(preset.model, vocab_size=vocab_size), preset.train
     if kind == "autoencoder":
         model.validate()
         return float(ae_flops(model)["train_flops_per_token"]), {}
@@ -355,7 +357,7 @@ def stage_flops_per_token(
             raise ConfigError(f"block_size={train.block_size} exceeds max_seq_len={model.max_seq_len} + 1")
         model.validate()
         return float(gpt_flops(model, context=train.block_size)["train_flops_per_token"]), {}
-    model.chunk_size, model.latent_size = ae_config.chunk_size, ae_config.latent_size
+    model = replace(model, chunk_size=ae_config.chunk_size, latent_size=ae_config.latent_size)
     if train.block_size % model.chunk_size or train.block_size // model.chunk_size - 1 > model.max_seq_len:
         raise ConfigError(
             f"block_size={train.block_size} must be a multiple of K={model.chunk_size} with at most "
@@ -471,8 +473,8 @@ def plan_sweep(spec: SweepSpec, out: str | Path, *, vocab_size: int | None = Non
                 budget=budget.describe(),
                 costs=costs,
             )
-            if group.kind == "autoencoder":
-                ae_configs[name] = preset.model
+            if group.kind == "autoencoder":  # as its stage will build it: the data's vocabulary
+                ae_configs[name] = replace(preset.model, vocab_size=vocab)
             group_runs.append(run)
         by_group[group.name] = group_runs
         runs += group_runs
