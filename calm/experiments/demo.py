@@ -41,22 +41,23 @@ DEMO_RECIPE: dict[str, dict[str, Any]] = {
     "gpt": {"train.lr": 3.0e-3, "train.eval_tokens": 16384},
 }
 """Overrides the demo applies on top of the tiny presets, under any the user passes (``--set`` wins);
-all come from the issue-10 study at the demo's budget (README "Small-CALM study"), and all CALM-side
-options are ours, not the paper's:
+all come from a study at the demo's budget (README "Small-CALM study"), and all CALM-side options are
+ours, not the paper's:
 
 - autoencoder ``context_weight`` 2: an InfoNCE term pulls neighbouring chunks' latents together, so
-  that the energy score can reward a head for the topic and register of its context (round 10);
+  that the energy score can reward a head for the topic and register of its context;
 - CALM ``token_anchor`` with ``token_aux_weight`` 1: a softmax readout of h draws each chunk's first
-  token and the head draws the latent given it (round 11); ``energy_diversity_weight`` 0.6: the energy
-  score's diversity term weakened, so the head is trained toward a sharper distribution (round 9).
+  token and the head draws the latent given it; ``energy_diversity_weight`` 0.6: the energy score's
+  diversity term weakened, so the head is trained toward a sharper distribution.
 
 At 1.6e13 FLOPs (bf16, first 131k validation tokens) the paper's recipe reached Brier-1 0.75-1.68%
-(three seeds), round 9's recipe (aux 0.3 + λ 0.6) 4.44-4.48% and this one 7.01% (rounds 10-11), against
-6.99% for the GPT; prompt retrieval AUC (``calm follow``) 0.57 against 0.51 for round 9's and 0.66 for the
-GPT. ``--set autoencoder:model.context_weight=0 --set calm:model.token_anchor=false --set
-calm:model.token_aux_weight=0 --set calm:model.energy_diversity_weight=1`` gives the paper's recipe.
-GPT: the learning rate tuned with the same effort as CALM's (1e-3, 3e-3, 6e-3: Brier-1 6.63 / 6.88 /
-6.79%, perplexity 295 / 209 / 210), validated on as many tokens as CALM (16,384; the preset has 8,192)."""
+(three seeds), the weakened diversity term with an auxiliary token loss alone (aux 0.3 + λ 0.6)
+4.44-4.48% and this recipe 7.01%, against 6.99% for the GPT; prompt retrieval AUC (``calm follow``)
+0.57 against 0.51 for aux 0.3 + λ 0.6 and 0.66 for the GPT. ``--set autoencoder:model.context_weight=0
+--set calm:model.token_anchor=false --set calm:model.token_aux_weight=0 --set
+calm:model.energy_diversity_weight=1`` gives the paper's recipe. GPT: the learning rate tuned with the
+same effort as CALM's (1e-3, 3e-3, 6e-3: Brier-1 6.63 / 6.88 / 6.79%, perplexity 295 / 209 / 210),
+validated on as many tokens as CALM (16,384; the preset has 8,192)."""
 
 
 def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: int) -> int:

@@ -209,7 +209,7 @@ class CALMStage(_BlockStage):
             loss, metrics = model(block)
             losses.append(float(metrics.get(loss_key, loss)))  # without auxiliary terms
             results.append(calm_block_brier(model, block, generator=gen))
-        # does the head use its context? (issue 10; calm/eval/diagnostics.py) on a fixed subset of positions
+        # does the head use its context? (calm.eval.diagnostics) on a fixed subset of positions
         diagnostics = head_diagnostics(model, self.val_blocks, max_positions=DIAGNOSTIC_POSITIONS, seed=1234)
         model.train()
         return {loss_key: float(np.mean(losses)), **_merge_brier(results), **diagnostics.as_dict()}
