@@ -17,11 +17,7 @@ directory and a checkpoint directory are both accepted wherever a checkpoint is 
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from calm.hardware import bf16_is_fast, int8_matmul_available
-from calm.io import to_json
+from calm.io import JSONFileError, atomic_directory, read_json, recover_directories, remove_directory, write_json
+from calm.io import atomic_write_text as atomic_write_text  # re-exported: calm.cli and calm.eval import it from here
 from calm.models.autoencoder import Autoencoder
 from calm.models.vocab_search import ArgmaxScreens
 
@@ -47,44 +44,6 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not fit; the message says how to fix it."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None:  # e.g. ENOSPC: say which file
-            raise OSError(e.errno, f"could not write {path}: {e.strerror}") from e
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        f.write(to_json(obj, indent=2, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- training state
@@ -172,20 +131,18 @@ def save_checkpoint(
     """Write a complete checkpoint directory at ``path`` atomically and return it.
 
     ``config`` must contain ``kind`` and ``model`` (plus anything else worth recording). The
-    directory appears only once every file is written and flushed; an existing ``path`` is
-    replaced only after the new one is complete. A failed write (full disk, SIGKILL) leaves at
-    most a hidden ``.NAME.tmp-*`` directory, which ``list_checkpoints`` ignores and
-    ``clean_incomplete`` removes. ``weights`` / an optimizer state dict, when given, replace
-    ``model.state_dict()`` / ``optimizer.state_dict()`` (FSDP gathers them on every rank first).
+    directory appears only once every file is written and flushed to disk; an existing ``path`` is
+    replaced only after the new one is complete (``calm.io.atomic_directory``). A failed write (full
+    disk, SIGKILL) leaves at most hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` directories, which
+    ``list_checkpoints`` ignores and ``clean_incomplete`` removes or moves back. ``weights`` / an
+    optimizer state dict, when given, replace ``model.state_dict()`` / ``optimizer.state_dict()``
+    (FSDP gathers them on every rank first).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_directory(path) as tmp:
         source = weights if weights is not None else _unwrapped_state_dict(model)
         weights = {k: v.detach().cpu().contiguous() for k, v in source.items()}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
         if training_state is not None:
             tensors, rng_meta = capture_rng_state()
             opt_meta: dict = {}
@@ -193,24 +150,11 @@ def save_checkpoint(
                 opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer)
                 tensors.update(opt_tensors)
             save_file(tensors, str(tmp / STATE_TENSORS))
-            _write_json(tmp / STATE_JSON, {**training_state, "rng": rng_meta, "optimizer": opt_meta})
+            write_json(tmp / STATE_JSON, {**training_state, "rng": rng_meta, "optimizer": opt_meta}, sort_keys=True)
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         full_config = {**config, "format_version": FORMAT_VERSION, "files": files}
-        _write_json(tmp / CONFIG_FILE, full_config)
-        _fsync_dir(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        write_json(tmp / CONFIG_FILE, full_config, sort_keys=True)
+    return Path(path)
 
 
 def _unwrapped_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -246,12 +190,10 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     crash half-way through the deletion never leaves a partial ``step_*`` directory behind.
     """
     for old in list_checkpoints(run_dir)[:-keep]:
-        doomed = old.parent / f".{old.name}.del-{os.getpid()}"
         try:
-            os.replace(old, doomed)
-        except OSError:
+            remove_directory(old)
+        except OSError:  # gone already (another process pruned it): nothing to do
             continue
-        shutil.rmtree(doomed, ignore_errors=True)
     clean_incomplete(run_dir)
 
 
@@ -259,19 +201,11 @@ def clean_incomplete(run_dir: str | Path) -> None:
     """Remove what interrupted writes and deletions left in ``RUN/checkpoints``.
 
     A ``.NAME.old-*`` directory is the previous complete ``NAME`` that ``save_checkpoint`` moved
-    aside while replacing it; if the replacement never arrived, it is moved back.
+    aside while replacing it; if the replacement never arrived, it is moved back. ``.NAME.tmp-*``
+    (an interrupted write) and ``.NAME.del-*`` (an interrupted deletion) are removed
+    (``calm.io.recover_directories``).
     """
-    root = Path(run_dir) / CHECKPOINT_SUBDIR
-    if not root.is_dir():
-        return
-    for p in sorted(root.iterdir()):
-        if not p.name.startswith("."):
-            continue
-        name, _, kind = p.name[1:].rpartition(".")
-        if kind.startswith("old-") and not (root / name).exists() and (p / CONFIG_FILE).exists():
-            os.replace(p, root / name)
-        elif kind.startswith(("tmp-", "old-", "del-")):
-            shutil.rmtree(p, ignore_errors=True)
+    recover_directories(Path(run_dir) / CHECKPOINT_SUBDIR, is_complete=lambda p: (p / CONFIG_FILE).is_file())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -297,9 +231,11 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     cfg_path = ckpt_dir / CONFIG_FILE
     try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is unreadable or not valid JSON ({e}); the checkpoint is corrupt") from e
+        config = read_json(cfg_path)
+    except JSONFileError as e:
+        raise CheckpointError(f"{e.problem}; the checkpoint is corrupt, pick another one") from e
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path} is unreadable ({e}); the checkpoint is corrupt") from e
     if not isinstance(config, dict) or "kind" not in config or "model" not in config:
         raise CheckpointError(f"{cfg_path} lacks 'kind' or 'model'; it is not a calm checkpoint")
     version = config.get("format_version")
@@ -354,7 +290,7 @@ def read_tokenizer_json(ckpt_dir: str | Path, expected_sha256: str | None = None
     path = resolve_checkpoint(ckpt_dir) / TOKENIZER_FILE
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if expected_sha256 is not None:
         sha = Tokenizer.from_str(text).sha256
         if sha != expected_sha256:
@@ -371,9 +307,9 @@ def load_training_state(ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str,
     if not jpath.exists() or not tpath.exists():
         raise CheckpointError(f"{ckpt_dir} has no training state; it cannot be resumed (only evaluated)")
     try:
-        meta = json.loads(jpath.read_text())
+        meta = read_json(jpath)
         tensors = load_file(str(tpath))
-    except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
+    except (OSError, JSONFileError, SafetensorError, ValueError) as e:
         raise CheckpointError(f"training state in {ckpt_dir} is corrupt ({e}); resume from an older checkpoint") from e
     return meta, tensors
 

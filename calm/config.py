@@ -526,12 +526,20 @@ DERIVED_FIELDS: dict[str, dict[str, str]] = {
     },
     "gpt": {"model.vocab_size": _FROM_TOKENIZER},
 }
-"""Per training kind: the override keys a stage takes from another artefact (or never reads), and why.
-An override of one of them would be silently replaced, so ``check_overrides`` refuses it."""
+"""Per training kind: the override keys whose value a run takes from another artefact (or never reads),
+and where the value comes from. A stage (``calm.train.stages``) builds the model config it runs from the
+user's with ``dataclasses.replace``, putting the data's and the autoencoder's values in these fields, so
+an override of one of them would be silently replaced: ``check_overrides`` refuses it. Tests check that
+the ``model.*`` keys here are exactly the fields in which a stage's ``config`` differs from the one given."""
 
 
 def check_overrides(kind: str, overrides: dict[str, Any] | None) -> None:
-    """Refuse overrides that a ``kind`` training run would ignore (``DERIVED_FIELDS``), naming why."""
+    """Refuse overrides that a ``kind`` training run would replace or ignore (``DERIVED_FIELDS``).
+
+    ``overrides`` maps ``section.key`` (or a bare ``key``, read as ``train.key``) to a value, as ``--set``
+    gives them. Raises ``ConfigError`` naming the override and where the run takes that value from, so
+    that the user changes it at its source (``calm prepare --vocab-size``, ``calm train-ae --set ...``).
+    """
     for key, value in (overrides or {}).items():
         full = key if "." in key else f"train.{key}"
         reason = DERIVED_FIELDS.get(kind, {}).get(full)

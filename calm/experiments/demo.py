@@ -16,14 +16,13 @@ scale the same pipeline up without code changes.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-from calm.checkpoint import atomic_write_text
 from calm.data.evalsets import WIKITEXT103_TEST, resolve_eval_data
-from calm.io import to_json
+from calm.io import read_json, write_json
 
 DEFAULT_EVAL = WIKITEXT103_TEST
 PROMPTS = ["The history of the city", "In 1905 , the company"]
@@ -42,22 +41,23 @@ DEMO_RECIPE: dict[str, dict[str, Any]] = {
     "gpt": {"train.lr": 3.0e-3, "train.eval_tokens": 16384},
 }
 """Overrides the demo applies on top of the tiny presets, under any the user passes (``--set`` wins);
-all come from the issue-10 study at the demo's budget (README "Small-CALM study"), and all CALM-side
-options are ours, not the paper's:
+all come from a study at the demo's budget (README "Small-CALM study"), and all CALM-side options are
+ours, not the paper's:
 
 - autoencoder ``context_weight`` 2: an InfoNCE term pulls neighbouring chunks' latents together, so
-  that the energy score can reward a head for the topic and register of its context (round 10);
+  that the energy score can reward a head for the topic and register of its context;
 - CALM ``token_anchor`` with ``token_aux_weight`` 1: a softmax readout of h draws each chunk's first
-  token and the head draws the latent given it (round 11); ``energy_diversity_weight`` 0.6: the energy
-  score's diversity term weakened, so the head is trained toward a sharper distribution (round 9).
+  token and the head draws the latent given it; ``energy_diversity_weight`` 0.6: the energy score's
+  diversity term weakened, so the head is trained toward a sharper distribution.
 
 At 1.6e13 FLOPs (bf16, first 131k validation tokens) the paper's recipe reached Brier-1 0.75-1.68%
-(three seeds), round 9's recipe (aux 0.3 + λ 0.6) 4.44-4.48% and this one 7.01% (rounds 10-11), against
-6.99% for the GPT; prompt retrieval AUC (``calm follow``) 0.57 against 0.51 for round 9's and 0.66 for the
-GPT. ``--set autoencoder:model.context_weight=0 --set calm:model.token_anchor=false --set
-calm:model.token_aux_weight=0 --set calm:model.energy_diversity_weight=1`` gives the paper's recipe.
-GPT: the learning rate tuned with the same effort as CALM's (1e-3, 3e-3, 6e-3: Brier-1 6.63 / 6.88 /
-6.79%, perplexity 295 / 209 / 210), validated on as many tokens as CALM (16,384; the preset has 8,192)."""
+(three seeds), the weakened diversity term with an auxiliary token loss alone (aux 0.3 + λ 0.6)
+4.44-4.48% and this recipe 7.01%, against 6.99% for the GPT; prompt retrieval AUC (``calm follow``)
+0.57 against 0.51 for aux 0.3 + λ 0.6 and 0.66 for the GPT. ``--set autoencoder:model.context_weight=0
+--set calm:model.token_anchor=false --set calm:model.token_aux_weight=0 --set
+calm:model.energy_diversity_weight=1`` gives the paper's recipe. GPT: the learning rate tuned with the
+same effort as CALM's (1e-3, 3e-3, 6e-3: Brier-1 6.63 / 6.88 / 6.79%, perplexity 295 / 209 / 210),
+validated on as many tokens as CALM (16,384; the preset has 8,192)."""
 
 
 def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: int) -> int:
@@ -90,12 +90,12 @@ def prepare_demo_data(
 
 def _done(path: Path) -> dict[str, Any] | None:
     marker = path / "DONE.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
+    return read_json(marker) if marker.exists() else None
 
 
 def _mark(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "DONE.json", to_json(result, indent=2) + "\n")
+    write_json(path / "DONE.json", result)
     return result
 
 
@@ -147,7 +147,7 @@ def run_demo(
         print(f"reusing {data_dir}")
     else:
         prepare_demo_data(data_dir, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
-    summary["data"] = json.loads((data_dir / "meta.json").read_text())
+    summary["data"] = read_json(data_dir / "meta.json")
 
     def train(kind: str, run_dir: Path, make_stage, preset_name: str) -> dict[str, Any]:
         done = _done(run_dir)
@@ -157,15 +157,16 @@ def run_demo(
         preset = load_preset(kind, preset_name, overrides.get(kind))
         stage = make_stage(preset)
         given = overrides.get(kind) or {}
+        train_config = preset.train
         if kind != "autoencoder" and lm_flops and "train.max_steps" not in given:
             steps = steps_for_budget(lm_flops, stage.flops_per_token, preset.train.batch_tokens)
-            preset.train.max_steps = steps
-            for key in ("eval_every", "save_every"):
-                if f"train.{key}" not in given:
-                    setattr(preset.train, key, max(1, -(-steps // 4)))
+            intervals = {
+                key: max(1, -(-steps // 4)) for key in ("eval_every", "save_every") if f"train.{key}" not in given
+            }
+            train_config = dataclasses.replace(preset.train, max_steps=steps, **intervals)
             print(f"{kind}: {steps} steps for {lm_flops:.3g} training FLOPs ({stage.flops_per_token:.3g} per token)")
         start = time.perf_counter()
-        result = run_training(stage, preset.train, run_dir, resume=True, progress=progress)
+        result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
         return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
 
     _banner("2/6 train the autoencoder")
@@ -191,10 +192,10 @@ def run_demo(
     calm_model, tok, _ = load_model(calm_dir, kind="calm")
     gpt_model, gpt_tok, _ = load_model(gpt_dir, kind="gpt")
     summary["samples"] = _samples(calm_model, gpt_model, tok, gpt_tok)
-    atomic_write_text(out / "samples.json", to_json(summary["samples"], indent=2) + "\n")
+    write_json(out / "samples.json", summary["samples"])
     summary["prompt_following"] = _prompt_following(calm_model, gpt_model, tok, data_dir, out / "prompt_following.json")
     summary["speed"] = _generation_speed(calm_model, gpt_model, tok)
-    atomic_write_text(out / "generation_speed.json", to_json(summary["speed"], indent=2) + "\n")
+    write_json(out / "generation_speed.json", summary["speed"])
     from calm.experiments.report import write_report
 
     report = write_report(out)
@@ -206,7 +207,7 @@ def run_demo(
 
 def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
     if out_json.exists():
-        return json.loads(out_json.read_text())
+        return read_json(out_json)
     from calm.checkpoint import load_model
     from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
     from calm.eval.autoencoder import evaluate_autoencoder
@@ -218,20 +219,20 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
         f"autoencoder on {eval_data.name}: token accuracy {result['token_accuracy']:.4%} (μ), "
         f"{result['token_accuracy_sampled']:.4%} (z ~ q), chunk exact match {result['chunk_exact_match']:.4%}"
     )
-    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    write_json(out_json, result)
     return result
 
 
 def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | None, progress: bool) -> dict[str, Any]:
     """BrierLM on the first ``max_tokens`` tokens of the evaluation set (the same text for both models)."""
     if out_json.exists():
-        return json.loads(out_json.read_text())
+        return read_json(out_json)
     from calm.eval.brier import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
     se = "n/a" if result["brierlm_se"] is None else f"{result['brierlm_se']:.3f}"
     print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {se} over {result['tokens']:,} tokens")
-    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    write_json(out_json, result)
     return result
 
 
@@ -255,7 +256,7 @@ def _samples(
 def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path, out_json: Path) -> dict[str, Any]:
     """Prompt retrieval AUC of both models and the real text on validation prompts (``calm follow``)."""
     if out_json.exists():
-        return json.loads(out_json.read_text())
+        return read_json(out_json)
     from calm.eval.prompt_following import format_table, prompt_following
 
     K = calm_model.chunk_size  # room for BOS, CALM's left pad and the last partial chunk
@@ -273,7 +274,7 @@ def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path,
         print(f"prompt following skipped: {e}")
         return {"skipped": str(e)}
     print(format_table(result))
-    atomic_write_text(out_json, to_json(result, indent=2) + "\n")
+    write_json(out_json, result)
     return result
 
 

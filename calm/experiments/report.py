@@ -10,23 +10,31 @@ is an optional extra; without it the report is written without plots and says so
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-from calm.checkpoint import atomic_write_text
+from calm.io import atomic_file, atomic_write_text, read_json, read_jsonl
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` ([] if it does not exist). A last line cut short (the run was
+    stopped while writing it, or is still writing) is skipped with a warning (``calm.io.read_jsonl``)."""
+    return read_jsonl(path) if path.exists() else []
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
+
+
+def _save_figure(fig: Any, path: Path, plt: Any) -> None:
+    """Write ``fig`` to ``path`` as a PNG, atomically (a crash leaves the previous plot, not half a file)."""
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _model_flops(run: Path) -> dict[str, Any] | None:
@@ -114,8 +122,7 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
             ax.plot([r["tokens"] / 1e6 for r in tr], [r[key] for r in tr])
             ax.set(xlabel="training tokens (M)", ylabel=key, title=f"{kind.upper()} training loss")
     fig.tight_layout()
-    fig.savefig(run / "training_curves.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, run / "training_curves.png", plt)
     made.append("training_curves.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
@@ -156,8 +163,7 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run / "brierlm_vs_flops.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, run / "brierlm_vs_flops.png", plt)
     made.append("brierlm_vs_flops.png")
     if _brier_n_plot(run, lm, plt):
         made.append("brier_n_vs_flops.png")
@@ -236,8 +242,7 @@ def _brier_n_plot(run: Path, lm: dict[str, list[dict[str, Any]]], plt: Any) -> b
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(run / "brier_n_vs_flops.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, run / "brier_n_vs_flops.png", plt)
     return True
 
 
@@ -273,8 +278,7 @@ def _diagnostics_plot(run: Path, records: list[dict[str, Any]], plt: Any) -> boo
     for ax in axes[1:3]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run / "head_diagnostics.png", dpi=110)
-    plt.close(fig)
+    _save_figure(fig, run / "head_diagnostics.png", plt)
     return True
 
 

@@ -32,7 +32,6 @@ of the preset's batch, §8.3; autoencoder 30k steps).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Any
 from calm.config import ConfigError, latent_ablation_overrides, load_preset
 from calm.experiments.demo import DEMO_VOCAB_SIZE, prepare_demo_data
 from calm.experiments.sweep import SweepSpec, run_sweep, stage_flops_per_token, sweep_from_dict
+from calm.io import read_json
 
 DEFAULT_VOCAB_SIZE = DEMO_VOCAB_SIZE
 """The vocabulary of the default data (``calm demo``'s ``--vocab-size``): planning a study whose data is
@@ -185,14 +185,14 @@ def _budgets(scale: Scale, vocab_size: int) -> tuple[float, float]:
     ae = load_preset("autoencoder", scale.ae_preset, scale.ae_set)
     ae_fpt, _ = stage_flops_per_token("autoencoder", ae, vocab_size, None)
     calm = load_preset("calm", scale.calm_preset, scale.calm_set)
-    calm_fpt, _ = stage_flops_per_token("calm", calm, vocab_size, ae.model)
+    calm_fpt, _ = stage_flops_per_token("calm", calm, vocab_size, replace(ae.model, vocab_size=vocab_size))
     return calm_fpt * calm.train.batch_tokens * scale.calm_steps, ae_fpt * ae.train.batch_tokens * scale.ae_steps
 
 
 def data_vocab_size(data: str | Path) -> int:
     """The vocabulary of a prepared data directory, or :data:`DEFAULT_VOCAB_SIZE` if it is not prepared yet."""
     meta = Path(data) / "meta.json"
-    return int(json.loads(meta.read_text())["vocab_size"]) if meta.exists() else DEFAULT_VOCAB_SIZE
+    return int(read_json(meta)["vocab_size"]) if meta.exists() else DEFAULT_VOCAB_SIZE
 
 
 def study_spec(

@@ -49,15 +49,14 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from calm.checkpoint import atomic_write_text
 from calm.config import AutoencoderConfig, ConfigError, config_from_dict, load_preset, parse_override
-from calm.io import to_json
+from calm.io import atomic_write_text, read_json, to_json, write_json
 
 KINDS = ("autoencoder", "calm", "gpt")
 DEFAULT_METRICS = [
@@ -336,18 +335,20 @@ def _data_vocab_size(data: Path) -> int:
     meta = data / "meta.json"
     if not meta.exists():
         raise FileNotFoundError(f"{meta} is missing: 'data' must be a directory made by `calm prepare`")
-    return int(json.loads(meta.read_text())["vocab_size"])
+    return int(read_json(meta)["vocab_size"])
 
 
 def stage_flops_per_token(
     kind: str, preset: Any, vocab_size: int, ae_config: AutoencoderConfig | None
 ) -> tuple[float, dict[str, float]]:
     """The stage's analytic training FLOPs per token (the same call the stage makes) and, for CALM,
-    the head's inference cost (:attr:`PlannedRun.costs`)."""
+    the head's inference cost (:attr:`PlannedRun.costs`).
+
+    Computed on the model config the stage would build (``vocab_size`` from the data and, for CALM,
+    K and the latent size from ``ae_config``); ``preset`` itself is not changed."""
     from calm.models.flops import ae_flops, calm_flops, gpt_flops
 
-    model, train = preset.model, preset.train
-    model.vocab_size = vocab_size
+    model, train = replace(preset.model, vocab_size=vocab_size), preset.train
     if kind == "autoencoder":
         model.validate()
         return float(ae_flops(model)["train_flops_per_token"]), {}
@@ -356,7 +357,7 @@ def stage_flops_per_token(
             raise ConfigError(f"block_size={train.block_size} exceeds max_seq_len={model.max_seq_len} + 1")
         model.validate()
         return float(gpt_flops(model, context=train.block_size)["train_flops_per_token"]), {}
-    model.chunk_size, model.latent_size = ae_config.chunk_size, ae_config.latent_size
+    model = replace(model, chunk_size=ae_config.chunk_size, latent_size=ae_config.latent_size)
     if train.block_size % model.chunk_size or train.block_size // model.chunk_size - 1 > model.max_seq_len:
         raise ConfigError(
             f"block_size={train.block_size} must be a multiple of K={model.chunk_size} with at most "
@@ -472,8 +473,8 @@ def plan_sweep(spec: SweepSpec, out: str | Path, *, vocab_size: int | None = Non
                 budget=budget.describe(),
                 costs=costs,
             )
-            if group.kind == "autoencoder":
-                ae_configs[name] = preset.model
+            if group.kind == "autoencoder":  # as its stage will build it: the data's vocabulary
+                ae_configs[name] = replace(preset.model, vocab_size=vocab)
             group_runs.append(run)
         by_group[group.name] = group_runs
         runs += group_runs
@@ -526,7 +527,7 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
     run_dir = Path(out) / run.name
     plan = _plan_record(run, spec)
     if (run_dir / _PLAN_FILE).exists():
-        previous = json.loads((run_dir / _PLAN_FILE).read_text())
+        previous = read_json(run_dir / _PLAN_FILE)
         if previous != plan:
             changed = sorted(k for k in plan if previous.get(k) != plan[k])
             raise ConfigError(
@@ -534,9 +535,9 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
                 "or sweep into another --out"
             )
     if (run_dir / _DONE_FILE).exists():
-        return json.loads((run_dir / _DONE_FILE).read_text())
+        return read_json(run_dir / _DONE_FILE)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / _PLAN_FILE, to_json(plan, indent=2, sort_keys=True) + "\n")
+    write_json(run_dir / _PLAN_FILE, plan, sort_keys=True)
     preset = load_preset(run.kind, run.preset, run.overrides)
     stage = _make_stage(run, spec, preset)
     if stage.flops_per_token is not None and not math.isclose(stage.flops_per_token, run.flops_per_token):
@@ -550,7 +551,7 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
     except NonFiniteError as e:
         result, status = {}, f"failed: {e}"
     record = {"status": status, "result": result, "wall_s": round(time.perf_counter() - start, 1), "plan": plan}
-    atomic_write_text(run_dir / _DONE_FILE, to_json(record, indent=2) + "\n")
+    write_json(run_dir / _DONE_FILE, record)
     return record
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
-from calm.checkpoint import atomic_write_text
-from calm.io import to_json
+from calm.io import atomic_file, atomic_write_text, read_json, read_jsonl, write_json
 
 TRAIN_PREFIX = "train/"
 SEED_KEYS = ("grid:train.seed", "grid:autoencoder")
@@ -31,17 +28,11 @@ SEED_KEYS = ("grid:train.seed", "grid:autoencoder")
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The JSON records of ``run_dir/metrics.jsonl`` ([] if it does not exist; torn lines skipped)."""
+    """The JSON records of ``run_dir/metrics.jsonl`` ([] if it does not exist). A last line cut short (a run
+    stopped, or still running) is skipped with a warning; a damaged line before it raises
+    ``calm.io.JSONFileError`` naming ``file:line`` (``calm.io.read_jsonl``)."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_jsonl(path) if path.exists() else []
 
 
 def metric_curve(records: list[dict[str, Any]], metric: str, flops_per_token: float) -> list[tuple[float, float]]:
@@ -61,7 +52,7 @@ def collect(out: Path, runs: list[Any], metrics: list[str]) -> list[dict[str, An
     for run in runs:
         run_dir = out / run.name
         records = read_records(run_dir)
-        done = json.loads((run_dir / "DONE.json").read_text()) if (run_dir / "DONE.json").exists() else None
+        done = read_json(run_dir / "DONE.json") if (run_dir / "DONE.json").exists() else None
         train = [r for r in records if r.get("split") == "train" and "tokens" in r]
         tokens = train[-1]["tokens"] if train else 0
         curves = {m: metric_curve(records, m, run.flops_per_token) for m in metrics}
@@ -171,9 +162,7 @@ def write_results(out: Path, runs: list[Any], metrics: list[str], title: str | N
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(table)
     atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_text(
-        out / "results.json", to_json({"metrics": metrics, "runs": rows, "summary": summary}, indent=2) + "\n"
-    )
+    write_json(out / "results.json", {"metrics": metrics, "runs": rows, "summary": summary})
     _plot(out / "results.png", rows, metrics)
     return rows
 
@@ -225,8 +214,9 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return True

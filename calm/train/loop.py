@@ -15,7 +15,6 @@ or on interruptions. See docs/distributed.md.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -33,7 +32,7 @@ from calm import checkpoint as ckpt
 from calm.config import ConfigError, TrainConfig
 from calm.data.shards import BatchSampler
 from calm.hardware import autocast, describe, resolve_precision
-from calm.io import to_json
+from calm.io import append_jsonl, atomic_write_text, read_jsonl, to_json, write_json
 from calm.train import distributed as dist
 
 
@@ -140,27 +139,16 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
-def _write_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(to_json(record) + "\n")
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records logged after the checkpoint so the log matches an unbroken run.
 
-    A line cut short by a crash (SIGKILL during the append) is dropped too.
+    A last line cut short by a crash (SIGKILL during the append) is dropped too, with a warning
+    (``calm.io.read_jsonl``); a damaged line elsewhere stops the resume with an error naming it.
     """
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            keep.append(line)
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [record for record in read_jsonl(path) if record.get("step", 0) <= step]
+    atomic_write_text(path, "".join(to_json(record) + "\n" for record in keep))
 
 
 _TRAIN_RNG, _EVAL_RNG = 0, 1
@@ -283,7 +271,7 @@ def run_training(
             _truncate_metrics(metrics_path, step)
             if resume_from is not None:
                 print(f"resuming {stage.kind} from {resume_from} at step {step}")
-        ckpt.atomic_write_text(out / "run_config.json", to_json(config_record, indent=2, sort_keys=True))
+        write_json(out / "run_config.json", config_record, sort_keys=True)
 
     def save(at_step: int, elapsed: float) -> None:
         weights = dist.full_state_dict(train_model)  # FSDP: every rank gathers; None otherwise
@@ -319,7 +307,7 @@ def run_training(
 
     def log(record: dict[str, Any]) -> None:
         if dist.is_main():
-            _write_metrics(metrics_path, record)
+            append_jsonl(metrics_path, record)
 
     start_time = time.perf_counter()
     last_eval: dict[str, float] = {}

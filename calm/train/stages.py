@@ -6,14 +6,17 @@
   frozen autoencoder's posterior (§3.5).
 - ``GPTStage``: blocks of ``block_size`` tokens, next-token cross-entropy (§6).
 
-A stage owns its data view, model and loss; the loop in ``train.py`` owns everything else.
+A stage owns its data view, model and loss; the loop (``calm.train.loop``) owns everything else.
+A stage never changes the configs it is given: it builds the model config it runs (``stage.config``)
+from the caller's with ``dataclasses.replace``, taking the vocabulary size from the data's tokenizer
+and, for CALM, K and the latent size from the frozen autoencoder (``calm.config.DERIVED_FIELDS``).
 Validation BrierLM is logged by CALM and GPT alike so that their curves compare (§4); CALM also logs
 the head diagnostics of ``calm.eval.diagnostics`` (conditioning gap, reference distances, accuracies).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,7 @@ class AutoencoderStage:
 
     def __init__(self, data_dir: str | Path, config: AutoencoderConfig, train: TrainConfig) -> None:
         train_shard, val_shard, self.tokenizer = _open_data(data_dir)
-        if config.vocab_size != self.tokenizer.vocab_size:
-            config.vocab_size = self.tokenizer.vocab_size  # the data's tokenizer decides the vocabulary
+        config = replace(config, vocab_size=self.tokenizer.vocab_size)  # the data's tokenizer decides it
         config.validate()
         self.config, self.train_config = config, train
         K, tok = config.chunk_size, self.tokenizer
@@ -170,9 +172,7 @@ class CALMStage(_BlockStage):
 
         self._init_blocks(data_dir, train, check)
         K = ae.config.chunk_size
-        if config.chunk_size != K or config.latent_size != ae.config.latent_size:
-            config.chunk_size, config.latent_size = K, ae.config.latent_size
-        config.vocab_size = self.tokenizer.vocab_size
+        config = replace(config, chunk_size=K, latent_size=ae.config.latent_size, vocab_size=self.tokenizer.vocab_size)
         if train.block_size % K != 0:
             raise ConfigError(f"block_size={train.block_size} is not a multiple of the chunk size K={K}")
         steps = train.block_size // K - 1
@@ -208,7 +208,7 @@ class CALMStage(_BlockStage):
             loss, metrics = model(block)
             losses.append(float(metrics.get(loss_key, loss)))  # without auxiliary terms
             results.append(calm_block_brier(model, block, generator=gen))
-        # does the head use its context? (issue 10; calm/eval/diagnostics.py) on a fixed subset of positions
+        # does the head use its context? (calm.eval.diagnostics) on a fixed subset of positions
         diagnostics = head_diagnostics(model, self.val_blocks, max_positions=DIAGNOSTIC_POSITIONS, seed=1234)
         model.train()
         return {loss_key: float(np.mean(losses)), **_merge_brier(results), **diagnostics.as_dict()}
@@ -231,7 +231,7 @@ class GPTStage(_BlockStage):
         from calm.models.gpt import GPT
 
         self._init_blocks(data_dir, train)
-        config.vocab_size = self.tokenizer.vocab_size
+        config = replace(config, vocab_size=self.tokenizer.vocab_size)
         if train.block_size - 1 > config.max_seq_len:
             raise ConfigError(
                 f"block_size={train.block_size} exceeds max_seq_len={config.max_seq_len} + 1; "

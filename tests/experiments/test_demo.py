@@ -114,3 +114,50 @@ def test_demo_applies_its_recipe_under_the_users_overrides(demo_run) -> None:
     assert train["block_size"] == 64
     records = [json.loads(line) for line in (out / "calm" / "metrics.jsonl").read_text().splitlines()]
     assert any("token_aux_loss" in r for r in records if r["split"] == "train")
+
+
+def _report_run(demo_run, tmp_path: Path) -> Path:
+    """A copy of the demo's run directory, without its checkpoints and data (the report reads neither)."""
+    out, _, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("checkpoints", "data"))
+    (run / "report.md").unlink()
+    return run
+
+
+def test_report_on_a_run_whose_metrics_end_in_a_torn_line_warns_and_writes(
+    demo_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from calm.cli import main
+
+    run = _report_run(demo_run, tmp_path)
+    metrics = run / "calm" / "metrics.jsonl"
+    last = metrics.read_text().splitlines()[-1]
+    with open(metrics, "a") as f:
+        f.write(last[: len(last) // 2])  # the run was killed while appending a line
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 0
+    printed = capsys.readouterr()
+    report = (run / "report.md").read_text()
+    original = (demo_run[0] / "report.md").read_text()
+    assert report.replace(str(run), str(demo_run[0])) == original  # the cut line is skipped: the same report
+    assert f"wrote {run / 'report.md'}" in printed.out
+    warnings = [line for line in printed.err.splitlines() if line.startswith("warning: ")]
+    assert warnings and all(f"warning: {metrics}: skipped its last line" in line for line in warnings), printed.err
+
+
+def test_report_on_a_damaged_metrics_line_names_it(
+    demo_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from calm.cli import main
+
+    run = _report_run(demo_run, tmp_path)
+    metrics = run / "gpt" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][:-3]
+    metrics.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["report", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {metrics}:2 is not valid JSON") and "repair or delete that line" in err, err
+    assert not (run / "report.md").exists()

@@ -267,7 +267,8 @@ def test_resume_after_a_crash_is_bit_identical(
         f.write('{"step": 21, "split": "tra')  # an append cut short
     assert [p.name for p in ckpt.list_checkpoints(broken)] == ["step_00000010"]
     stage = _stage(kind, data_dir, ae_dir)
-    run_training(stage, stage.train_config, broken, progress=False, resume=True)
+    with pytest.warns(UserWarning, match=f"{broken / 'metrics.jsonl'}: skipped its last line"):
+        run_training(stage, stage.train_config, broken, progress=False, resume=True)
     assert _records(broken) == _records(unbroken)
     a, b = ckpt.load_weights(unbroken), ckpt.load_weights(broken)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -89,6 +89,23 @@ def test_resume_continues_the_same_run(tiny_data_dir, tmp_path, ae_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_a_damaged_metrics_line_naming_it(tiny_data_dir, tmp_path, ae_run):
+    """A torn last line is what a crash leaves (dropped on resume); a damaged line before it is not,
+    and resuming would silently lose records: the resume stops, naming file:line, and changes nothing."""
+    from calm.io import JSONFileError
+
+    _, out = ae_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[2] = lines[2][:-1]
+    metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JSONFileError, match=f"{metrics}:3 is not valid JSON"):
+        train_ae(tiny_data_dir, run, resume=True)
+    assert metrics.read_text() == "\n".join(lines) + "\n"
+
+
 def test_existing_run_dir_is_not_overwritten(tiny_data_dir, ae_run):
     _, out = ae_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -1,0 +1,40 @@
+"""The training stages (calm/train/stages.py) build the configs they run from the caller's and never change
+the caller's: the vocabulary comes from the data's tokenizer, CALM's K and latent size from the autoencoder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TrainConfig
+from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
+
+TINY_LM = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "calm", "gpt"])
+def test_building_a_stage_leaves_the_callers_configs_unchanged(
+    kind: str, data_dir: Path, tiny_lm_checkpoints: dict[str, Path]
+) -> None:
+    train = TrainConfig(batch_tokens=64, eval_tokens=64, precision="fp32", block_size=32, max_steps=2)
+    if kind == "autoencoder":
+        model = AutoencoderConfig(vocab_size=99, hidden_size=32, intermediate_size=64, latent_size=8)
+    elif kind == "calm":  # the autoencoder has K = 4 and 8 latent dimensions
+        model = CALMConfig(**TINY_LM, vocab_size=99, chunk_size=8, latent_size=16, max_seq_len=16, num_samples=4)
+    else:
+        model = GPTConfig(**TINY_LM, vocab_size=99, max_seq_len=32)
+    model_before, train_before = copy.deepcopy(model), copy.deepcopy(train)
+    if kind == "autoencoder":
+        stage = AutoencoderStage(data_dir, model, train)
+    elif kind == "calm":
+        stage = CALMStage(data_dir, model, train, tiny_lm_checkpoints["ae"])
+    else:
+        stage = GPTStage(data_dir, model, train)
+    assert model == model_before and train == train_before
+    assert stage.config is not model and stage.config.vocab_size == stage.tokenizer.vocab_size != 99
+    assert stage.model.config == stage.config and stage.train_config == train
+    if kind == "calm":
+        assert (stage.config.chunk_size, stage.config.latent_size) == (4, 8)
+    assert stage.checkpoint_config()["model"]["vocab_size"] == stage.tokenizer.vocab_size
