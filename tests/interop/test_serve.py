@@ -21,7 +21,7 @@ import openai  # noqa: E402
 
 from calm.checkpoint import load_model  # noqa: E402
 from calm.cli import main  # noqa: E402
-from calm.generate.engine import generate_text  # noqa: E402
+from calm.generate.lm import as_language_model, generate_text  # noqa: E402
 from calm.interop.serve import load_app, serve_in_background  # noqa: E402
 
 PROMPT = "The river crossed"
@@ -249,7 +249,7 @@ def test_a_cancelled_completion_stops_at_the_next_chunk(calm_model) -> None:
     from calm.generate.completion import TextCompleter
 
     model, tok, _ = calm_model
-    completer = TextCompleter(model, tok, "calm")
+    completer = TextCompleter(as_language_model(model, tok))
     full = completer.complete(PROMPT, 40, seed=2)
     assert full.finish_reason == "length" and full.completion_tokens == 40
     cancelled = threading.Event()
