@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval", reason="the lm-eval tests need lm-eval: pip insta
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from calm.generate.lm import generate_text  # noqa: E402
+from calm.generate.lm import LanguageModelError, generate_text  # noqa: E402
 from calm.interop.lm_eval import CALMLM, CALMHasNoLikelihood, main  # noqa: E402
 
 QA = [
@@ -57,6 +57,29 @@ def test_calm_generate_until_is_generate_text_cut_at_the_stop(calm_lm: CALMLM) -
     assert out[1] == full[0].split("e")[0]
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         calm_lm.generate_until([instance("generate_until", ("x", {"do_sample": True, "temperature": 1.5}))])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_calm_refuses_sampling_outside_0_1_with_the_python_message(calm_lm: CALMLM, temperature: float) -> None:
+    """``do_sample=True`` asks for sampling at the given temperature; CALM refuses 0 and 1.5 as Python does."""
+    model, tok = calm_lm.language_model.model, calm_lm.language_model.tokenizer
+    with pytest.raises(LanguageModelError) as python:
+        generate_text(model, tok, ["x"], 4, temperature=temperature)
+    request = instance("generate_until", ("x", {"do_sample": True, "temperature": temperature}))
+    with pytest.raises(LanguageModelError) as info:
+        calm_lm.generate_until([request], disable_tqdm=True)
+    assert str(info.value) == str(python.value)
+
+
+def test_gpt_greedy_requests_are_argmax_and_hot_ones_sample(gpt_lm: CALMLM) -> None:
+    model, tok = gpt_lm.language_model.model, gpt_lm.language_model.tokenizer
+    requests = [
+        instance("generate_until", ("The city", {"until": ["\n"], "max_gen_toks": 8}), 0),
+        instance("generate_until", ("The city", {"until": ["\n"], "max_gen_toks": 8, "temperature": 1.5}), 1),
+    ]
+    out = gpt_lm.generate_until(requests, disable_tqdm=True)
+    assert out[0] == generate_text(model, tok, ["The city"], 8, temperature=0)[0].split("\n")[0]
+    assert out[1] == generate_text(model, tok, ["The city"], 8, temperature=1.5, seed=1)[0].split("\n")[0]
 
 
 def test_unknown_model_args_are_refused(tiny_lm_checkpoints: dict[str, Path]) -> None:
