@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, NamedTuple
 
+from calm import __version__
 from calm.config import ConfigError
 
 
@@ -72,8 +73,6 @@ def __getattr__(name: str) -> Callable[[argparse.Namespace], int]:
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``calm`` parser; every command is listed, and the arguments of ``commands`` (default: all) are added."""
-    from calm import __version__
-
     wanted = set(_BY_NAME) if commands is None else set(commands)
     width = max(len(c.name) for c in COMMANDS)
     parser = argparse.ArgumentParser(

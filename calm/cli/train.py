@@ -32,7 +32,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _train(args: argparse.Namespace, kind: str) -> int:
+def _train(args: argparse.Namespace, kind: str, make_stage: Callable[[Any], Any]) -> int:
+    """Load ``kind``'s preset with the command line's overrides, build the stage from it, and train."""
     distributed.set_strategy(args.strategy)
     overrides = _overrides(args)
     check_overrides(kind, overrides)
@@ -40,14 +41,8 @@ def _train(args: argparse.Namespace, kind: str) -> int:
     if args.skip_nonfinite:
         preset.train.skip_nonfinite = True
     preset.train.validate()
-    if kind == "autoencoder":
-        stage = AutoencoderStage(args.data, preset.model, preset.train)
-    elif kind == "calm":
-        stage = CALMStage(args.data, preset.model, preset.train, args.autoencoder)
-    else:
-        stage = GPTStage(args.data, preset.model, preset.train)
     result = run_training(
-        stage,
+        make_stage(preset),
         preset.train,
         args.out,
         resume=args.resume,
@@ -61,17 +56,17 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
 def cmd_train_ae(args: argparse.Namespace) -> int:
     """Stage 1: the chunk autoencoder."""
-    return _train(args, "autoencoder")
+    return _train(args, "autoencoder", lambda preset: AutoencoderStage(args.data, preset.model, preset.train))
 
 
 def cmd_train_calm(args: argparse.Namespace) -> int:
     """Stage 2: CALM on a frozen autoencoder (``--autoencoder``)."""
-    return _train(args, "calm")
+    return _train(args, "calm", lambda preset: CALMStage(args.data, preset.model, preset.train, args.autoencoder))
 
 
 def cmd_train_gpt(args: argparse.Namespace) -> int:
     """The token-level baseline."""
-    return _train(args, "gpt")
+    return _train(args, "gpt", lambda preset: GPTStage(args.data, preset.model, preset.train))
 
 
 def _train_arguments(kind: str) -> Callable[[argparse.ArgumentParser], None]:
