@@ -169,7 +169,7 @@ class LanguageModel:
             )
 
     def set_head_steps(self, steps: int) -> None:
-        """Set the sampling steps of a CALM flow or diffusion head (paper §4.2); other models refuse."""
+        """Set the sampling steps of a CALM flow or diffusion head (the paper's head ablation, Figs. 8-9)."""
         raise LanguageModelError(
             f"head_steps applies to CALM checkpoints with a flow or diffusion head, not {self.kind}", "head_steps"
         )
