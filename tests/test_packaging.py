@@ -4,6 +4,8 @@ and lm-eval's plugin discovery use."""
 from __future__ import annotations
 
 import importlib.metadata as md
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,22 @@ def test_entry_points_resolve() -> None:
     plugins = {e.name: e.value for e in md.entry_points(group="lm_eval.models")}
     assert plugins["calm"] == "calm.interop.lm_eval:CALMLM"
     assert callable(scripts["calm"].load())
+
+
+def test_the_public_api_loads_lazily() -> None:
+    """``from calm import load_model, generate_text`` works, and ``import calm`` / ``import calm.config``
+    load neither torch nor the rest of the package until a public name is used."""
+    code = (
+        "import sys\nimport calm, calm.config\n"
+        "assert 'torch' not in sys.modules and 'calm.generate' not in sys.modules, sorted(sys.modules)\n"
+        "from calm import load_model, generate_text, complete, as_language_model, evaluate_checkpoint, __version__\n"
+        "import calm.checkpoint, calm.eval.brier, calm.generate.lm as lm\n"
+        "assert load_model is calm.checkpoint.load_model\n"
+        "assert evaluate_checkpoint is calm.eval.brier.evaluate_checkpoint\n"
+        "assert (generate_text, complete, as_language_model) == (lm.generate_text, lm.complete, lm.as_language_model)\n"
+        "assert set(calm.__all__) <= set(dir(calm))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        calm.nothing  # noqa: B018

@@ -11,7 +11,9 @@ the samples and probabilities they need (CALM-SPEC §4):
 - **Token LMs** (§4.3): ``exact`` is the low-variance form (2·Π P(y) minus the exact last-step
   collision Σ P(x|path)² along a sampled path); ``two_sample`` is the pure sample form.
 
-Rollouts for every position of a block run together: the teacher-forced prefix is computed once
+:func:`score_block` scores one block of any language model (``calm.generate.lm``: CALM or a token
+LM, a local Hugging Face model included), so ``calm eval`` and the training validation need not ask
+which kind they hold. Rollouts for every position of a block run together: the teacher-forced prefix is computed once
 into a KV cache, then each rollout depth is one forward pass whose tokens attend to their own
 prefix and chain only (a tree-shaped attention mask), so evaluation costs O(depth) passes rather
 than O(positions).
@@ -28,7 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from calm.data.corpus import iter_documents
+from calm.data.evalsets import load_eval_documents, resolve_eval_data
 from calm.eval.brierlm import BrierAccumulator, brier_exact_form, brier_two_sample
+from calm.eval.diagnostics import head_diagnostics
+from calm.generate.lm import CALMLanguageModel, LanguageModel, TokenLanguageModel, load_language_model
+from calm.hardware import autocast, default_device, resolve_precision
 
 
 def _rollout_mask(base_len: int, starts: torch.Tensor, depth: int) -> torch.Tensor:
@@ -168,14 +175,6 @@ def token_lm_block_brier(
     return acc1 + acc2 - coll, logp_target
 
 
-def gpt_step_logits(model: Any) -> Callable[..., torch.Tensor]:
-    def step(ids, cache, positions=None, attn_mask=None):
-        h = model.backbone(model.embed_tokens(ids), cache, positions=positions, attn_mask=attn_mask)
-        return model.lm_head(h)
-
-    return step
-
-
 @torch.no_grad()
 def gpt_block_brier(
     model: Any,
@@ -185,15 +184,28 @@ def gpt_block_brier(
     mode: str = "exact",
     n_max: int = 4,
 ) -> torch.Tensor:
-    est, _ = token_lm_block_brier(
-        gpt_step_logits(model),
-        lambda n: model.backbone.new_cache(1, max_len=n),
-        block,
-        mode=mode,
-        generator=generator,
-        n_max=n_max,
-    )
-    return est
+    """Brier-1..n estimates (P, n_max) for one block (1, T) of a GPT (:func:`token_lm_block_brier`)."""
+    return score_block(TokenLanguageModel(model, None), block, generator=generator, mode=mode, n_max=n_max)[0]
+
+
+@torch.no_grad()
+def score_block(
+    lm: LanguageModel,
+    block: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    mode: str = "exact",
+    n_max: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Brier-1..n estimates (P, n_max) for one block (1, T) of any language model, and the target
+    log-probs (T−1,) of a token LM (None for CALM, which has no likelihood).
+
+    CALM: :func:`calm_block_brier` (T a multiple of K; ``mode`` does not apply, its estimator is
+    the sample form). Token LMs: :func:`token_lm_block_brier` in ``mode`` (exact | two_sample).
+    """
+    if isinstance(lm, TokenLanguageModel):
+        return token_lm_block_brier(lm.step_logits, lm.new_cache, block, mode=mode, generator=generator, n_max=n_max)
+    return calm_block_brier(lm.model, block, generator=generator, n_max=n_max), None
 
 
 def make_blocks(docs: list[np.ndarray], block_tokens: int) -> np.ndarray:
@@ -210,40 +222,42 @@ def make_blocks(docs: list[np.ndarray], block_tokens: int) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_brier(
-    model: Any,
-    kind: str,
+    lm: LanguageModel,
     blocks: np.ndarray,
     *,
     mode: str = "exact",
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> dict[str, Any]:
-    """BrierLM over ``blocks`` (n, T) for a ``calm`` or ``gpt`` model; token LMs add perplexity."""
+    """BrierLM over ``blocks`` (n, T) of token ids, one generator seeded with ``seed`` for all of them.
+
+    Returns the Brier-n and BrierLM means with standard errors (``BrierAccumulator.summary``). A
+    token LM adds its cross-entropy ``ce`` (nats per predicted token), ``perplexity`` and
+    ``estimator`` (``mode``), and with ``decode`` (ids -> text) ``bits_per_byte`` of the text after
+    each block's first token.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     acc = BrierAccumulator()
-    nll, n_pred = 0.0, 0
-    model.eval()
-    for row in tqdm(blocks, desc=f"BrierLM {kind}", disable=not progress):
+    nll, n_pred, n_bytes = 0.0, 0, 0
+    lm.model.eval()
+    for row in tqdm(blocks, desc=f"BrierLM {lm.kind}", disable=not progress):
         block = torch.as_tensor(row, dtype=torch.long, device=device)[None]
-        if kind == "calm":
-            acc.add(calm_block_brier(model, block, generator=gen))
-        else:
-            est, logp = token_lm_block_brier(
-                gpt_step_logits(model),
-                lambda n: model.backbone.new_cache(1, max_len=n),
-                block,
-                mode=mode,
-                generator=gen,
-            )
-            acc.add(est)
+        est, logp = score_block(lm, block, mode=mode, generator=gen)
+        acc.add(est)
+        if logp is not None:
             nll -= float(logp.sum())
             n_pred += logp.numel()
+            if decode is not None:
+                n_bytes += len(decode(row[1:].tolist()).encode("utf-8"))
     out: dict[str, Any] = dict(acc.summary())
-    if kind != "calm":
+    if lm.has_likelihood:
         out["ce"] = nll / max(n_pred, 1)
         out["perplexity"] = math.exp(out["ce"])
-        out["predicted_tokens"] = n_pred
+        if decode is not None:
+            out["bits_per_byte"] = nll / math.log(2) / max(n_bytes, 1)
+        out["estimator"] = mode
     return out
 
 
@@ -306,16 +320,45 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
     return model, hf_tok, step, lambda n: _Cache()
 
 
-def _context_blocks(kind: str, chunk_size: int, max_seq_len: int, steps: int | None, tokens: int | None):
+class _HFLanguageModel(TokenLanguageModel):
+    """A local Hugging Face causal LM as a token LM, for BrierLM scoring only (``calm eval --hf-model``)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str, device: torch.device | str) -> None:
+        model, hf_tok, self._step, self._new_cache = _hf_adapter(path, device)
+        super().__init__(model, hf_tok)
+
+    @property
+    def context_steps(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def step_logits(self, ids, cache, positions=None, attn_mask=None) -> torch.Tensor:
+        return self._step(ids, cache, positions, attn_mask)
+
+    def new_cache(self, max_len: int) -> Any:
+        return self._new_cache(max_len)
+
+
+def _hf_documents(hf_tok: Any, data: str) -> list[np.ndarray]:
+    """The evaluation text in a Hugging Face tokenizer's ids: [BOS (if it has one)] + text, per document."""
+    bos = [hf_tok.bos_token_id] if hf_tok.bos_token_id is not None else []
+    return [
+        np.asarray(bos + hf_tok.encode(t, add_special_tokens=False)) for t in iter_documents([resolve_eval_data(data)])
+    ]
+
+
+def _context_blocks(tokens_per_step: int, max_steps: int, steps: int | None, tokens: int | None):
+    """(block length in tokens, its description) for ``--context-tokens`` / ``--context-steps``."""
     if tokens is not None:
-        block = tokens - tokens % chunk_size if kind == "calm" else tokens
+        block = tokens - tokens % tokens_per_step
         return block, {
             "unit": "tokens",
             "tokens": block,
             "description": f"{block} tokens per block (same for every model)",
         }
-    steps = steps or max_seq_len
-    block = steps * chunk_size if kind == "calm" else steps
+    steps = steps or max_steps
+    block = steps * tokens_per_step
     return block, {
         "unit": "steps",
         "steps": steps,
@@ -353,94 +396,50 @@ def evaluate_checkpoint(
     accuracies) on at most ``diagnostic_positions`` evenly spread positions of the same blocks (0
     skips them).
     """
-    from calm.data.evalsets import load_eval_documents, resolve_eval_data
-    from calm.hardware import autocast, default_device, resolve_precision
-
     device = device or default_device()
     precision = resolve_precision(precision, device)
     if (checkpoint is None) == (hf_model is None):
         raise ValueError("pass exactly one of --checkpoint or --hf-model")
+    lm: LanguageModel
     if hf_model is not None:
-        model, hf_tok, step, new_cache = _hf_adapter(hf_model, device)
-        from calm.data.corpus import iter_documents
-
-        bos = [hf_tok.bos_token_id] if hf_tok.bos_token_id is not None else []
-        docs = [
-            np.asarray(bos + hf_tok.encode(t, add_special_tokens=False))
-            for t in iter_documents([resolve_eval_data(data)])
-        ]
-        kind, K, max_len = "hf", 1, int(getattr(model.config, "max_position_embeddings", 2048))
-        decode = lambda ids: hf_tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        lm = _HFLanguageModel(hf_model, device)
+        docs = _hf_documents(lm.tokenizer, data)
+        decode = lambda ids: lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         name = hf_model
     else:
-        from calm.checkpoint import load_model
-
-        model, tok, config = load_model(checkpoint, device)
-        kind = config["kind"]
-        if kind == "autoencoder":
-            raise ValueError(f"{checkpoint} is an autoencoder; use `calm eval-ae` for reconstruction accuracy")
+        lm = load_language_model(checkpoint, device)
         if head_steps is not None:
-            if kind != "calm":
-                raise ValueError(f"head_steps applies to CALM checkpoints with a flow or diffusion head, not {kind}")
-            from calm.models.heads import set_sampling_steps
-
-            set_sampling_steps(model.config, head_steps)
-        docs = load_eval_documents(data, tok)
-        K = model.chunk_size if kind == "calm" else 1
-        max_len = model.config.max_seq_len
-        decode = tok.decode
+            lm.set_head_steps(head_steps)
+        docs = load_eval_documents(data, lm.tokenizer)
+        decode = lm.tokenizer.decode
         name = str(checkpoint)
-        step = new_cache = None
-        if kind == "gpt":
-            step, new_cache = gpt_step_logits(model), (lambda n: model.backbone.new_cache(1, max_len=n))
-    block, context = _context_blocks(kind, K, max_len, context_steps, context_tokens)
-    steps_needed = block // K - (1 if kind == "calm" else 0) if kind == "calm" else block - 1
-    if steps_needed > max_len:
-        raise ValueError(f"context of {block} tokens needs {steps_needed} steps but the model has {max_len}")
+    K = lm.tokens_per_step
+    block, context = _context_blocks(K, lm.context_steps, context_steps, context_tokens)
+    steps_needed = block // K - 1  # the last step (chunk or token) of a block is only predicted
+    if steps_needed > lm.context_steps:
+        raise ValueError(f"context of {block} tokens needs {steps_needed} steps but the model has {lm.context_steps}")
     blocks = make_blocks(docs, block)
     if max_tokens:
         blocks = blocks[: max(1, max_tokens // block)]
     if max_blocks:
         blocks = blocks[:max_blocks]
     with autocast(device, precision):
-        result = _score_blocks(model, kind, blocks, step, new_cache, decode, mode, seed, device, progress)
-        if kind == "calm" and diagnostic_positions and blocks.shape[0] * (blocks.shape[1] // K - 1) >= 2:
-            from calm.eval.diagnostics import head_diagnostics
-
-            diag = head_diagnostics(model, blocks, max_positions=diagnostic_positions, seed=seed)
+        result = evaluate_brier(lm, blocks, mode=mode, seed=seed, device=device, progress=progress, decode=decode)
+        has_positions = blocks.shape[0] * (blocks.shape[1] // K - 1) >= 2
+        if isinstance(lm, CALMLanguageModel) and diagnostic_positions and has_positions:
+            diag = head_diagnostics(lm.model, blocks, max_positions=diagnostic_positions, seed=seed)
             result["head_diagnostics"] = diag.as_dict()
     result.update(
         {
             "model": name,
-            "kind": kind,
+            "kind": lm.kind,
             "data": str(data),
             "seed": seed,
             "precision": precision,
             "context": context,
-            **({"head": model.config.head, "head_steps": head_steps} if head_steps is not None else {}),
+            **({"head": lm.model.config.head, "head_steps": head_steps} if head_steps is not None else {}),
             "blocks": int(len(blocks)),
             "tokens": int(blocks.size),
         }
     )
-    return result
-
-
-def _score_blocks(model, kind, blocks, step, new_cache, decode, mode, seed, device, progress) -> dict[str, Any]:
-    if kind == "calm":
-        result = evaluate_brier(model, "calm", blocks, seed=seed, device=device, progress=progress)
-    else:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        acc, nll, n_pred, n_bytes = BrierAccumulator(), 0.0, 0, 0
-        for row in tqdm(blocks, desc="BrierLM", disable=not progress):
-            t = torch.as_tensor(row, dtype=torch.long, device=device)[None]
-            est, logp = token_lm_block_brier(step, new_cache, t, mode=mode, generator=gen)
-            acc.add(est)
-            nll -= float(logp.sum())
-            n_pred += logp.numel()
-            n_bytes += len(decode(row[1:].tolist()).encode("utf-8"))
-        result = dict(acc.summary())
-        result["ce"] = nll / max(n_pred, 1)
-        result["perplexity"] = math.exp(result["ce"])
-        result["bits_per_byte"] = nll / math.log(2) / max(n_bytes, 1)
-        result["estimator"] = mode
     return result

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from calm.generate.lm import as_language_model
+
 DEFAULT_BETA = 100.0
 """Dirichlet pseudo-count β of the prompt's unigram, in tokens (a prompt is 64 by default)."""
 
@@ -127,11 +129,9 @@ def retrieval_auc(scores: np.ndarray) -> tuple[float, float, np.ndarray]:
 
 
 def _continue(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int, **kwargs: Any) -> list[list[int]]:
-    """Each prompt's continuation ids; CALM in one batch, the GPT one prompt at a time."""
-    from calm.generate.engine import complete
-
+    """Each prompt's continuation ids (``LanguageModel.complete``: CALM in one batch, the GPT one prompt at a time)."""
     texts = [tokenizer.decode(p) for p in prompts]
-    return [c.token_ids for c in complete(model, tokenizer, texts, new_tokens, **kwargs)]
+    return [c.token_ids for c in as_language_model(model, tokenizer).complete(texts, new_tokens, **kwargs)]
 
 
 def prompt_following(
@@ -206,57 +206,3 @@ def format_table(result: dict[str, Any]) -> str:
             f"  {label:<{max(width, 9)}}  {r['auc']:.3f} ± {r['auc_se']:.3f}   ({r['mean_new_tokens']:.1f} new tokens)"
         )
     return "\n".join(lines)
-
-
-def cmd_follow(args: Any) -> int:
-    """``calm follow``: score checkpoints on the same prompts; print a table, optionally write JSON."""
-    from calm.checkpoint import atomic_write_text, load_model, resolve_checkpoint
-    from calm.io import to_json
-
-    models, tokenizer, sha = {}, None, None
-    for path in args.checkpoint:
-        name = Path(path).resolve().name
-        if name in models or name == "reference":
-            name = str(path)
-        model, tok, _ = load_model(resolve_checkpoint(path))
-        if sha is not None and tok.sha256 != sha:
-            raise ValueError(
-                f"{path} uses another tokenizer than {args.checkpoint[0]}; compare models of one tokenizer"
-            )
-        models[name], tokenizer, sha = model, tok, tok.sha256
-    result = prompt_following(
-        models,
-        tokenizer,
-        args.data,
-        num_prompts=args.num_prompts,
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
-        temperature=args.temperature,
-        num_samples=args.num_samples,
-        seed=args.seed,
-    )
-    print(format_table(result))
-    for example in result["examples"][: args.show]:
-        print(f"\nprompt: …{example['prompt'][-200:]!r}")
-        for name in result["results"]:
-            print(f"  {'real text' if name == 'reference' else name}: {example[name]!r}")
-    if args.json:
-        atomic_write_text(Path(args.json), to_json(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_follow_parser(sub: Any) -> None:
-    """Register ``calm follow``."""
-    p = sub.add_parser("follow", help="do continuations follow their prompts? (prompt retrieval AUC, chance 0.5)")
-    p.add_argument("--checkpoint", nargs="+", required=True, help="CALM and/or GPT checkpoints or run directories")
-    p.add_argument("--data", required=True, help="prepared data directory: prompts from val, background from train")
-    p.add_argument("--num-prompts", type=int, default=128, help="validation documents to prompt with (default 128)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens (default 64)")
-    p.add_argument("--new-tokens", type=int, default=32, help="continuation length in tokens (default 32)")
-    p.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (default 0.5)")
-    p.add_argument("--num-samples", type=int, default=200, help="CALM: N of the batch approximation (default 200)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=3, help="example continuations to print (default 3)")
-    p.add_argument("--json", help="write the full result (settings, scores, examples) here")
-    p.set_defaults(func=cmd_follow)

@@ -1,4 +1,4 @@
-"""Generation loops for CALM: K tokens per step, with likelihood-free temperature (CALM-SPEC §5.3).
+"""The decoding loop for CALM: K tokens per step, with likelihood-free temperature (CALM-SPEC §5.3).
 
 The engine knows nothing of text: it works on token ids. Each step the backbone's last hidden
 state goes to the energy head; the head's sample(s) are decoded by the frozen autoencoder (argmax)
@@ -14,18 +14,19 @@ offsets inside documents (chunks are aligned to the block, not to document start
 document's BOS appears at every offset of a chunk; the left pad keeps the last prompt token at the
 end of a chunk, so the continuation starts right after it.
 
-**Document ends.** Training data is packed: each document starts with BOS and (in the LM stages)
-has no EOS, so a model marks the end of a document by emitting BOS (or EOS). ``generate`` stops a
-row at the first token of ``stop_ids`` (and ``eos_id``) and drops it and the rest of its chunk;
-the text-level entry points (``complete``, ``generate_text``) stop at BOS or EOS by default
-(``stop_at_document_end=False`` keeps going across documents), serve CALM and the GPT baseline
-alike, and never return special tokens in text.
+**Document ends.** ``generate`` stops a row at the first token of ``stop_ids`` (and ``eos_id``)
+and drops it and the rest of its chunk.
+
+Text in, text out (``generate_text``, ``complete``) and the rules a request must follow (the
+temperatures CALM accepts, N >= 1, the sampler names, the room in the context) live one level up,
+in :mod:`calm.generate.lm`, the interface CALM shares with the token-level baseline; it checks a
+request before it reaches this loop. Called directly, the loop still refuses a prompt that does not
+fit the context, and the samplers refuse a temperature outside (0, 1].
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,13 +48,6 @@ def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -
     longest = max(len(p) for p in prompts)
     length = -(-longest // chunk_size) * chunk_size
     return torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long)
-
-
-def _check_temperature(temperature: float, num_samples: int) -> None:
-    if not (0.0 < temperature <= 1.0):
-        raise ValueError(f"temperature must be in (0, 1] for likelihood-free sampling, got {temperature}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
 
 @torch.no_grad()
@@ -133,7 +127,7 @@ def generate(
     ``fast=False`` is the reference path of :func:`sample_chunks` (same samples, every candidate
     decoded).
     """
-    return _generate(
+    return generate_rows(
         model,
         prompt,
         max_new_tokens,
@@ -152,7 +146,7 @@ def _stop_set(eos_id: int | None, stop_ids: Collection[int] | None) -> frozenset
     return frozenset(stop_ids or ()) | (frozenset() if eos_id is None else frozenset({eos_id}))
 
 
-def _generate(
+def generate_rows(
     model: Any,
     prompt: torch.Tensor,
     max_new_tokens: int,
@@ -166,8 +160,10 @@ def _generate(
     on_chunk: Callable[[int, list[int]], None] | None,
     fast: bool = True,
 ) -> tuple[list[list[int]], list[bool]]:
-    """``generate``, also returning per row whether it ended at a stop token (else at the length)."""
-    _check_temperature(temperature, num_samples)
+    """:func:`generate`, also returning per row whether it ended at a stop token (else at the length).
+
+    ``stop_ids`` is the full set of stop tokens; ``on_chunk`` as in :func:`generate`.
+    """
     K = model.chunk_size
     B, T = prompt.shape
     if T % K != 0:
@@ -214,135 +210,13 @@ def _generate(
     return out, stopped
 
 
-@dataclass
-class Completion:
-    """One prompt's continuation, as ``complete`` returns it."""
-
-    text: str
-    """The new text: special tokens never appear in it."""
-    token_ids: list[int]
-    """The new token ids, the stop token (BOS/EOS) excluded."""
-    finish_reason: str
-    """``"stop"``: the model ended the document (BOS or EOS); ``"length"``: ``max_new_tokens`` ran out."""
+_MOVED_TO_LM = ("Completion", "complete", "generate_text")
 
 
-def decode_text(tokenizer: Any, ids: list[int]) -> str:
-    """Text of generated ``ids`` without any special token (BOS, EOS, PAD and other special ids)."""
-    specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
-    return tokenizer.decode([i for i in ids if i not in specials], skip_special_tokens=True)
+def __getattr__(name: str) -> Any:
+    """The text API moved to :mod:`calm.generate.lm`, which builds on this loop; its old names here still resolve."""
+    if name in _MOVED_TO_LM:
+        from calm.generate import lm  # imported on use: lm imports this module
 
-
-def _make_generator(model: Any, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=next(model.parameters()).device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    return generator
-
-
-def complete(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    num_samples: int = 200,
-    sampler: str = "batch",
-    seed: int | None = None,
-    stream: Callable[[str], None] | None = None,
-    stop_at_document_end: bool = True,
-) -> list[Completion]:
-    """Text in, ``Completion`` (text, token ids, finish reason) out, for a CALM or GPT model.
-
-    Each prompt is encoded as ``[BOS] + tokens``. ``temperature``: CALM needs (0, 1] (likelihood-free
-    sampling with ``num_samples`` candidates and ``sampler``, paper §6); the GPT divides its logits
-    by it (0 = greedy). ``stream`` receives decoded text of the first prompt as it is produced.
-    ``stop_at_document_end`` ends a continuation when the model emits BOS or EOS (the end of a
-    document); False keeps going across documents (the boundary tokens are still not in the text).
-    """
-    from calm.models.gpt import GPT
-
-    generator = _make_generator(model, seed)
-    stops = frozenset({tokenizer.bos_id, tokenizer.eos_id}) if stop_at_document_end else frozenset()
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-    printed = [""]
-    produced: list[int] = []
-
-    def on_tokens(row: int, tokens: list[int]) -> None:
-        if stream is None or row != 0:
-            return
-        produced.extend(tokens)
-        text = decode_text(tokenizer, produced)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            stream(text[len(printed[0]) :])
-            printed[0] = text
-
-    if isinstance(model, GPT):
-        out, stopped = [], []
-        for i, row_ids in enumerate(ids):
-            row_stream = (lambda row, token, i=i: on_tokens(i, [token])) if i == 0 else None
-            new = model.generate(
-                torch.tensor([row_ids], device=next(model.parameters()).device),
-                max_new_tokens,
-                temperature=temperature,
-                generator=generator,
-                stop_ids=stops,
-                on_token=row_stream,
-            )[0, len(row_ids) :].tolist()
-            cut = next((j for j, token in enumerate(new) if token in stops), None)
-            out.append(new if cut is None else new[:cut])
-            stopped.append(cut is not None)
-    else:
-        prompt = left_pad_to_chunks(ids, model.chunk_size, tokenizer.bos_id)
-        out, stopped = _generate(
-            model,
-            prompt,
-            max_new_tokens,
-            temperature=temperature,
-            num_samples=num_samples,
-            sampler=sampler,
-            stop_ids=stops,
-            generator=generator,
-            use_cache=True,
-            on_chunk=on_tokens,
-        )
-    texts = [decode_text(tokenizer, o) for o in out]
-    if stream is not None and len(texts[0]) > len(printed[0]):
-        stream(texts[0][len(printed[0]) :])
-    return [Completion(t, o, "stop" if s else "length") for t, o, s in zip(texts, out, stopped)]
-
-
-def generate_text(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    num_samples: int = 200,
-    sampler: str = "batch",
-    seed: int | None = None,
-    stream: Callable[[str], None] | None = None,
-    stop_at_document_end: bool = True,
-) -> list[str]:
-    """Text in, text out: the batch-use Python entry point of ``calm generate`` (CALM or GPT).
-
-    ``stream`` receives decoded text as it is produced (for a single prompt). Generation stops at
-    the end of a document (BOS or EOS) unless ``stop_at_document_end=False``; the text never holds
-    special tokens. ``complete`` takes the same arguments and also returns ids and finish reasons.
-    """
-    completions = complete(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        num_samples=num_samples,
-        sampler=sampler,
-        seed=seed,
-        stream=stream,
-        stop_at_document_end=stop_at_document_end,
-    )
-    return [c.text for c in completions]
+        return getattr(lm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

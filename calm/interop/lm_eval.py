@@ -2,10 +2,14 @@
 
 - ``generate_until`` for CALM and the GPT, through :class:`calm.generate.completion.TextCompleter` (the same
   path as ``calm serve``): BOS + context, stop at the task's ``until`` strings or EOS. Greedy
-  requests (``do_sample=False`` / temperature 0) decode the GPT by argmax; CALM has no argmax, so
+  requests (``do_sample=False``, or temperature 0 without ``do_sample=True``) use the model's
+  ``greedy_temperature`` (``calm.generate.lm``): the GPT decodes by argmax; CALM has no argmax, so
   they use the batch approximation (paper Alg. 2) at ``greedy_temperature`` (default 0.01), i.e.
   the most frequent of ``num_samples`` candidate chunks, the T -> 0 limit of likelihood-free
-  temperature sampling (CALM-SPEC §5.3). Every request has its own seed (``seed`` + its index).
+  temperature sampling (CALM-SPEC §5.3). Other temperatures follow the model's rules: CALM samples
+  at T in (0, 1] only and refuses anything else (``do_sample=True`` with temperature 0 included)
+  with the message ``calm generate`` and ``calm serve`` give. Every request has its own seed
+  (``seed`` + its index).
 - ``loglikelihood`` and ``loglikelihood_rolling`` for the GPT, from its softmax.
 - CALM has no likelihood (its energy head defines P(next chunk) only implicitly), so it cannot score
   multiple-choice or perplexity tasks: those requests raise :class:`CALMHasNoLikelihood`, which names
@@ -33,8 +37,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from calm.checkpoint import load_model
 from calm.generate.completion import TextCompleter
+from calm.generate.lm import LanguageModel, load_language_model
 
 #: Generative lm-eval tasks (``output_type: generate_until``) that CALM can run.
 GENERATIVE_TASKS = ("gsm8k", "triviaqa", "nq_open", "drop", "coqa", "squadv2")
@@ -78,17 +82,17 @@ class CALMLM(LM):
         super().__init__()
         if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's default device is cuda
-        model, tokenizer, config = load_model(str(pretrained), device=device)
-        self.completer = TextCompleter(model, tokenizer, config["kind"])
-        self.kind = config["kind"]
+        self.language_model: LanguageModel = load_language_model(
+            str(pretrained), device, greedy_temperature=float(greedy_temperature)
+        )
+        self.completer = TextCompleter(self.language_model)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if sampler not in ("batch", "exact"):
-            raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
         self.num_samples, self.sampler = int(num_samples), sampler
-        self.greedy_temperature, self.max_gen_toks, self.seed = float(greedy_temperature), int(max_gen_toks), seed
-        self.completer.check(1, 1, self.greedy_temperature if self.kind == "calm" else 0.0, self.num_samples)
+        self.max_gen_toks, self.seed = int(max_gen_toks), seed
+        greedy = self.language_model.greedy_temperature
+        self.language_model.check_request(1, 1, temperature=greedy, num_samples=self.num_samples, sampler=sampler)
 
     # ------------------------------------------------------------------ generation
 
@@ -99,26 +103,22 @@ class CALMLM(LM):
         aliases = ("max_gen_toks", "max_new_tokens", "max_tokens")
         max_new = int(next((gen_kwargs[k] for k in aliases if gen_kwargs.get(k)), self.max_gen_toks))
         temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
-        if gen_kwargs.get("do_sample") is False:
-            temperature = 0.0
-        if self.kind == "calm" and temperature == 0.0:
-            temperature = self.greedy_temperature
-        if self.kind == "calm" and not 0.0 < temperature <= 1.0:
-            raise ValueError(
-                f"the task asks for temperature {temperature}, but CALM samples only at temperatures in (0, 1] "
-                "(likelihood-free sampling can sharpen, not flatten); set the task's generation_kwargs temperature"
-            )
+        do_sample = gen_kwargs.get("do_sample")
+        if do_sample is False or (temperature == 0.0 and do_sample is not True):  # lm-eval's greedy request
+            temperature = self.language_model.greedy_temperature
+        self.language_model.check_temperature(temperature)
         return until, max_new, temperature
 
     def _fit(self, context: str, max_new: int) -> tuple[str, int]:
         """Shorten the generation to half the context at most, then drop the context's oldest tokens to fit."""
-        max_new = max(1, min(max_new, self.completer.context_tokens // 2))
-        ids = self.completer.prompt_ids(context)[1:]
+        lm = self.language_model
+        max_new = max(1, min(max_new, lm.context_tokens // 2))
+        ids = lm.encode_prompt(context)[1:]
         keep = len(ids)
-        while keep > 0 and self.completer.max_new_tokens(keep + 1) < max_new:
+        while keep > 0 and lm.max_new_tokens(keep + 1) < max_new:
             keep -= 1
         if keep < len(ids):
-            context = self.completer.tokenizer.decode(ids[len(ids) - keep :])
+            context = lm.tokenizer.decode(ids[len(ids) - keep :])
         return context, max_new
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
@@ -149,7 +149,7 @@ class CALMLM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        tok = self.completer.tokenizer
+        tok = self.language_model.tokenizer
         whole = tok.encode(context + continuation)
         context_ids = tok.encode(context)
         return [tok.bos_id] + whole[: len(context_ids)], whole[len(context_ids) :]
@@ -161,15 +161,15 @@ class CALMLM(LM):
         Sequences longer than the context window keep their last ``max_seq_len + 1`` tokens.
         Batches right-pad; under causal attention padding after a sequence changes none of its logits.
         """
-        model = self.completer.model
-        window = model.config.max_seq_len
+        model = self.language_model.model
+        window = self.language_model.context_steps
         device = next(model.parameters()).device
         results: list[tuple[float, bool]] = []
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start : start + self.batch_size]
             inputs = [(ctx + cont)[-(window + 1) :][:-1] for ctx, cont in batch]
             width = max(len(x) for x in inputs)
-            ids = torch.full((len(batch), width), self.completer.tokenizer.pad_id, dtype=torch.long, device=device)
+            ids = torch.full((len(batch), width), self.language_model.tokenizer.pad_id, dtype=torch.long, device=device)
             for row, x in enumerate(inputs):
                 ids[row, : len(x)] = torch.tensor(x, device=device)
             logprobs = F.log_softmax(model(ids).float(), dim=-1)  # (B, T, V)
@@ -185,7 +185,7 @@ class CALMLM(LM):
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log P(continuation | context), is_greedy) per request; GPT only."""
-        if self.kind == "calm":
+        if not self.language_model.has_likelihood:
             raise CALMHasNoLikelihood("loglikelihood")
         pairs = [self._encode_pair(*request.args) for request in requests]
         results = self._score(pairs)
@@ -195,10 +195,10 @@ class CALMLM(LM):
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """log P(text) of whole documents in disjoint windows of the context (BOS first); GPT only."""
-        if self.kind == "calm":
+        if not self.language_model.has_likelihood:
             raise CALMHasNoLikelihood("loglikelihood_rolling")
-        tok = self.completer.tokenizer
-        window = self.completer.model.config.max_seq_len
+        tok = self.language_model.tokenizer
+        window = self.language_model.context_steps
         out = []
         for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
             (text,) = request.args[:1]

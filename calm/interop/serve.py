@@ -15,10 +15,12 @@ queue, and each completion has its own KV cache. Choice ``i`` of a request with 
 generated with seed s + i, so ``generate_text(model, tok, [prompt], max_tokens, ..., seed=s + i)``
 reproduces it (the choices of prompt j follow those of prompt j - 1 in the numbering).
 
-Bad requests (wrong types, unknown fields, a temperature outside (0, 1] for CALM, a prompt longer
+Bad requests (wrong types, unknown fields, a temperature the model cannot sample at, a prompt longer
 than the context, ``n`` too large, a wrong API key) get an OpenAI-style JSON error
 (``{"error": {"message", "type", "param", "code"}}``) with status 400 (401 for the key, 404 for
-an unknown model) and the server keeps serving. It binds to 127.0.0.1 unless told otherwise.
+an unknown model) and the server keeps serving. The model's own rules (CALM samples at T in (0, 1],
+the GPT at T in [0, 2] with T = 0 greedy) are those of ``calm.generate.lm``, with the same messages
+as ``generate_text`` and ``calm generate``. It binds to 127.0.0.1 unless told otherwise.
 
 Built on FastAPI and uvicorn (the ``serve`` extra: ``pip install 'calm-lm[serve]'``).
 """
@@ -35,6 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import uvicorn
@@ -44,7 +47,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from calm.generate.completion import CompletionError, CompletionResult, TextCompleter
+from calm.generate.completion import CompletionResult, TextCompleter
+from calm.generate.lm import LanguageModelError, load_language_model
 from calm.io import to_json
 
 API_KEY_ENV = "CALM_API_KEY"
@@ -182,12 +186,23 @@ def _validate(req: CompletionRequest, completer: TextCompleter, settings: ServeS
         num_samples=req.num_samples or settings.default_num_samples,
         sampler=req.sampler or settings.default_sampler,
     )
+    lm = completer.lm
     for prompt in prompts:
         try:
-            completer.check(len(completer.prompt_ids(prompt)), job.max_tokens, job.temperature, job.num_samples)
-        except CompletionError as e:
-            raise APIError(400, str(e), e.param) from e
+            lm.check_request(
+                len(lm.encode_prompt(prompt)),
+                job.max_tokens,
+                temperature=job.temperature,
+                num_samples=job.num_samples,
+                sampler=job.sampler,
+            )
+        except LanguageModelError as e:
+            raise APIError(400, str(e), _REQUEST_FIELDS.get(e.param, e.param)) from e
     return job
+
+
+_REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}
+"""The request field of a ``LanguageModelError.param`` where the OpenAI name differs from ours."""
 
 
 def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
@@ -345,12 +360,7 @@ def load_app(
     device: str = "cpu",
 ) -> FastAPI:
     """Load a checkpoint (or run directory) and build its app; ``model_name`` defaults to the folder name."""
-    from pathlib import Path
-
-    from calm.checkpoint import load_model
-
-    model, tokenizer, config = load_model(checkpoint, device=device)
-    completer = TextCompleter(model, tokenizer, config["kind"])
+    completer = TextCompleter(load_language_model(checkpoint, device))
     given = Path(checkpoint).resolve()
     # runs/NAME or runs/NAME/checkpoints/step_N -> NAME
     name = model_name or (given.parent.parent.name if given.parent.name == "checkpoints" else given.name)

@@ -308,7 +308,7 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                 "0",
                 "--quiet",
             ],
-            "num-samples must be >= 1",
+            "num_samples must be >= 1",
         ),
         (
             "CALM prompt longer than the context",

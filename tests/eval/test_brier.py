@@ -1,11 +1,14 @@
 """BrierLM drivers: the batched tree-mask rollouts are unbiased (CALM-SPEC §4.2, §4.3)."""
 
+import re
+
 import pytest
 import torch
 from test_brierlm import assert_unbiased, enumerate_exact_brier, tiny_gpt
 
 from calm.config import AutoencoderConfig, CALMConfig
-from calm.eval.brier import calm_block_brier, gpt_block_brier, make_blocks
+from calm.eval.brier import calm_block_brier, evaluate_checkpoint, gpt_block_brier, make_blocks, score_block
+from calm.generate.lm import LanguageModelError, as_language_model
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 
@@ -147,3 +150,26 @@ def test_calm_rollout_hidden_states_equal_naive_recomputation(K):
                 seq = torch.cat([chunks[0, : t + 1], torch.stack(path)])[None]
                 ref = model.hidden_states(seq)[0, -1]
                 torch.testing.assert_close(h[g], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_score_block_is_the_estimator_of_each_kind() -> None:
+    """One call for any language model: the CALM estimator for CALM (no log-probs), the token estimator
+    (with the targets' log-probs) for the GPT; the same draws as calling the estimators directly."""
+    calm_lm = as_language_model(tiny_calm(K=2), tokenizer=None)
+    block = torch.randint(0, 3, (1, 16), generator=torch.Generator().manual_seed(1))
+    est, logp = score_block(calm_lm, block, generator=torch.Generator().manual_seed(0))
+    assert logp is None
+    assert torch.equal(est, calm_block_brier(calm_lm.model, block, generator=torch.Generator().manual_seed(0)))
+    gpt_lm = as_language_model(tiny_gpt(), tokenizer=None)
+    block = torch.tensor([[3, 1, 4, 1, 5, 6, 2, 6, 5, 3]])
+    for mode in ("exact", "two_sample"):
+        est, logp = score_block(gpt_lm, block, generator=torch.Generator().manual_seed(0), mode=mode)
+        direct = gpt_block_brier(gpt_lm.model, block, generator=torch.Generator().manual_seed(0), mode=mode)
+        assert torch.equal(est, direct) and logp.shape == (block.shape[1] - 1,) and bool((logp <= 0).all())
+
+
+def test_evaluate_checkpoint_refuses_an_autoencoder(tiny_lm_checkpoints) -> None:
+    ae = str(tiny_lm_checkpoints["ae"])
+    message = re.escape(ae) + " is an autoencoder; pass a CALM or GPT .*calm eval-ae"
+    with pytest.raises(LanguageModelError, match=message):
+        evaluate_checkpoint(ae, "unused.txt", device="cpu", progress=False)

@@ -15,7 +15,7 @@ import torch
 import calm.generate.engine as gen_module
 from calm.cli import main
 from calm.config import GPTConfig
-from calm.generate.engine import complete, generate_text
+from calm.generate.lm import complete, generate_text
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
 

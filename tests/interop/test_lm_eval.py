@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval", reason="the lm-eval tests need lm-eval: pip insta
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from calm.generate.engine import generate_text  # noqa: E402
+from calm.generate.lm import LanguageModelError, generate_text  # noqa: E402
 from calm.interop.lm_eval import CALMLM, CALMHasNoLikelihood, main  # noqa: E402
 
 QA = [
@@ -43,7 +43,7 @@ def gpt_lm(tiny_lm_checkpoints: dict[str, Path]) -> CALMLM:
 
 
 def test_calm_generate_until_is_generate_text_cut_at_the_stop(calm_lm: CALMLM) -> None:
-    model, tok = calm_lm.completer.model, calm_lm.completer.tokenizer
+    model, tok = calm_lm.language_model.model, calm_lm.language_model.tokenizer
     requests = [
         instance("generate_until", ("Q: When was the hurricane\nA:", {"until": ["\n"], "max_gen_toks": 8}), 0),
         instance("generate_until", ("The river", {"until": ["e"], "do_sample": True, "temperature": 1.0}), 1),
@@ -52,11 +52,34 @@ def test_calm_generate_until_is_generate_text_cut_at_the_stop(calm_lm: CALMLM) -
     # request i uses seed 0 + i; greedy requests use greedy_temperature (0.01), with num_samples = 16
     full = generate_text(model, tok, ["Q: When was the hurricane\nA:"], 8, temperature=0.01, num_samples=16, seed=0)
     assert out[0] == full[0].split("\n")[0]
-    max_new = calm_lm.completer.context_tokens // 2  # the default 256 is capped at half the context
+    max_new = calm_lm.language_model.context_tokens // 2  # the default 256 is capped at half the context
     full = generate_text(model, tok, ["The river"], max_new, temperature=1.0, seed=1)
     assert out[1] == full[0].split("e")[0]
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         calm_lm.generate_until([instance("generate_until", ("x", {"do_sample": True, "temperature": 1.5}))])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_calm_refuses_sampling_outside_0_1_with_the_python_message(calm_lm: CALMLM, temperature: float) -> None:
+    """``do_sample=True`` asks for sampling at the given temperature; CALM refuses 0 and 1.5 as Python does."""
+    model, tok = calm_lm.language_model.model, calm_lm.language_model.tokenizer
+    with pytest.raises(LanguageModelError) as python:
+        generate_text(model, tok, ["x"], 4, temperature=temperature)
+    request = instance("generate_until", ("x", {"do_sample": True, "temperature": temperature}))
+    with pytest.raises(LanguageModelError) as info:
+        calm_lm.generate_until([request], disable_tqdm=True)
+    assert str(info.value) == str(python.value)
+
+
+def test_gpt_greedy_requests_are_argmax_and_hot_ones_sample(gpt_lm: CALMLM) -> None:
+    model, tok = gpt_lm.language_model.model, gpt_lm.language_model.tokenizer
+    requests = [
+        instance("generate_until", ("The city", {"until": ["\n"], "max_gen_toks": 8}), 0),
+        instance("generate_until", ("The city", {"until": ["\n"], "max_gen_toks": 8, "temperature": 1.5}), 1),
+    ]
+    out = gpt_lm.generate_until(requests, disable_tqdm=True)
+    assert out[0] == generate_text(model, tok, ["The city"], 8, temperature=0)[0].split("\n")[0]
+    assert out[1] == generate_text(model, tok, ["The city"], 8, temperature=1.5, seed=1)[0].split("\n")[0]
 
 
 def test_unknown_model_args_are_refused(tiny_lm_checkpoints: dict[str, Path]) -> None:
@@ -75,7 +98,7 @@ def test_calm_refuses_likelihoods_and_names_generative_tasks(calm_lm: CALMLM) ->
 
 
 def test_gpt_loglikelihood_matches_a_direct_softmax(gpt_lm: CALMLM) -> None:
-    model, tok = gpt_lm.completer.model, gpt_lm.completer.tokenizer
+    model, tok = gpt_lm.language_model.model, gpt_lm.language_model.tokenizer
     pairs = [("The river crossed", " the old bridge"), ("A small bird ", "sang"), ("", "Du Fu"), ("x", " in 1933 .")]
     got = gpt_lm.loglikelihood([instance("loglikelihood", p, i) for i, p in enumerate(pairs)])
     for (context, continuation), (score, greedy) in zip(pairs, got):
@@ -91,7 +114,7 @@ def test_gpt_loglikelihood_matches_a_direct_softmax(gpt_lm: CALMLM) -> None:
 
 
 def test_gpt_rolling_loglikelihood_covers_every_token_once(gpt_lm: CALMLM) -> None:
-    model, tok = gpt_lm.completer.model, gpt_lm.completer.tokenizer
+    model, tok = gpt_lm.language_model.model, gpt_lm.language_model.tokenizer
     short = "The orchestra followed a quiet valley ."
     long = " ".join(["The 1933 hurricane destroyed the old bridge in 1850 ."] * 6)  # longer than 32 tokens
     assert len(tok.encode(long)) > model.config.max_seq_len

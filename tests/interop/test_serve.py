@@ -21,7 +21,7 @@ import openai  # noqa: E402
 
 from calm.checkpoint import load_model  # noqa: E402
 from calm.cli import main  # noqa: E402
-from calm.generate.engine import generate_text  # noqa: E402
+from calm.generate.lm import LanguageModelError, as_language_model, generate_text  # noqa: E402
 from calm.interop.serve import load_app, serve_in_background  # noqa: E402
 
 PROMPT = "The river crossed"
@@ -200,6 +200,29 @@ def test_gpt_is_served_the_same_way(gpt_url: str, tiny_lm_checkpoints: dict[str,
         c.completions.create(model="tiny-gpt", prompt=PROMPT, max_tokens=40)
 
 
+def test_gpt_greedy_completion_equals_the_cli_and_generate_text(gpt_url, tiny_lm_checkpoints, capsys) -> None:
+    """One request, three entry points: the server, ``calm generate`` and ``generate_text`` at T = 0."""
+    model, tok, _ = load_model(tiny_lm_checkpoints["gpt"])
+    expected = generate_text(model, tok, ["The city"], 16, temperature=0)[0]
+    served = client(gpt_url).completions.create(model="tiny-gpt", prompt="The city", max_tokens=16, temperature=0)
+    assert served.choices[0].text == expected
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(tiny_lm_checkpoints["gpt"]), "--prompt", "The city"]
+    assert main([*argv, "--max-new-tokens", "16", "--temperature", "0", "--quiet"]) == 0
+    assert capsys.readouterr().out == "The city" + expected + "\n"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_calm_refusals_carry_the_python_message(calm_url: str, calm_model, temperature: float) -> None:
+    model, tok, _ = calm_model
+    with pytest.raises(LanguageModelError) as info:
+        generate_text(model, tok, [PROMPT], 4, temperature=temperature)
+    request = {"model": "tiny-calm", "prompt": PROMPT, "max_tokens": 4, "temperature": temperature}
+    r = httpx.post(f"{calm_url}/v1/completions", json=request, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == str(info.value) and r.json()["error"]["param"] == "temperature"
+
+
 def test_api_key_is_required_when_set(tiny_lm_checkpoints: dict[str, Path]) -> None:
     app = load_app(str(tiny_lm_checkpoints["calm"]), model_name="m", api_key="s3cret")
     with serve_in_background(app) as url:
@@ -249,7 +272,7 @@ def test_a_cancelled_completion_stops_at_the_next_chunk(calm_model) -> None:
     from calm.generate.completion import TextCompleter
 
     model, tok, _ = calm_model
-    completer = TextCompleter(model, tok, "calm")
+    completer = TextCompleter(as_language_model(model, tok))
     full = completer.complete(PROMPT, 40, seed=2)
     assert full.finish_reason == "length" and full.completion_tokens == 40
     cancelled = threading.Event()

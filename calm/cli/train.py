@@ -1,0 +1,108 @@
+"""``calm train-ae``, ``calm train-calm``, ``calm train-gpt``: the three training stages (paper §3-4, §7.1).
+
+Each command loads a preset (``calm/configs/*.yaml``), applies the command-line overrides, builds
+the stage (``calm.train.stages``) and runs the one training loop (``calm.train.loop.run_training``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from calm.config import check_overrides, load_preset, parse_override, preset_names
+from calm.io import to_json
+from calm.train import distributed
+from calm.train.loop import run_training
+from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
+
+_FLAG_OVERRIDES = ("max_steps", "max_minutes", "batch_tokens", "lr", "seed", "precision", "eval_every", "save_every")
+"""Flags that set ``train.<name>``."""
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in getattr(args, "set", None) or []:
+        key, value = parse_override(text)
+        out[key] = value
+    for name in _FLAG_OVERRIDES:
+        value = getattr(args, name, None)
+        if value is not None:
+            out[f"train.{name}"] = value
+    return out
+
+
+def _train(args: argparse.Namespace, kind: str, make_stage: Callable[[Any], Any]) -> int:
+    """Load ``kind``'s preset with the command line's overrides, build the stage from it, and train."""
+    distributed.set_strategy(args.strategy)
+    overrides = _overrides(args)
+    check_overrides(kind, overrides)
+    preset = load_preset(kind, args.preset, overrides)
+    if args.skip_nonfinite:
+        preset.train.skip_nonfinite = True
+    preset.train.validate()
+    result = run_training(
+        make_stage(preset),
+        preset.train,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if distributed.is_main():
+        print(f"{kind} training done: {to_json(result)}; checkpoints in {args.out}/checkpoints")
+    return 0
+
+
+def cmd_train_ae(args: argparse.Namespace) -> int:
+    """Stage 1: the chunk autoencoder."""
+    return _train(args, "autoencoder", lambda preset: AutoencoderStage(args.data, preset.model, preset.train))
+
+
+def cmd_train_calm(args: argparse.Namespace) -> int:
+    """Stage 2: CALM on a frozen autoencoder (``--autoencoder``)."""
+    return _train(args, "calm", lambda preset: CALMStage(args.data, preset.model, preset.train, args.autoencoder))
+
+
+def cmd_train_gpt(args: argparse.Namespace) -> int:
+    """The token-level baseline."""
+    return _train(args, "gpt", lambda preset: GPTStage(args.data, preset.model, preset.train))
+
+
+def _train_arguments(kind: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        presets, default = preset_names(kind), "tiny"
+        p.add_argument("--data", required=True, help="prepared data directory (from `calm prepare`)")
+        p.add_argument("--out", required=True, help="run directory for checkpoints and metrics.jsonl")
+        p.add_argument("--preset", default=default, choices=presets, help=f"named preset (default {default})")
+        p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
+        p.add_argument("--max-minutes", type=float, help="stop after this many minutes of training")
+        p.add_argument("--batch-tokens", type=int, help="global batch per optimizer step, in tokens")
+        p.add_argument("--lr", type=float, help="peak learning rate")
+        p.add_argument("--seed", type=int)
+        p.add_argument(
+            "--precision",
+            choices=["auto", "fp32", "bf16"],
+            help="auto (default): bf16 where the hardware runs it fast",
+        )
+        p.add_argument("--eval-every", type=int)
+        p.add_argument("--save-every", type=int)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.hidden_size=512")
+        p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+        p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with NaN/inf instead of stopping")
+        p.add_argument(
+            "--strategy", choices=["ddp", "fsdp"], default="ddp", help="multi-process strategy under torchrun"
+        )
+        p.add_argument("--no-progress", action="store_true")
+        if kind == "calm":
+            p.add_argument("--autoencoder", required=True, help="autoencoder checkpoint or run directory")
+
+    return add
+
+
+ARGUMENTS = {
+    "train-ae": _train_arguments("autoencoder"),
+    "train-calm": _train_arguments("calm"),
+    "train-gpt": _train_arguments("gpt"),
+}

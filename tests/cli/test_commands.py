@@ -1,0 +1,115 @@
+"""The command table and ``calm generate`` through the language-model interface.
+
+``calm --help`` lists every command of ``calm.cli.COMMANDS`` on one line and loads no torch;
+``calm generate`` prints what ``generate_text`` returns for the same request (the GPT greedy at
+T = 0 and sampling at T = 1.5), and refuses what CALM cannot do with the interface's own message.
+Runs the CLI in-process on the tiny checkpoints of ``tiny_lm_checkpoints``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import calm.cli
+from calm.checkpoint import load_model
+from calm.cli import COMMANDS, build_parser, main
+from calm.generate.lm import LanguageModelError, as_language_model, generate_text
+
+PROMPT = "The city"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_command_on_one_line_without_loading_torch() -> None:
+    code = (
+        "import sys\nfrom calm.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "no torch"
+    for command in COMMANDS:
+        (line,) = [x for x in lines if x.split()[:1] == [command.name]]  # exactly one line names it
+        assert line.split(None, 1)[1] == command.help and len(line) <= 80
+    assert len({c.name for c in COMMANDS}) == len(COMMANDS)
+
+
+def test_every_command_has_its_arguments_and_function() -> None:
+    parser = build_parser()  # every area module registers its commands' arguments
+    choices = next(a for a in parser._actions if a.dest == "command").choices
+    assert list(choices) == [c.name for c in COMMANDS]
+    for command in COMMANDS:
+        assert callable(getattr(calm.cli, command.function)), command
+    with pytest.raises(AttributeError):
+        calm.cli.cmd_nothing  # noqa: B018
+
+
+def test_an_unknown_command_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bogus"])
+    assert info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_lm_checkpoints: dict[str, Path]):
+    return load_model(tiny_lm_checkpoints["gpt"])
+
+
+def test_generate_gpt_at_temperature_0_prints_generate_text(gpt, tiny_lm_checkpoints, capsys) -> None:
+    model, tok, _ = gpt
+    expected = generate_text(model, tok, [PROMPT], 16, temperature=0)[0]
+    argv = ["generate", "--checkpoint", str(tiny_lm_checkpoints["gpt"]), "--prompt", PROMPT, "--max-new-tokens", "16"]
+    code, out, err = run([*argv, "--temperature", "0", "--quiet"], capsys)
+    assert (code, err) == (0, "") and out == PROMPT + expected + "\n"
+    code, out, _ = run([*argv, "--temperature", "0"], capsys)  # streamed: the same text
+    assert code == 0 and out == PROMPT + expected + "\n"
+
+
+def test_generate_gpt_samples_at_temperature_1_5(gpt, tiny_lm_checkpoints, capsys) -> None:
+    model, tok, _ = gpt
+    greedy = generate_text(model, tok, [PROMPT], 16, temperature=0)[0]
+    argv = ["generate", "--checkpoint", str(tiny_lm_checkpoints["gpt"]), "--prompt", PROMPT, "--max-new-tokens", "16"]
+    texts = []
+    for seed in range(3):
+        code, out, _ = run([*argv, "--temperature", "1.5", "--seed", str(seed), "--quiet"], capsys)
+        assert code == 0
+        texts.append(out[len(PROMPT) : -1])
+        assert texts[-1] == generate_text(model, tok, [PROMPT], 16, temperature=1.5, seed=seed)[0]
+    assert any(text != greedy for text in texts)  # it samples: a barely trained model is far from its argmax
+    code, _, err = run([*argv, "--temperature", "2.5", "--quiet"], capsys)
+    assert code == 2 and err.startswith("error: temperature must be in [0, 2] for the GPT")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_generate_refuses_calm_outside_0_1_with_the_python_message(temperature, tiny_lm_checkpoints, capsys) -> None:
+    model, tok, _ = load_model(tiny_lm_checkpoints["calm"])
+    with pytest.raises(LanguageModelError) as info:
+        generate_text(model, tok, [PROMPT], 8, temperature=temperature)
+    argv = ["generate", "--checkpoint", str(tiny_lm_checkpoints["calm"]), "--prompt", PROMPT]
+    code, out, err = run([*argv, "--temperature", str(temperature)], capsys)
+    assert code == 2 and out == ""  # refused before the prompt is echoed
+    assert err.splitlines() == [f"error: {info.value}"]
+    assert str(info.value).startswith(f"temperature must be in (0, 1] for CALM, got {temperature}")
+
+
+def test_generate_from_an_autoencoder_names_the_checkpoint(tiny_lm_checkpoints, capsys) -> None:
+    ae = str(tiny_lm_checkpoints["ae"])
+    code, _, err = run(["generate", "--checkpoint", ae, "--prompt", PROMPT], capsys)
+    assert code == 2 and err.startswith(f"error: {ae} is an autoencoder; pass a CALM or GPT checkpoint")
+    model, tok, _ = load_model(ae)
+    with pytest.raises(LanguageModelError, match="is an autoencoder"):
+        as_language_model(model, tok)
