@@ -36,10 +36,11 @@ from pathlib import Path
 import openai
 import torch
 
-from calm.checkpoint import load_model, save_checkpoint
+from calm.checkpoint import save_checkpoint
 from calm.data.corpus import iter_documents
 from calm.data.evalsets import WIKITEXT103_TEST
 from calm.generate.completion import TextCompleter
+from calm.generate.lm import load_language_model
 from calm.io import to_json
 
 PROMPTS = [
@@ -172,8 +173,7 @@ def main() -> None:
             server.wait(timeout=30)
 
         # Correctness: each streamed text must equal the same completion computed here for its seed.
-        model, tokenizer, config = load_model(checkpoint)
-        completer = TextCompleter(model, tokenizer, config["kind"])
+        completer = TextCompleter(load_language_model(checkpoint))
         wrong = []
         direct = time.perf_counter()
         for rec in records:

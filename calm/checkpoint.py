@@ -29,7 +29,6 @@ from torch import nn
 
 from calm.hardware import bf16_is_fast, int8_matmul_available
 from calm.io import JSONFileError, atomic_directory, read_json, recover_directories, remove_directory, write_json
-from calm.io import atomic_write_text as atomic_write_text  # re-exported: calm.cli and calm.eval import it from here
 from calm.models.autoencoder import Autoencoder
 from calm.models.vocab_search import ArgmaxScreens
 

@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -102,8 +103,10 @@ def build_pair(
     calm_config = load_preset("calm", size, overrides).model
     gpt_config = load_preset("gpt", size, overrides).model
     context = max(context or calm_config.max_seq_len, min_context)
-    calm_config.max_seq_len = gpt_config.max_seq_len = context
-    calm_config.chunk_size, calm_config.latent_size = ae_config.chunk_size, ae_config.latent_size
+    calm_config = replace(
+        calm_config, max_seq_len=context, chunk_size=ae_config.chunk_size, latent_size=ae_config.latent_size
+    )
+    gpt_config = replace(gpt_config, max_seq_len=context)
     torch.manual_seed(seed)
     calm = build_calm(calm_config, Autoencoder(ae_config))
     nn.init.normal_(calm.head.final_out.weight, std=calm_config.hidden_size**-0.5)

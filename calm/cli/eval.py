@@ -8,16 +8,17 @@ prompt following (ours; ``calm.eval.prompt_following``) and analytic FLOPs (Tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from calm.checkpoint import atomic_write_text, load_model, resolve_checkpoint
+from calm.checkpoint import load_model, resolve_checkpoint
 from calm.config import ConfigError, load_preset, parse_override
 from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
 from calm.eval.autoencoder import evaluate_autoencoder
 from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
 from calm.generate.lm import load_language_model
-from calm.io import to_json
+from calm.io import to_json, write_json
 from calm.models.flops import calm_flops, format_flops, gpt_flops
 
 
@@ -61,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     if args.json:
-        atomic_write_text(Path(args.json), to_json(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
         print(f"wrote {args.json}")
     return 0
 
@@ -122,7 +123,7 @@ def cmd_follow(args: argparse.Namespace) -> int:
         for name in result["results"]:
             print(f"  {'real text' if name == 'reference' else name}: {example[name]!r}")
     if args.json:
-        atomic_write_text(Path(args.json), to_json(result, indent=2) + "\n")
+        write_json(Path(args.json), result)
         print(f"wrote {args.json}")
     return 0
 
@@ -140,7 +141,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
         cfg = load_preset("calm", args.preset, {**model_overrides, **overrides}).model
         cfg.validate()
         ae = load_preset("autoencoder", args.autoencoder_preset, overrides).model
-        cfg.chunk_size, cfg.latent_size = ae.chunk_size, ae.latent_size
+        cfg = dataclasses.replace(cfg, chunk_size=ae.chunk_size, latent_size=ae.latent_size)
         result = calm_flops(cfg, ae, context=args.context or cfg.max_seq_len, num_samples_inference=args.num_samples)
     result = {"model": args.model, "preset": args.preset, **result}
     if args.json:

@@ -7,6 +7,7 @@ the stage (``calm.train.stages``) and runs the one training loop (``calm.train.l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -38,12 +39,11 @@ def _train(args: argparse.Namespace, kind: str, make_stage: Callable[[Any], Any]
     overrides = _overrides(args)
     check_overrides(kind, overrides)
     preset = load_preset(kind, args.preset, overrides)
-    if args.skip_nonfinite:
-        preset.train.skip_nonfinite = True
-    preset.train.validate()
+    train = dataclasses.replace(preset.train, skip_nonfinite=True) if args.skip_nonfinite else preset.train
+    train.validate()
     result = run_training(
-        make_stage(preset),
-        preset.train,
+        make_stage(dataclasses.replace(preset, train=train)),
+        train,
         args.out,
         resume=args.resume,
         overwrite=args.overwrite,

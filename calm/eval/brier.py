@@ -386,7 +386,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """``calm eval``: BrierLM ± SE of a checkpoint (or a local HF model) on a text file or data dir.
 
-    ``head_steps`` sets a flow / diffusion head's sampling steps (``calm.models.heads.set_sampling_steps``).
+    ``head_steps`` sets a flow / diffusion head's sampling steps (``calm.models.heads.with_sampling_steps``).
 
     ``max_tokens`` evaluates only the blocks within the first that many tokens of the text, so
     models with different block lengths are scored on the same text. ``precision`` (auto | fp32 |

@@ -240,7 +240,7 @@ def _samples(
     calm_model: Any, gpt_model: Any, tok: Any, gtok: Any, max_new_tokens: int = 48, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Both models' continuations of ``PROMPTS`` at T = 1 and 1/2, one seed."""
-    from calm.generate.engine import generate_text
+    from calm.generate.lm import generate_text
 
     rows = []
     for temperature in (1.0, 0.5):

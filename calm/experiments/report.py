@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from calm.config import AutoencoderConfig, CALMConfig, extensions_in_use
 from calm.io import atomic_file, atomic_write_text, read_json, read_jsonl
 
 
@@ -191,27 +193,19 @@ def _precision_lines(run: Path) -> list[str]:
     ]
 
 
-OURS = {
-    "autoencoder": ("context_weight", "context_tau"),
-    "calm": ("token_aux_weight", "energy_diversity_weight", "energy_mean_weight", "token_score_weight", "token_anchor"),
-}
-"""The options beyond the paper (README "Small-CALM study") that the report names when a run sets them."""
-
-
 def _options_lines(run: Path) -> list[str]:
-    """The non-paper options each stage trained with (those of ``OURS`` that differ from their defaults)."""
-    from calm.config import AutoencoderConfig, CALMConfig
-
-    defaults = {"autoencoder": AutoencoderConfig(), "calm": CALMConfig()}
+    """The options beyond the paper each stage trained with (``calm.config.extensions_in_use``)."""
     used = []
-    for kind, names in OURS.items():
-        model = (_read_json(run / kind / "run_config.json") or {}).get("model", {})
-        changed = [f"{n}={model[n]}" for n in names if n in model and model[n] != getattr(defaults[kind], n)]
-        if changed:
-            used.append(f"{kind} {', '.join(changed)}")
+    for kind, cls in (("autoencoder", AutoencoderConfig), ("calm", CALMConfig)):
+        model = (_read_json(run / kind / "run_config.json") or {}).get("model")
+        if model:
+            known = {k: v for k, v in model.items() if k in {f.name for f in fields(cls)}}
+            changed = extensions_in_use(cls(**known))
+            if changed:
+                used.append(f"{kind} {', '.join(changed)}")
     if not used:
         return []
-    lines = [f'Options beyond the paper (ours; README "Small-CALM study"): {"; ".join(used)}.']
+    lines = [f"Options beyond the paper (ours; docs/guides/extensions.md): {'; '.join(used)}."]
     if any("token_anchor=True" in u for u in used):
         lines[0] += (
             " With `token_anchor` each chunk's first token is drawn from a softmax readout of h, as a token"

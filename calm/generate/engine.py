@@ -208,15 +208,3 @@ def generate_rows(
             chunks = torch.cat([chunks, nxt[:, None]], dim=1)
             h = model.hidden_states(chunks)[:, -1]
     return out, stopped
-
-
-_MOVED_TO_LM = ("Completion", "complete", "generate_text")
-
-
-def __getattr__(name: str) -> Any:
-    """The text API moved to :mod:`calm.generate.lm`, which builds on this loop; its old names here still resolve."""
-    if name in _MOVED_TO_LM:
-        from calm.generate import lm  # imported on use: lm imports this module
-
-        return getattr(lm, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,7 +43,7 @@ from calm.generate.engine import generate_rows, left_pad_to_chunks
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
-from calm.models.heads import set_sampling_steps
+from calm.models.heads import with_sampling_steps
 
 SAMPLERS = ("batch", "exact")
 """CALM's temperature samplers: the batch approximation (paper Alg. 2) and exact rejection (Alg. 1)."""
@@ -301,7 +301,7 @@ class CALMLanguageModel(LanguageModel):
             )
 
     def set_head_steps(self, steps: int) -> None:
-        set_sampling_steps(self.model.config, steps)
+        self.model.config = self.model.head.config = with_sampling_steps(self.model.config, steps)
 
     def generate_ids(
         self,

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm.config import CALMConfig
+from calm.config import CALMConfig, ConfigError
 from calm.models.losses import energy_terms
 
 
@@ -344,23 +344,22 @@ def build_head(config: CALMConfig) -> nn.Module:
     return HEADS[config.head](config)
 
 
-def set_sampling_steps(config: CALMConfig, steps: int) -> None:
-    """Set the sampling steps of a flow (``flow_steps``) or diffusion (``diffusion_steps``) head in place.
+def with_sampling_steps(config: CALMConfig, steps: int) -> CALMConfig:
+    """A copy of ``config`` whose flow (``flow_steps``) or diffusion (``diffusion_steps``) head samples in
+    ``steps`` steps (paper Figs. 8-9 vary them); ``config`` itself is left as it is.
 
-    The heads read their step count at every ``sample`` call, so this applies to a loaded model at
-    once (``calm generate --head-steps``, ``calm eval --head-steps``). Raises ``ConfigError`` (a
-    ValueError) for the energy head, which has no steps, or for an invalid count; the config is
-    left unchanged then.
+    The heads read their step count from their config at every ``sample`` call, so giving a loaded model
+    the new config (its own and its head's: ``model.config = model.head.config = ...``) applies it at once
+    (``calm generate --head-steps``, ``calm eval --head-steps``). Raises ``ConfigError`` (a ValueError) for
+    the energy head, which has no steps, or for an invalid count.
     """
-    from calm.config import ConfigError
-
     if config.head == "energy":
         raise ConfigError(
             "the energy head draws a sample in one pass; sampling steps apply to flow and diffusion heads"
         )
-    key = f"{config.head}_steps"
-    dataclasses.replace(config, **{key: steps}).validate()
-    setattr(config, key, steps)
+    new = dataclasses.replace(config, **{f"{config.head}_steps": steps})
+    new.validate()
+    return new
 
 
 def noise_driven_sampler(head: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
