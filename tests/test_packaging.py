@@ -1,11 +1,12 @@
-"""The distribution: its own PyPI name, one version, and the entry points that `calm`, `calm-lm-eval`
-and lm-eval's plugin discovery use."""
+"""The distribution: its own PyPI name, one version, the entry points that `calm`, `calm-lm-eval` and
+lm-eval's plugin discovery use, and a wheel that holds what an installed calm needs to run its main job."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,35 @@ def test_the_public_api_loads_lazily() -> None:
     assert done.returncode == 0, done.stderr
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         calm.nothing  # noqa: B018
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_subpackage_the_presets_the_eval_set_and_the_licences(tmp_path: Path) -> None:
+    """Built from this checkout (setuptools, no network): every package and module of calm, the presets,
+    the shipped WikiText-103 test set with its attribution, and the MIT licence; no tests or run folders."""
+    pytest.importorskip("setuptools")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("calm_lm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "calm").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)
+    assert {"calm/configs/autoencoder.yaml", "calm/configs/calm.yaml", "calm/configs/gpt.yaml"} <= names
+    assert {"calm/data/wikitext103/test.jsonl.gz", "calm/data/wikitext103/README.md"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(n for n in names if "dist-info" in n)
+    assert not any(n.startswith(("tests/", "runs/", "benchmarks/")) for n in names)
