@@ -18,7 +18,7 @@ What it does:
    that the logged metrics (the loss, and the grad norm at full float precision) equal the
    reference's record for record, and that the final weights are bit-identical.
 
-Not part of the test suite (it takes a minute or two); the result goes in docs/distributed.md.
+Not part of the test suite (it takes a minute or two); the result goes in docs/guides/distributed.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 # The child: the real CLI, with checkpoint file writes slowed a little so kills can land inside them.
 # It seeds torch first because the stages build their models from the global RNG, which torch seeds
-# randomly in every new process (see docs/distributed.md, "Determinism").
+# randomly in every new process (see docs/guides/distributed.md#determinism).
 CHILD = """
 import sys, time
 import torch

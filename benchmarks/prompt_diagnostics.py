@@ -1,4 +1,4 @@
-"""Why a small CALM's continuations ignore their prompts: two measurements (README "Small-CALM study").
+"""Why a small CALM's continuations ignore their prompts: two measurements (docs/research/small-calm.md).
 
 1. **Latent geometry.** For chunks of the validation documents (8 per document), the mean latent
    distance between two chunks of one document and between chunks of different documents, and the

@@ -318,7 +318,7 @@ def load_training_state(ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str,
 
 def fast_argmax_screens(device: torch.device) -> ArgmaxScreens:
     """The exact vocabulary-argmax screens ``device`` runs fast (``calm.hardware``); both give the reference
-    argmax exactly, so they change decoding speed only (CALM-SPEC §7)."""
+    argmax exactly, so they change decoding speed only (not the FLOPs of paper Table 1)."""
     return ArgmaxScreens(bf16=device.type == "cpu" and bf16_is_fast(device), int8=int8_matmul_available(device))
 
 

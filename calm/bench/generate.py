@@ -1,9 +1,9 @@
 """``calm bench generate``: decoding speed of CALM against the token-level Transformer with the same backbone.
 
-Decoding speed is the practical side of the paper's inference-FLOPs claim (Table 1; CALM-SPEC §7,
-§8.1): one backbone step yields K = 4 tokens (§3), but each step also runs the energy head and the
+Decoding speed is the practical side of the paper's inference-FLOPs claim (Table 1): one
+backbone step yields K = 4 tokens (paper §3-§4), but each step also runs the energy head and the
 autoencoder decoder, whose vocabulary projection is as large as a Transformer's LM head;
-likelihood-free temperature sampling (§5.2, Alg. 2) runs head and decoder N = 200 times per step.
+likelihood-free temperature sampling (paper §6, Alg. 2) runs head and decoder N = 200 times per step.
 Both models get random (seeded) weights of the same backbone, vocabulary and context, batch 1, a
 KV cache, a 128-token prompt and 512 new tokens, timed interleaved in one process. It reports
 tokens/s for greedy decoding (GPT argmax vs CALM at T = 1, one head sample per step) and at

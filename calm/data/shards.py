@@ -1,6 +1,6 @@
 """Text -> token shards (uint32 memmaps) -> training items and batches.
 
-CALM-SPEC §1 (packing). ``prepare`` tokenizes a corpus once into a self-contained folder:
+Paper §7.1 and the authors' code (packing). ``prepare`` tokenizes a corpus once into a self-contained folder:
 
     train.bin / val.bin   uint32 token ids; each document stored as [BOS] + tokens (no EOS)
     train.idx / val.idx   uint64 document start offsets, num_documents + 1 entries (last = total)
@@ -338,7 +338,7 @@ class TokenShard:
 
 
 def lm_blocks(shard: TokenShard, block_size: int) -> np.ndarray:
-    """(num_blocks, block_size) view of the concatenated tokens; the remainder is dropped (§1)."""
+    """(num_blocks, block_size) view of the concatenated tokens; the remainder is dropped (as HF ``group_texts``)."""
     num_blocks = shard.num_tokens // block_size if block_size > 0 else 0
     if num_blocks == 0:
         raise DataError(
@@ -362,7 +362,7 @@ def ae_chunks(
     pad_id: int | None = None,
     batch_tokens: int = 1 << 22,
 ) -> np.ndarray:
-    """(num_chunks, chunk_size) uint32 autoencoder items (§1 AE packing), cached in the data folder.
+    """(num_chunks, chunk_size) uint32 autoencoder items (the autoencoder packing above), cached in the data folder.
 
     Each document (as stored, starting with BOS) gets EOS appended and is right-padded with PAD to
     a multiple of ``chunk_size``; chunks never straddle documents. ``eos_id`` / ``pad_id`` default

@@ -1,14 +1,14 @@
 """BrierLM drivers: per-position Brier-n estimates from CALM and token LMs, and data-set evaluation.
 
 The estimators themselves are pure functions in ``calm.eval.brierlm``; this module runs models to get
-the samples and probabilities they need (CALM-SPEC §4):
+the samples and probabilities they need (paper §5):
 
-- **CALM, K ≥ 4** (§4.2): one teacher-forced pass, two head samples per step decoded by the
+- **CALM, K ≥ 4** (paper §5 and the authors' code): one teacher-forced pass, two head samples per step decoded by the
   autoencoder; Brier-n from the first n tokens of each predicted chunk.
 - **CALM, K < 4**: the accuracy term concatenates teacher-forced predictions of consecutive chunks
   (a match implies the later context was the ground truth); the collision term needs a real
   rollout, feeding sample 1's chunk back and drawing two fresh samples at each depth.
-- **Token LMs** (§4.3): ``exact`` is the low-variance form (2·Π P(y) minus the exact last-step
+- **Token LMs** (paper §5): ``exact`` is the low-variance form (2·Π P(y) minus the exact last-step
   collision Σ P(x|path)² along a sampled path); ``two_sample`` is the pure sample form.
 
 :func:`score_block` scores one block of any language model (``calm.generate.lm``: CALM or a token

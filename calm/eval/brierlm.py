@@ -1,4 +1,4 @@
-"""BrierLM: a language-model metric that needs only samples (CALM-SPEC §4, paper §4).
+"""BrierLM: a language-model metric that needs only samples (paper §5).
 
 Why BrierLM exists. Perplexity needs the probability the model assigns to the observed text. CALM
 cannot give it: its energy head is an implicit generator (noise in, latent vector out), so P(text)
@@ -19,13 +19,13 @@ so it measures multi-token coherence. BrierLM is 100 times the geometric mean of
 each Brier-n is first averaged over the whole evaluation set. The official ``compute_metrics``
 omits the factor 100; we report it as the paper's tables do. Over Transformer training
 checkpoints, BrierLM tracks cross-entropy almost linearly (Pearson -0.966, Spearman -0.991; paper
-Fig. 3). Caveat: like perplexity, it depends on the evaluation context length (issue #20), so
-compare models only at equal context (2048 backbone steps).
+Fig. 3). Caveat: like perplexity, it depends on the evaluation context length
+(shaochenze/calm#20), so compare models only at equal context (2048 backbone steps).
 
 This module is pure: estimators are functions of samples, probabilities and targets. It has no
 model, device or data code. ``token_lm_brier`` scores any callable that maps ids to logits, which
-is how the token baseline and test mock models are evaluated (the §4.3 estimator). The CALM
-estimator (§4.2) is just ``brier_two_sample`` on decoded chunks.
+is how the token baseline and test mock models are evaluated (paper §5's token-level estimator). The
+CALM estimator (paper §5 and the authors' code) is just ``brier_two_sample`` on decoded chunks.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def exact_brier(probs: torch.Tensor, target: int) -> float:
 
 
 def brier_two_sample(sample1: torch.Tensor, sample2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Unbiased two-sample estimates of Brier-1..n at each start position (CALM-SPEC §4.1).
+    """Unbiased two-sample estimates of Brier-1..n at each start position (paper §5).
 
     sample1, sample2: (P, n) token ids of two independent n-token continuations per position.
     target: (P, n) the true next n tokens. Returns (P, n) float: column k-1 estimates Brier-k,
@@ -72,7 +72,7 @@ def brier_two_sample(sample1: torch.Tensor, sample2: torch.Tensor, target: torch
 
 
 def brier_exact_form(prob_target: torch.Tensor, collision: torch.Tensor) -> torch.Tensor:
-    """The token-LM low-variance estimate of Brier-1..n (CALM-SPEC §4.3); returns (P, n).
+    """The token-LM low-variance estimate of Brier-1..n (paper §5); returns (P, n).
 
     prob_target: (P, n). Column j holds P(y_{t+j} | y_{<t+j}), the teacher-forced probability of
         the j-th target token (per step, *not* cumulative). The product of the first k columns is
@@ -129,11 +129,11 @@ def token_lm_brier(
 ) -> torch.Tensor:
     """Brier-1..n_max estimates of a token LM at every start position of one sequence.
 
-    ids: (1, T). Position t (t = 0 .. T - n_max - 1, every position as CALM-SPEC §4.3 scores it)
-    conditions on ids[0, :t+1] and scores the next n tokens ids[0, t+1 : t+1+n]. Returns
+    ids: (1, T). Position t (t = 0 .. T - n_max - 1: every position, as the authors' code scores
+    them) conditions on ids[0, :t+1] and scores the next n tokens ids[0, t+1 : t+1+n]. Returns
     (T - n_max, n_max) float estimates, one unbiased estimate of Brier-n per position and n.
 
-    mode "exact" is the §4.3 low-variance form (``brier_exact_form``): exact teacher-forced target
+    mode "exact" is the paper's low-variance form (``brier_exact_form``): exact teacher-forced target
     probabilities and exact sum-of-squares at the end of a sampled shared path.
     mode "two_sample" is the generic estimator (``brier_two_sample``) on two independent
     continuations, the estimator CALM uses.

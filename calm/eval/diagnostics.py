@@ -2,9 +2,9 @@
 
 The energy loss alone cannot say whether a small CALM has learned a conditional distribution or only
 the unconditional distribution of latents: both lower it. These diagnostics, computed on a fixed
-subset of validation positions with common random numbers, separate the two. Our addition (issue
-10), not part of the paper; they use only the paper's pieces: the energy score (CALM-SPEC §3.4), the
-frozen autoencoder's posterior (§2.2) and its decoder (§3.5).
+subset of validation positions with common random numbers, separate the two. Our addition, not
+part of the paper; they use only the paper's pieces: the energy score (Eqs. 9-10) and the frozen
+autoencoder's posterior and decoder (§3).
 
 With α the energy-score exponent (1 by default), head samples x, x' ~ P(·|h) and targets y drawn
 from the autoencoder posterior of the true next chunk, the loss at one position is
@@ -262,7 +262,7 @@ def head_diagnostics(
         mu, log_std = model.target_posterior(target_ids)
         c = model.config
         return diagnose_head(
-            noise_driven_sampler(model.head),  # any head (CALM-SPEC §3.6): flow and diffusion too
+            noise_driven_sampler(model.head),  # any head (Figs. 8-9): flow and diffusion too
             model.autoencoder.decode_ids,
             torch.cat(hidden),
             target_ids,

@@ -2,8 +2,8 @@
 
 BrierLM (paper §5) scores next-token predictions under teacher forcing; it does not say whether
 free-running text stays on the prompt's subject. This module measures that from samples alone, so
-CALM, which has no likelihood, and the GPT baseline are scored the same way (issue 10, "generations
-that follow their prompts").
+CALM, which has no likelihood, and the GPT baseline are scored the same way
+(docs/guides/evaluation.md#prompt-following-calm-follow-ours).
 
 **The measure: prompt retrieval AUC.** Take P validation documents; prompt each model with the
 first ``prompt_tokens`` tokens of each and let it continue for ``new_tokens`` tokens (temperature

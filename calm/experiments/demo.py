@@ -32,7 +32,7 @@ DEMO_LM_FLOPS = 1.6e13
 """Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
 equal compute). With the tiny presets and the demo recipe that is 136 GPT steps (0.56M tokens) and
 237 CALM steps (0.97M tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without
-native bf16 (README)."""
+native bf16 (docs/research/cpu-results.md#the-demo)."""
 
 
 DEMO_RECIPE: dict[str, dict[str, Any]] = {
@@ -41,8 +41,8 @@ DEMO_RECIPE: dict[str, dict[str, Any]] = {
     "gpt": {"train.lr": 3.0e-3, "train.eval_tokens": 16384},
 }
 """Overrides the demo applies on top of the tiny presets, under any the user passes (``--set`` wins);
-all come from a study at the demo's budget (README "Small-CALM study"), and all CALM-side options are
-ours, not the paper's:
+all come from a study at the demo's budget (docs/research/small-calm.md), and all CALM-side options are
+ours, not the paper's (docs/guides/extensions.md):
 
 - autoencoder ``context_weight`` 2: an InfoNCE term pulls neighbouring chunks' latents together, so
   that the energy score can reward a head for the topic and register of its context;

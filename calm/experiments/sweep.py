@@ -3,7 +3,7 @@
 ``calm sweep SPEC.yaml --out DIR`` (or :func:`run_sweep` from Python) expands a grid of overrides into
 training runs of the autoencoder, CALM and/or GPT stages, gives every run the same budget in
 training FLOPs (or tokens) by deriving its ``max_steps`` from its analytic ``flops_per_token``
-(``calm.models.flops``, CALM-SPEC §7) and ``batch_tokens``, trains each in its own folder with the
+(``calm.models.flops``, paper Table 1's accounting) and ``batch_tokens``, trains each in its own folder with the
 ordinary loop (``calm.train.loop``), and writes a table (``results.md``, ``results.csv``,
 ``results.json``) and a plot (``results.png``) of the chosen validation metrics against training
 FLOPs. Comparing at equal training compute is how the paper compares CALM with Transformers
@@ -143,7 +143,7 @@ class PlannedRun:
     budget: str
     costs: dict[str, float] = field(default_factory=dict)
     """CALM runs: the head's inference cost (``head_passes_per_sample``, ``head_flops_per_sample`` =
-    passes x 2 x head matmul weights) and ``inference_flops_per_token`` (``calm.models.flops``, CALM-SPEC §8.6)."""
+    passes x 2 x head matmul weights) and ``inference_flops_per_token`` (``calm.models.flops``; Figs. 8-9)."""
 
     @property
     def train_flops(self) -> float:

@@ -1,9 +1,9 @@
 """``calm convert``: the authors' released checkpoints -> self-contained calm checkpoints.
 
-Reads an official CALM-Autoencoder or CALM-M/L/XL folder (``shaochenze/calm`` layout, CALM-SPEC
-§2-§3; files and keys per ``official-checkpoint-format.md``) from disk or from the Hugging Face hub,
-maps it onto our modules (``calm.interop.official``), attaches the paper's tokenizer (Llama 3 + ``[PAD]``,
-CALM-SPEC §1) and writes one checkpoint directory that ``load_model`` and every command accept.
+Reads an official CALM-Autoencoder or CALM-M/L/XL folder (``shaochenze/calm`` layout; paper §3-§4)
+from disk or from the Hugging Face hub, maps it onto our modules (``calm.interop.official``), attaches
+the paper's tokenizer (Llama 3 + ``[PAD]``, paper §7.1) and writes one checkpoint directory that
+``load_model`` and every command accept.
 
 Weights are read without unpickling code: ``torch.load(weights_only=True)`` for ``pytorch_model.bin``
 (single or sharded with ``pytorch_model.bin.index.json``) or ``safetensors`` for

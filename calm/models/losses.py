@@ -1,4 +1,4 @@
-"""Energy loss for CALM's generative head (paper Eqs. 9-10; spec §3.4).
+"""Energy loss for CALM's generative head (paper §4.2, Eqs. 9-10).
 
 The head only produces samples, so it is trained with the energy score, a strictly proper scoring
 rule (for 0 < alpha < 2) that needs nothing but samples:
@@ -35,7 +35,7 @@ __all__ = ["energy_score", "energy_loss", "energy_terms"]
 
 
 def energy_score(samples: Tensor, targets: Tensor, alpha: float = 1.0, diversity_weight: float = 1.0) -> Tensor:
-    """Monte-Carlo energy score per position (spec §3.4); higher is better.
+    """Monte-Carlo energy score per position (paper Eqs. 9-10); higher is better.
 
     Args:
         samples: (N, P, l) model samples: N >= 2 per position, P positions, latent dim l.

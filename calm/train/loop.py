@@ -2,15 +2,15 @@
 
 The stage (``calm.train.stages``) decides the model, its trainable parameters, how a batch is built from
 item indices, the loss and the periodic evaluation. This loop owns everything else: AdamW with the
-paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1.0; CALM-SPEC §2.3,
-§6), warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
+paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1.0; paper §7.1),
+warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
 autocast, progress bars, ``metrics.jsonl`` logging, periodic checkpoints, exact resume (model,
 optimizer, RNG and data position), SIGTERM handling and non-finite guards.
 
 Under ``torchrun`` every rank runs this loop on its slice of each global batch (``calm.train.distributed``
 wraps the model in DDP or FSDP2); rank 0 logs and writes. Each micro-batch's noise is seeded by its
 position in the global batch (``micro_batch_seed``), so results do not depend on the world size
-or on interruptions. See docs/distributed.md.
+or on interruptions. See docs/guides/distributed.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The three training stages that ``calm.train.loop.run_training`` drives.
 
-- ``AutoencoderStage``: chunks packed per document (EOS, PAD to a multiple of K; CALM-SPEC §1),
-  loss CE·K + β·clipped KL (§2.2).
+- ``AutoencoderStage``: chunks packed per document (EOS, PAD to a multiple of K; the authors' code),
+  loss CE·K + β·clipped KL (paper Eqs. 1-4).
 - ``CALMStage``: blocks of ``block_size`` tokens (L = block_size/K chunks), energy loss against the
-  frozen autoencoder's posterior (§3.5).
-- ``GPTStage``: blocks of ``block_size`` tokens, next-token cross-entropy (§6).
+  frozen autoencoder's posterior (paper Eqs. 9-10; the step layout of the authors' code).
+- ``GPTStage``: blocks of ``block_size`` tokens, next-token cross-entropy (paper §7.1).
 
 A stage owns its data view, model and loss; the loop (``calm.train.loop``) owns everything else.
 A stage never changes the configs it is given: it builds the model config it runs (``stage.config``)
 from the caller's with ``dataclasses.replace``, taking the vocabulary size from the data's tokenizer
 and, for CALM, K and the latent size from the frozen autoencoder (``calm.config.DERIVED_FIELDS``).
-Validation BrierLM is logged by CALM and GPT alike so that their curves compare (§4); CALM also logs
+Validation BrierLM is logged by CALM and GPT alike so that their curves compare (paper §5); CALM also logs
 the head diagnostics of ``calm.eval.diagnostics`` (conditioning gap, reference distances, accuracies).
 """
 
