@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from calm.data.shards import TokenShard, check_tokenizer_match
 from calm.generate.lm import as_language_model
 
 DEFAULT_BETA = 100.0
@@ -157,8 +158,6 @@ def prompt_following(
     {name: {"auc", "auc_se", "mean_new_tokens"}}, "examples": [...]}``, the real text under
     ``"reference"``.
     """
-    from calm.data.shards import TokenShard, check_tokenizer_match
-
     val, train = TokenShard(data_dir, "val"), TokenShard(data_dir, "train")
     check_tokenizer_match(val.meta, tokenizer)
     background = unigram(np.asarray(train.tokens), val.vocab_size)

@@ -22,12 +22,14 @@ paper §3 (autoencoder) and §4 (CALM). docs/guides/released-checkpoints.md desc
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError
+from calm.extensions import build_calm
+from calm.models.autoencoder import Autoencoder
 
 AE_LAYER = {
     "layernorm.weight": "norm.weight",
@@ -380,7 +382,7 @@ def _apply_map(
     return out
 
 
-def _meta_shapes(build) -> dict[str, torch.Size]:
+def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = build()
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -394,8 +396,6 @@ def convert_autoencoder(
     Tensors are not copied; meta tensors are accepted (structure checks without weights).
     Raises ConvertError naming any unknown, missing or mis-shaped key or inconsistent config field.
     """
-    from calm.models.autoencoder import Autoencoder
-
     sd = _fold_aliases(sd, "autoencoder")
     cfg = autoencoder_config(config, sd)
     key_map = autoencoder_key_map(
@@ -412,9 +412,6 @@ def convert_calm(
     The embedded ``ae_model.*`` is the autoencoder (``config['ae_path']`` is ignored).
     Raises ConvertError as :func:`convert_autoencoder`, and for a head count that does not fit.
     """
-    from calm.extensions import build_calm
-    from calm.models.autoencoder import Autoencoder
-
     sd = _fold_aliases(sd, "calm")
     cfg = calm_config(config, sd)
     ae_cfg = autoencoder_config({}, sd, prefix="ae_model.", what="embedded autoencoder (ae_model.*)")
