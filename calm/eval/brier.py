@@ -292,7 +292,12 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
             self.length = 0
             self.base: int | None = None
 
-    def step(ids, cache, positions=None, attn_mask=None):
+    def step(
+        ids: torch.Tensor,
+        cache: _Cache,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         T = ids.shape[1]
         if cache.base is not None and cache.length == cache.base:
             extra = cache.kv.get_seq_length() - cache.base
@@ -333,7 +338,13 @@ class _HFLanguageModel(TokenLanguageModel):
     def context_steps(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    def step_logits(self, ids, cache, positions=None, attn_mask=None) -> torch.Tensor:
+    def step_logits(
+        self,
+        ids: torch.Tensor,
+        cache: Any,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self._step(ids, cache, positions, attn_mask)
 
     def new_cache(self, max_len: int) -> Any:
@@ -348,7 +359,9 @@ def _hf_documents(hf_tok: Any, data: str) -> list[np.ndarray]:
     ]
 
 
-def _context_blocks(tokens_per_step: int, max_steps: int, steps: int | None, tokens: int | None):
+def _context_blocks(
+    tokens_per_step: int, max_steps: int, steps: int | None, tokens: int | None
+) -> tuple[int, dict[str, Any]]:
     """(block length in tokens, its description) for ``--context-tokens`` / ``--context-steps``."""
     if tokens is not None:
         block = tokens - tokens % tokens_per_step

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 __all__ = ["energy_score", "energy_loss", "energy_terms"]
 
@@ -133,14 +134,14 @@ class _CrossDistance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, z: Tensor) -> Tensor:
         distance = torch.cdist(x, z, compute_mode="donot_use_mm_for_euclid_dist")
         ctx.save_for_backward(x, z, distance)
         return distance
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, z, distance = ctx.saved_tensors
         positive = distance > 0
         weight = torch.where(positive, grad / torch.where(positive, distance, 1.0), 0.0)  # (P, N, M)
