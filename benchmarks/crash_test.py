@@ -18,7 +18,7 @@ What it does:
    that the logged metrics (the loss, and the grad norm at full float precision) equal the
    reference's record for record, and that the final weights are bit-identical.
 
-Not part of the test suite (it takes a minute or two); the result goes in docs/distributed.md.
+Not part of the test suite (it takes a minute or two); the result goes in docs/guides/distributed.md.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,9 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calm import checkpoint as ckpt  # noqa: E402 (after the path set-up above)
+from calm.data.shards import prepare  # noqa: E402
+
 # The child: the real CLI, with checkpoint file writes slowed a little so kills can land inside them.
 # It seeds torch first because the stages build their models from the global RNG, which torch seeds
-# randomly in every new process (see docs/distributed.md, "Determinism").
+# randomly in every new process (see docs/guides/distributed.md#determinism).
 CHILD = """
 import sys, time
 import torch
@@ -131,8 +135,6 @@ def leftovers_of(run: Path) -> list[str]:
 
 
 def check_visible_checkpoints(run: Path) -> int:
-    from calm import checkpoint as ckpt
-
     found = ckpt.list_checkpoints(run)
     for path in found:
         ckpt.read_config(path)  # every file present with its recorded size
@@ -141,24 +143,9 @@ def check_visible_checkpoints(run: Path) -> int:
     return len(found)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--save-every", type=int, default=6)
-    parser.add_argument("--write-delay", type=float, default=0.03, help="seconds added after each file write")
-    parser.add_argument("--work", default="runs/crash_test")
-    args = parser.parse_args()
-
-    from calm import checkpoint as ckpt
-    from calm.data.shards import prepare
-
-    rng = random.Random(args.seed)
-    work = Path(args.work)
+def prepare_work(work: Path) -> None:
+    """A fresh ``work`` folder with the corpus, its prepared data and a trained tiny autoencoder."""
     if work.exists():
-        import shutil
-
         shutil.rmtree(work)
     work.mkdir(parents=True)
     make_corpus(work / "corpus.jsonl")
@@ -192,6 +179,9 @@ def main() -> int:
     ]
     assert cli(ae_args, 0.0, work / "ae.log").wait() == 0, (work / "ae.log").read_text()
 
+
+def unbroken_run(work: Path, args: argparse.Namespace) -> float:
+    """Train the reference run to the end; return its start-up time (seconds to the first logged step)."""
     unbroken_args = calm_args(work / "data", work / "ae", work / "unbroken", args.steps, args.save_every)
     t0 = time.perf_counter()
     child = cli(unbroken_args, args.write_delay, work / "unbroken.log")
@@ -200,7 +190,37 @@ def main() -> int:
     startup = time.perf_counter() - t0
     assert child.wait() == 0, (work / "unbroken.log").read_text()
     print(f"unbroken run: {args.steps} steps in {time.perf_counter() - t0:.1f}s ({startup:.1f}s to the first step)")
+    return startup
 
+
+def wait_for_moment(
+    child: subprocess.Popen,
+    moment: str,
+    rng: random.Random,
+    startup: float,
+    broken: Path,
+    started: float,
+    before: set[str],
+    write_delay: float,
+) -> None:
+    """Return at a random moment of the kind ``moment`` (or when the child has exited)."""
+    metrics = broken / "metrics.jsonl"
+    deadline = time.perf_counter() + (rng.uniform(0.1, startup) if moment == "start-up" else 120.0)
+    while child.poll() is None and time.perf_counter() < deadline:
+        if moment == "training" and metrics.exists() and metrics.stat().st_mtime > started:
+            time.sleep(rng.uniform(0.0, 1.0))
+            break
+        if moment == "write" and any(".tmp-" in name and name not in before for name in leftovers_of(broken)):
+            time.sleep(rng.uniform(0.0, 2 * write_delay))
+            break
+        time.sleep(0.002)
+
+
+def broken_run(
+    work: Path, args: argparse.Namespace, rng: random.Random, startup: float
+) -> tuple[int, int, int, dict[str, int]] | None:
+    """Train the same run again, SIGKILLed ``args.kills`` times and restarted with --resume each time;
+    returns (kills, starts, resumes, where the kills landed), or None if a restart failed."""
     broken = work / "broken"
     metrics = broken / "metrics.jsonl"
     broken_args = calm_args(work / "data", work / "ae", broken, args.steps, args.save_every)
@@ -215,15 +235,7 @@ def main() -> int:
             # cycle through three kinds of moment: during start-up / resume, a random time into the
             # training steps, and a random few milliseconds into a checkpoint write
             moment = ("start-up", "training", "write")[kills % 3]
-            deadline = time.perf_counter() + (rng.uniform(0.1, startup) if moment == "start-up" else 120.0)
-            while child.poll() is None and time.perf_counter() < deadline:
-                if moment == "training" and metrics.exists() and metrics.stat().st_mtime > started:
-                    time.sleep(rng.uniform(0.0, 1.0))
-                    break
-                if moment == "write" and any(".tmp-" in name and name not in before for name in leftovers_of(broken)):
-                    time.sleep(rng.uniform(0.0, 2 * args.write_delay))
-                    break
-                time.sleep(0.002)
+            wait_for_moment(child, moment, rng, startup, broken, started, before, args.write_delay)
             if child.poll() is None:
                 child.send_signal(signal.SIGKILL)
                 child.wait()
@@ -245,11 +257,30 @@ def main() -> int:
             continue
         if child.returncode != 0:
             print(f"FAIL: attempt {attempts} exited with {child.returncode}:\n{text[-2000:]}")
-            return 1
-        break
+            return None
+        return kills, attempts, resumes, landed
 
-    same_log = records(broken) == records(work / "unbroken")
-    a, b = ckpt.load_weights(work / "unbroken"), ckpt.load_weights(broken)
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--save-every", type=int, default=6)
+    parser.add_argument("--write-delay", type=float, default=0.03, help="seconds added after each file write")
+    parser.add_argument("--work", default="runs/crash_test")
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    work = Path(args.work)
+    prepare_work(work)
+    startup = unbroken_run(work, args)
+    outcome = broken_run(work, args, rng, startup)
+    if outcome is None:
+        return 1
+    kills, attempts, resumes, landed = outcome
+    same_log = records(work / "broken") == records(work / "unbroken")
+    a, b = ckpt.load_weights(work / "unbroken"), ckpt.load_weights(work / "broken")
     same_weights = set(a) == set(b) and all(bool((a[k] == b[k]).all()) for k in a)
     where = ", ".join(f"{n} in {k}" for k, n in landed.items())
     print(f"{kills} SIGKILLs ({where}); {attempts} starts, {resumes} of them reached a resume; every restart succeeded")

@@ -1,8 +1,8 @@
-"""The autoencoder decoder's vocabulary argmax: the cost that dominates CALM decoding (CALM-SPEC §7).
+"""The autoencoder decoder's vocabulary argmax: the cost that dominates CALM decoding (paper Table 1's inference FLOPs).
 
 Each CALM step decodes S head samples into K tokens with ``argmax(h @ E^T)`` over the tied
 embedding E (V × d; 128,257 × 512 for the ``paper`` AE). At S = 1 (greedy, T = 1) that is 4 rows
-against a 263 MB fp32 table: memory-bound. At S = 200 (the T = 1/2 batch sampler, §5.2) it is
+against a 263 MB fp32 table: memory-bound. At S = 200 (the T = 1/2 batch sampler, paper Alg. 2) it is
 800 rows, 105 GFLOP per step: compute-bound. This script times exact alternatives to the
 library's ``Autoencoder.decode_ids`` and checks that they return the same ids:
 

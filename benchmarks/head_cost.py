@@ -1,4 +1,4 @@
-"""Measured sampling time per head against the FLOPs accounting's passes per sample (CALM-SPEC §7, §8.6).
+"""Measured sampling time per head against the FLOPs accounting's passes per sample (Table 1, Figs. 8-9).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/head_cost.py --hidden 1024 --rows 256 --repeats 7
 

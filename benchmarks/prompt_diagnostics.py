@@ -1,4 +1,4 @@
-"""Why a small CALM's continuations ignore their prompts: two measurements (README "Small-CALM study").
+"""Why a small CALM's continuations ignore their prompts: two measurements (docs/research/small-calm.md).
 
 1. **Latent geometry.** For chunks of the validation documents (8 per document), the mean latent
    distance between two chunks of one document and between chunks of different documents, and the
@@ -24,12 +24,15 @@ import torch
 
 from calm.checkpoint import load_model, resolve_checkpoint
 from calm.data.shards import TokenShard
+from calm.data.tokenizer import Tokenizer
 from calm.eval.prompt_following import prompt_set, retrieval_auc, retrieval_scores, unigram
 from calm.generate.engine import left_pad_to_chunks
+from calm.models.autoencoder import Autoencoder
+from calm.models.calm import CALM
 
 
 @torch.no_grad()
-def latent_geometry(autoencoder, shard: TokenShard, per_doc: int = 8, seed: int = 0) -> dict[str, float]:
+def latent_geometry(autoencoder: Autoencoder, shard: TokenShard, per_doc: int = 8, seed: int = 0) -> dict[str, float]:
     """Same- vs cross-document latent distances (posterior means) and the two energy scores."""
     rng = np.random.default_rng(seed)
     K = autoencoder.chunk_size
@@ -66,7 +69,9 @@ def latent_geometry(autoencoder, shard: TokenShard, per_doc: int = 8, seed: int 
 
 
 @torch.no_grad()
-def bag_aucs(model, tokenizer, data: str, num_prompts: int = 128, draws: int = 200, seed: int = 0) -> dict[str, float]:
+def bag_aucs(
+    model: CALM, tokenizer: Tokenizer, data: str, num_prompts: int = 128, draws: int = 200, seed: int = 0
+) -> dict[str, float]:
     """Prompt retrieval AUC of bags of next-chunk tokens: head samples, the aux readout, the real text."""
     val, train = TokenShard(data, "val"), TokenShard(data, "train")
     background = unigram(np.asarray(train.tokens), val.vocab_size)

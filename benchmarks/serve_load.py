@@ -36,9 +36,11 @@ from pathlib import Path
 import openai
 import torch
 
+from calm.bench import build_pair
 from calm.checkpoint import save_checkpoint
 from calm.data.corpus import iter_documents
 from calm.data.evalsets import WIKITEXT103_TEST
+from calm.data.tokenizer import train_bpe
 from calm.generate.completion import TextCompleter
 from calm.generate.lm import load_language_model
 from calm.io import to_json
@@ -53,9 +55,6 @@ PROMPTS = [
 
 def build_checkpoint(kind: str, out: Path) -> Path:
     """A demo-sized checkpoint with random weights and a 4,096-entry BPE (see the module docstring)."""
-    from calm.bench import build_pair
-    from calm.data.tokenizer import train_bpe
-
     texts = list(iter_documents([WIKITEXT103_TEST], max_words=None))
     tokenizer = train_bpe(texts, vocab_size=4096)
     calm, gpt = build_pair("tiny")

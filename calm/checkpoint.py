@@ -27,9 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, config_from_dict
+from calm.data.tokenizer import Tokenizer
+from calm.extensions import build_calm
 from calm.hardware import bf16_is_fast, int8_matmul_available
 from calm.io import JSONFileError, atomic_directory, read_json, recover_directories, remove_directory, write_json
 from calm.models.autoencoder import Autoencoder
+from calm.models.calm import CALM
+from calm.models.gpt import GPT
 from calm.models.vocab_search import ArgmaxScreens
 
 FORMAT_VERSION = 1
@@ -284,8 +289,6 @@ def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: 
 
 
 def read_tokenizer_json(ckpt_dir: str | Path, expected_sha256: str | None = None) -> str:
-    from calm.data.tokenizer import Tokenizer
-
     path = resolve_checkpoint(ckpt_dir) / TOKENIZER_FILE
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
@@ -318,7 +321,7 @@ def load_training_state(ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str,
 
 def fast_argmax_screens(device: torch.device) -> ArgmaxScreens:
     """The exact vocabulary-argmax screens ``device`` runs fast (``calm.hardware``); both give the reference
-    argmax exactly, so they change decoding speed only (CALM-SPEC §7)."""
+    argmax exactly, so they change decoding speed only (not the FLOPs of paper Table 1)."""
     return ArgmaxScreens(bf16=device.type == "cpu" and bf16_is_fast(device), int8=int8_matmul_available(device))
 
 
@@ -331,14 +334,13 @@ def use_fast_argmax(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: str | None = None):
+def load_model(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: str | None = None
+) -> tuple[Autoencoder | CALM | GPT, Tokenizer, dict[str, Any]]:
     """Load any calm checkpoint -> (model in eval mode, Tokenizer, config dict).
 
     ``kind`` (autoencoder | calm | gpt), when given, is checked against the checkpoint's.
     """
-    from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, config_from_dict
-    from calm.data.tokenizer import Tokenizer
-
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     config = read_config(ckpt_dir)
     if kind is not None and config["kind"] != kind:
@@ -348,13 +350,9 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: s
         if config["kind"] == "autoencoder":
             model = Autoencoder(config_from_dict(AutoencoderConfig, config["model"]))
         elif config["kind"] == "calm":
-            from calm.extensions import build_calm
-
             ae = Autoencoder(config_from_dict(AutoencoderConfig, config["autoencoder"]))
             model = build_calm(config_from_dict(CALMConfig, config["model"]), ae)
         elif config["kind"] == "gpt":
-            from calm.models.gpt import GPT
-
             model = GPT(config_from_dict(GPTConfig, config["model"]))
         else:
             raise CheckpointError(f"{ckpt_dir}: unknown checkpoint kind {config['kind']!r}")

@@ -1,7 +1,7 @@
 """Configuration dataclasses and named presets for every model and training stage.
 
-Model configs hold architecture numbers only (CALM-SPEC §2.1, §3.1); ``TrainConfig`` holds the
-optimisation recipe (§2.3, §6). Presets live in ``calm/configs/*.yaml`` next to this file, one
+Model configs hold architecture numbers only (paper §3 and §4, sizes in §7.1); ``TrainConfig`` holds the
+optimisation recipe (paper §7.1). Presets live in ``calm/configs/*.yaml`` next to this file, one
 file per model kind, so the paper's numbers are readable without running code.
 Every config validates itself in ``validate()`` so that an impossible setting fails before any
 work starts, with a message that says what to change.
@@ -37,7 +37,7 @@ KL_MODES: tuple[str, ...] = ("off", "plain", "clipped")
 
 
 def latent_ablation_overrides(latent_size: int) -> dict[str, Any]:
-    """``--set`` overrides of the paper's latent-size ablation (Fig. 7, CALM-SPEC §8.3) for one AE latent size.
+    """``--set`` overrides of the paper's latent-size ablation (Fig. 7) for one AE latent size.
 
     The paper trains l ∈ {32, 64, 128, 256} with both dropouts (DropToken, DropLatent) scaled to
     0.05 / 0.10 / 0.15 / 0.20, i.e. p = 0.05·log2(l/16); other sizes follow the same rule. Raises
@@ -53,7 +53,7 @@ def latent_ablation_overrides(latent_size: int) -> dict[str, Any]:
 
 @dataclass
 class AutoencoderConfig:
-    """The context-free chunk autoencoder (CALM-SPEC §2.1)."""
+    """The context-free chunk autoencoder (paper §3)."""
 
     vocab_size: int = 128257
     hidden_size: int = 512
@@ -65,7 +65,7 @@ class AutoencoderConfig:
     """K: tokens packed into one latent vector."""
     rms_norm_eps: float = 1e-6
     kl_mode: str = "clipped"
-    """off | plain | clipped: no KL term, β·Σ_j KL_j, or β·Σ_j max(λ_KL, KL_j) (CALM-SPEC §2.2, §8.3 Table 2)."""
+    """off | plain | clipped: no KL term, β·Σ_j KL_j, or β·Σ_j max(λ_KL, KL_j) (paper Eqs. 1-4, Table 2)."""
     kl_weight: float = 1e-3
     """β of the KL term (paper Fig. 6: 1e-3)."""
     kl_clamp: float = 0.5
@@ -112,7 +112,7 @@ class AutoencoderConfig:
 
 @dataclass
 class TransformerConfig:
-    """The Llama-style backbone shared by CALM and the token baseline (CALM-SPEC §3.1)."""
+    """The Llama-style backbone shared by CALM and the token baseline (paper §4, sizes in §7.1)."""
 
     vocab_size: int = 128257
     hidden_size: int = 1024
@@ -154,12 +154,12 @@ class TransformerConfig:
 
 @dataclass
 class GPTConfig(TransformerConfig):
-    """The token-level baseline: backbone plus an untied LM head (CALM-SPEC §6)."""
+    """The token-level baseline: backbone plus an untied LM head (paper §7.1)."""
 
 
 @dataclass
 class CALMConfig(TransformerConfig):
-    """CALM: chunk input compression, backbone and energy head (CALM-SPEC §3)."""
+    """CALM: chunk input compression, backbone and energy head (paper §4)."""
 
     chunk_size: int = 4
     latent_size: int = 128
@@ -174,7 +174,7 @@ class CALMConfig(TransformerConfig):
     energy_alpha: float = 1.0
     """Exponent of the distances in the energy score; strictly proper for 0 < alpha < 2."""
     head: str = "energy"
-    """energy | flow | diffusion: the generative head and its loss (CALM-SPEC §3.3, §3.6, §8.6)."""
+    """energy | flow | diffusion: the generative head and its loss (paper §4.2; flow, diffusion: Figs. 8-9)."""
     flow_steps: int = 4
     """Flow head: midpoint steps per sample (2 head passes each); read at sampling time."""
     diffusion_steps: int = 100
@@ -183,7 +183,7 @@ class CALMConfig(TransformerConfig):
     """Diffusion head: steps of the cosine noise schedule it is trained on."""
     input: str = "discrete"
     """discrete | continuous | both: backbone input from the previous chunk's tokens (embed + MLP), its
-    posterior mean latent (Linear), or the sum (CALM-SPEC §3.2, §8.5 Table 5)."""
+    posterior mean latent (Linear), or the sum (paper §4, Table 5)."""
 
     # ---- ours, beyond the paper (calm.extensions; docs/guides/extensions.md), all off by default ----
     energy_diversity_weight: float = 1.0
@@ -328,7 +328,7 @@ def extensions_in_use(config: Any) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    """The optimisation recipe shared by every stage (CALM-SPEC §2.3, §6)."""
+    """The optimisation recipe shared by every stage (paper §7.1)."""
 
     lr: float = 3e-4
     lr_schedule: str = "constant"

@@ -12,7 +12,7 @@ auto`` (the default of every preset and command) resolves once per process and d
   fp32, so autocast there would make training some 50 times slower.
 
 ``fp32`` and ``bf16`` stay available as explicit choices. The paper trains in bf16 on GPUs
-(CALM-SPEC §6); on CPUs the choice is ours and only about speed: results agree to bf16 rounding.
+(§7.1); on CPUs the choice is ours and only about speed: results agree to bf16 rounding.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speed benchmarks of CALM against the token-level Transformer with the same backbone (CALM-SPEC §7, §8.1).
+"""Speed benchmarks of CALM against the token-level Transformer with the same backbone (paper Table 1).
 
 - ``calm bench generate`` (:mod:`calm.bench.generate`): decoding tokens/s, greedy and at T = 1/2,
   with a per-step profile.

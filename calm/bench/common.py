@@ -1,7 +1,7 @@
 """Shared parts of the speed benchmarks: the CALM/GPT model pair with one backbone, logging, timing.
 
 ``calm.bench.generate`` (decoding speed) and ``calm.bench.train`` (training throughput, MFU) both
-compare a CALM with the token-level Transformer of the same backbone (CALM-SPEC §7, §8.1); this
+compare a CALM with the token-level Transformer of the same backbone (paper Table 1); this
 module builds that pair and holds the small helpers both use.
 """
 

@@ -1,9 +1,9 @@
 """``calm bench generate``: decoding speed of CALM against the token-level Transformer with the same backbone.
 
-Decoding speed is the practical side of the paper's inference-FLOPs claim (Table 1; CALM-SPEC §7,
-§8.1): one backbone step yields K = 4 tokens (§3), but each step also runs the energy head and the
+Decoding speed is the practical side of the paper's inference-FLOPs claim (Table 1): one
+backbone step yields K = 4 tokens (paper §3-§4), but each step also runs the energy head and the
 autoencoder decoder, whose vocabulary projection is as large as a Transformer's LM head;
-likelihood-free temperature sampling (§5.2, Alg. 2) runs head and decoder N = 200 times per step.
+likelihood-free temperature sampling (paper §6, Alg. 2) runs head and decoder N = 200 times per step.
 Both models get random (seeded) weights of the same backbone, vocabulary and context, batch 1, a
 KV cache, a 128-token prompt and 512 new tokens, timed interleaved in one process. It reports
 tokens/s for greedy decoding (GPT argmax vs CALM at T = 1, one head sample per step) and at
@@ -295,6 +295,70 @@ def bench_generate_size(
     vocab = calm.config.vocab_size
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(device)
+    times = _time_interleaved(size, calm, gpt, prompt, tokens, num_samples, repeats, warmup, seed)
+    result = _rates(times, tokens)
+    result["analytic_flops_per_token"] = _analytic_flops(calm, gpt, context, num_samples)
+    result["weight_bytes_per_token"] = weight_bytes_per_token(calm, gpt)
+    result["distinct_of_n_candidates"] = distinct_candidates(calm, prompt, num_samples, seed)
+    result["precision"] = precision_record(calm)
+    check_tokens = {"greedy": min(tokens["greedy"], 64), "t_half": min(tokens["t_half"], check_tokens_t_half)}
+    result["output_check"] = output_check(calm, prompt, check_tokens, num_samples, seed)
+    check = result["output_check"]
+    same = f"greedy {check['greedy_same_samples']}, T=1/2 {check['t_half_same_samples']}"
+    log(f"[{size}] output check, same samples as the reference path: {same}")
+    result["setup"] = {
+        "layers": gpt.config.num_layers,
+        "hidden_size": gpt.config.hidden_size,
+        "heads": gpt.config.num_heads,
+        "vocab_size": vocab,
+        "context": calm.config.max_seq_len,
+        "chunk_size": K,
+        "autoencoder_hidden_size": calm.autoencoder.config.hidden_size,
+        "calm_params": calm.num_parameters(),
+        "gpt_params": gpt.num_parameters(),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": tokens["greedy"],
+        "t_half_new_tokens": tokens["t_half"],
+        "repeats": repeats,
+        "warmup": warmup,
+        "num_samples": num_samples,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if profile_tokens:
+        result["profile"] = _profiles(calm, gpt, prompt, tokens, profile_tokens, num_samples, seed)
+        log(f"[{size}] profile done")
+    return result
+
+
+def _analytic_flops(calm: CALM, gpt: GPT, context: int, num_samples: int) -> dict[str, float]:
+    """Inference FLOPs per token (``calm.models.flops``) of the GPT and of CALM greedy and at T = 1/2 with
+    ``num_samples`` candidates, at a context of ``context`` tokens."""
+    K, ae_config = calm.chunk_size, calm.autoencoder.config
+    return {
+        "gpt": gpt_flops(gpt.config, context=context)["inference_flops_per_token"],
+        "calm_greedy": calm_flops(calm.config, ae_config, context=context // K)["inference_flops_per_token"],
+        "calm_t_half": calm_flops(calm.config, ae_config, context=context // K, num_samples_inference=num_samples)[
+            "inference_flops_per_token"
+        ],
+    }
+
+
+def _time_interleaved(
+    size: str,
+    calm: CALM,
+    gpt: GPT,
+    prompt: torch.Tensor,
+    tokens: dict[str, int],
+    num_samples: int,
+    repeats: int,
+    warmup: int,
+    seed: int,
+) -> dict[str, list[float]]:
+    """Seconds of every timed run, {"calm_greedy": [...], "gpt_greedy": [...], ...}, after ``warmup`` rounds.
+
+    Each repetition runs every mode of ``tokens`` (greedy, t_half) for CALM, then the GPT, so each CALM
+    run and the GPT run of the same mode are adjacent.
+    """
     sampling = {"greedy": (1.0, 1, 0.0), "t_half": (0.5, num_samples, 0.5)}  # CALM T, CALM N, GPT T
 
     def run(model_name: str, mode: str, n: int) -> float:
@@ -316,6 +380,12 @@ def bench_generate_size(
                 times[f"{model_name}_{mode}"].append(seconds)
                 rate = f"{n / seconds:,.1f} tok/s ({seconds:.1f} s)"
                 log(f"[{size}] rep {rep + 1}/{repeats} {model_name} {mode}: {rate}")
+    return times
+
+
+def _rates(times: dict[str, list[float]], tokens: dict[str, int]) -> dict[str, Any]:
+    """Median tokens/s of each model and mode, the CALM/GPT ratio of the medians and the median of the
+    paired ratios, and every run's tokens/s (``runs_tok_s``)."""
     result: dict[str, Any] = {}
     for mode, n in tokens.items():
         calm_tps = n / median(times[f"calm_{mode}"])
@@ -327,50 +397,26 @@ def bench_generate_size(
         paired = [g / c for c, g in zip(times[f"calm_{mode}"], times[f"gpt_{mode}"], strict=True)]
         result[f"{mode}_ratio_paired"] = median(paired)
     result["runs_tok_s"] = {k: [round(tokens[k.split("_", 1)[1]] / s, 2) for s in v] for k, v in times.items()}
-    ae_config = calm.autoencoder.config
-    result["analytic_flops_per_token"] = {
-        "gpt": gpt_flops(gpt.config, context=context)["inference_flops_per_token"],
-        "calm_greedy": calm_flops(calm.config, ae_config, context=context // K)["inference_flops_per_token"],
-        "calm_t_half": calm_flops(calm.config, ae_config, context=context // K, num_samples_inference=num_samples)[
-            "inference_flops_per_token"
-        ],
-    }
-    result["weight_bytes_per_token"] = weight_bytes_per_token(calm, gpt)
-    result["distinct_of_n_candidates"] = distinct_candidates(calm, prompt, num_samples, seed)
-    result["precision"] = precision_record(calm)
-    check_tokens = {"greedy": min(tokens["greedy"], 64), "t_half": min(tokens["t_half"], check_tokens_t_half)}
-    result["output_check"] = output_check(calm, prompt, check_tokens, num_samples, seed)
-    check = result["output_check"]
-    same = f"greedy {check['greedy_same_samples']}, T=1/2 {check['t_half_same_samples']}"
-    log(f"[{size}] output check, same samples as the reference path: {same}")
-    result["setup"] = {
-        "layers": gpt.config.num_layers,
-        "hidden_size": gpt.config.hidden_size,
-        "heads": gpt.config.num_heads,
-        "vocab_size": vocab,
-        "context": calm.config.max_seq_len,
-        "chunk_size": K,
-        "autoencoder_hidden_size": ae_config.hidden_size,
-        "calm_params": calm.num_parameters(),
-        "gpt_params": gpt.num_parameters(),
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": tokens["greedy"],
-        "t_half_new_tokens": tokens["t_half"],
-        "repeats": repeats,
-        "warmup": warmup,
-        "num_samples": num_samples,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    if profile_tokens:
-        greedy_n, half_n = (min(tokens[m], profile_tokens) for m in ("greedy", "t_half"))
-        result["profile"] = {
-            "calm_greedy": profile_calm(calm, prompt, greedy_n, 1.0, 1, seed),
-            "gpt_greedy": profile_gpt(gpt, prompt, greedy_n, 0.0, seed),
-            "calm_t_half": profile_calm(calm, prompt, half_n, 0.5, num_samples, seed),
-            "gpt_t_half": profile_gpt(gpt, prompt, half_n, 0.5, seed),
-        }
-        log(f"[{size}] profile done")
     return result
+
+
+def _profiles(
+    calm: CALM,
+    gpt: GPT,
+    prompt: torch.Tensor,
+    tokens: dict[str, int],
+    profile_tokens: int,
+    num_samples: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """One instrumented run per model and mode over min(tokens, ``profile_tokens``) new tokens."""
+    greedy_n, half_n = (min(tokens[m], profile_tokens) for m in ("greedy", "t_half"))
+    return {
+        "calm_greedy": profile_calm(calm, prompt, greedy_n, 1.0, 1, seed),
+        "gpt_greedy": profile_gpt(gpt, prompt, greedy_n, 0.0, seed),
+        "calm_t_half": profile_calm(calm, prompt, half_n, 0.5, num_samples, seed),
+        "gpt_t_half": profile_gpt(gpt, prompt, half_n, 0.5, seed),
+    }
 
 
 def bench_generate(

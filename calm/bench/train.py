@@ -1,6 +1,6 @@
 """``calm bench train``: training tokens/s and model-FLOPs utilisation of CALM and the GPT baseline.
 
-Training FLOPs per token are analytic (``calm.models.flops``, CALM-SPEC §7, paper Table 1); tokens/s is
+Training FLOPs per token are analytic (``calm.models.flops``, paper Table 1); tokens/s is
 measured on the library's own training step (``calm.train.loop``: forward, backward, clip, AdamW) on
 random token blocks, CALM and GPT interleaved; MFU divides the achieved FLOP/s by a matmul peak
 measured in the same run on the same device. Figures: ``benchmarks/README.md``.

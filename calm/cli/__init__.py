@@ -19,7 +19,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 from calm import __version__
 from calm.config import ConfigError
@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
 
 
-def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, file=None, line=None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type,
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """Warnings, ours and libraries', read as one ``warning:`` line, not as Python source locations."""
     print(f"warning: {message}", file=sys.stderr)
 

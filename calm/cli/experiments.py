@@ -128,7 +128,7 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "spec", nargs="?", help="YAML sweep spec (format: `calm/experiments/sweep.py` docstring, README); or --study"
+        "spec", nargs="?", help="YAML sweep spec (format: docs/guides/experiments.md#calm-sweep); or --study"
     )
     p.add_argument("--out", required=True, help="sweep directory: one folder per run, results.{md,csv,json,png}")
     p.add_argument("--data", help="prepared data directory (replaces the spec's)")
@@ -146,7 +146,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--study",
         help="a named ablation of the paper: heads, input, energy-loss, ae-regularisers, "
-        "latent-size, chunk-size (README 'Ablation studies'); prepares the default data without --data",
+        "latent-size, chunk-size (docs/guides/experiments.md); prepares the default data without --data",
     )
     p.add_argument(
         "--scale",

@@ -1,6 +1,6 @@
 """Text sources for training: local files, the pinned default corpus, Hugging Face datasets.
 
-CALM-SPEC §1 (data). The paper trains on the Pile; this module supplies the text a laptop-scale run
+Paper §7.1 (data). The paper trains on the Pile; this module supplies the text a laptop-scale run
 uses instead, and applies the paper's one preprocessing step: a document longer than 10,000
 whitespace words is *split* (never truncated) into pieces of at most 10,000 words
 (``data/process.py`` of the official code).
@@ -97,7 +97,7 @@ def _text_key(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Long-document splitting (CALM-SPEC §1 preprocessing)
+# Long-document splitting (the preprocessing of the authors' code)
 
 
 def split_long_document(text: str, max_words: int = MAX_DOC_WORDS) -> list[str]:

@@ -1,6 +1,6 @@
 """Text -> token shards (uint32 memmaps) -> training items and batches.
 
-CALM-SPEC §1 (packing). ``prepare`` tokenizes a corpus once into a self-contained folder:
+Paper §7.1 and the authors' code (packing). ``prepare`` tokenizes a corpus once into a self-contained folder:
 
     train.bin / val.bin   uint32 token ids; each document stored as [BOS] + tokens (no EOS)
     train.idx / val.idx   uint64 document start offsets, num_documents + 1 entries (last = total)
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from calm.data.corpus import Document, iter_documents, resolve_sources
+from calm.data.corpus import Document, Source, iter_documents, resolve_sources
 from calm.data.split import MIN_VAL_BYTES, SplitError, plan_split, split_of  # noqa: F401 (split_of: public here too)
 from calm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from calm.io import JSONFileError, atomic_directory, atomic_file, read_json, write_json
@@ -160,79 +160,14 @@ def prepare(
         raise DataError(f"{out_dir} already exists and is not empty; choose another folder or pass overwrite=True")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    resolved = resolve_sources(sources, cache, wikitext)
     specs = [str(s) for s in sources] if sources else ["default"]
-
-    def documents() -> Iterator[tuple[str, Document]]:
-        for source in resolved:
-            for doc in source.documents():
-                yield source.name, doc
-
-    def text_of(index: int) -> str:
-        return next(itertools.islice(documents(), index, None))[1].text
-
-    sizes = ((doc.key, len(doc.text.encode("utf-8"))) for _, doc in documents()) if val_fraction > 0 else ()
-    try:
-        plan = plan_split(sizes, seed, val_fraction, min_val_bytes, text_of)
-    except SplitError as e:
-        raise DataError(f"{specs}: {e}") from None
-
-    def split_documents() -> Iterator[tuple[str, str, str]]:
-        """(source name, split, text) of every document part, as planned."""
-        for index, (name, doc) in enumerate(documents()):
-            for split, text in plan.assign(index, doc.key, doc.text):
-                yield name, split, text
-
+    corpus = _SplitCorpus(resolve_sources(sources, cache, wikitext), specs, seed, val_fraction, min_val_bytes)
     with atomic_directory(out_dir) as tmp:
-        if tokenizer == "train":
-            seen = [0]
-
-            def train_texts() -> Iterator[str]:
-                for _, split, text in split_documents():
-                    if split == "train":
-                        seen[0] += 1
-                        yield text
-
-            tok = train_bpe(train_texts(), vocab_size)
-            if seen[0] == 0:
-                raise DataError(
-                    f"the corpus {specs} has no training documents (it is empty, or every document "
-                    "fell into the validation split); add text or lower val_fraction"
-                )
-        else:
-            tok = load_tokenizer(tokenizer, cache)
+        tok = _train_or_load_tokenizer(tokenizer, corpus, vocab_size, cache)
         tok.save(tmp / "tokenizer.json")
-
-        writers = {split: ShardWriter(tmp, split, max_id=tok.vocab_size - 1) for split in SPLITS}
-        components: dict[str, dict[str, int]] = {}
-        split_bytes = dict.fromkeys(SPLITS, 0)
-        bar = tqdm(desc=f"tokenizing -> {out_dir.name}", unit=" docs", disable=not progress)
-        try:
-            for batch in _batched(split_documents(), batch_documents):
-                ids = tok.encode_batch([text for _, _, text in batch])
-                grouped: dict[str, list[list[int]]] = {split: [] for split in SPLITS}
-                for (name, split, text), doc_ids in zip(batch, ids):
-                    grouped[split].append([tok.bos_id, *doc_ids])
-                    nbytes = len(text.encode("utf-8"))
-                    split_bytes[split] += nbytes
-                    stats = components.setdefault(name, {"num_documents": 0, "num_bytes": 0, "num_tokens": 0})
-                    stats["num_documents"] += 1
-                    stats["num_bytes"] += nbytes
-                    stats["num_tokens"] += len(doc_ids) + 1
-                for split, docs in grouped.items():
-                    writers[split].write(docs)
-                bar.update(len(batch))
-                bar.set_postfix(tokens=sum(w.num_tokens for w in writers.values()))
-        finally:
-            bar.close()
-            counts = {split: writer.close() for split, writer in writers.items()}
+        counts, components = _write_shards(tmp, tok, corpus.parts(), batch_documents, progress, out_dir.name)
         if counts["train"]["num_documents"] == 0:
-            raise DataError(
-                f"the corpus {specs} has no training documents (it is empty, or every document fell "
-                "into the validation split); add text or lower val_fraction"
-            )
-        for split in SPLITS:
-            counts[split]["num_bytes"] = split_bytes[split]
+            raise corpus.no_training_documents()
         meta = {
             "format_version": FORMAT_VERSION,
             "dtype": TOKEN_DTYPE.name,
@@ -244,10 +179,108 @@ def prepare(
             "wikitext": wikitext,
             "seed": seed,
             "val_fraction": val_fraction,
-            "validation": plan.info,
+            "validation": corpus.plan.info,
         }
         write_json(tmp / "meta.json", meta)
     return meta
+
+
+class _SplitCorpus:
+    """The sources of ``prepare`` with their train / validation plan; every pass reads them afresh.
+
+    The plan is made on construction, from one pass over the documents' sizes (none when
+    ``val_fraction`` is 0); a corpus too small for any split raises ``DataError`` there.
+    """
+
+    def __init__(
+        self, sources: list[Source], specs: list[str], seed: int, val_fraction: float, min_val_bytes: int
+    ) -> None:
+        self.sources, self.specs = sources, specs
+        sizes = ((doc.key, len(doc.text.encode("utf-8"))) for _, doc in self.documents()) if val_fraction > 0 else ()
+        try:
+            self.plan = plan_split(sizes, seed, val_fraction, min_val_bytes, self._text_of)
+        except SplitError as e:
+            raise DataError(f"{specs}: {e}") from None
+
+    def documents(self) -> Iterator[tuple[str, Document]]:
+        """(source name, document) of every document, in order."""
+        for source in self.sources:
+            for doc in source.documents():
+                yield source.name, doc
+
+    def _text_of(self, index: int) -> str:
+        return next(itertools.islice(self.documents(), index, None))[1].text
+
+    def parts(self) -> Iterator[tuple[str, str, str]]:
+        """(source name, split, text) of every document part, as planned."""
+        for index, (name, doc) in enumerate(self.documents()):
+            for split, text in self.plan.assign(index, doc.key, doc.text):
+                yield name, split, text
+
+    def no_training_documents(self) -> DataError:
+        return DataError(
+            f"the corpus {self.specs} has no training documents (it is empty, or every document fell "
+            "into the validation split); add text or lower val_fraction"
+        )
+
+
+def _train_or_load_tokenizer(
+    tokenizer: str, corpus: _SplitCorpus, vocab_size: int, cache: str | Path | None
+) -> Tokenizer:
+    """``"train"``: a ``vocab_size`` BPE trained on the training split; otherwise ``load_tokenizer(tokenizer)``."""
+    if tokenizer != "train":
+        return load_tokenizer(tokenizer, cache)
+    seen = [0]
+
+    def train_texts() -> Iterator[str]:
+        for _, split, text in corpus.parts():
+            if split == "train":
+                seen[0] += 1
+                yield text
+
+    tok = train_bpe(train_texts(), vocab_size)
+    if seen[0] == 0:
+        raise corpus.no_training_documents()
+    return tok
+
+
+def _write_shards(
+    folder: Path,
+    tok: Tokenizer,
+    parts: Iterable[tuple[str, str, str]],
+    batch_documents: int,
+    progress: bool,
+    name: str,
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Tokenize ``parts`` ((source name, split, text)) into the split shards of ``folder``, ``batch_documents``
+    at a time, each as [BOS] + tokens; returns the per-split counts (documents, tokens, bytes) and the
+    per-source ones (``meta["components"]``)."""
+    writers = {split: ShardWriter(folder, split, max_id=tok.vocab_size - 1) for split in SPLITS}
+    components: dict[str, dict[str, int]] = {}
+    split_bytes = dict.fromkeys(SPLITS, 0)
+    bar = tqdm(desc=f"tokenizing -> {name}", unit=" docs", disable=not progress)
+    try:
+        for batch in _batched(parts, batch_documents):
+            ids = tok.encode_batch([text for _, _, text in batch])
+            grouped: dict[str, list[list[int]]] = {split: [] for split in SPLITS}
+            for (source, split, text), doc_ids in zip(batch, ids):
+                grouped[split].append([tok.bos_id, *doc_ids])
+                nbytes = len(text.encode("utf-8"))
+                split_bytes[split] += nbytes
+                stats = components.setdefault(source, {"num_documents": 0, "num_bytes": 0, "num_tokens": 0})
+                stats["num_documents"] += 1
+                stats["num_bytes"] += nbytes
+                stats["num_tokens"] += len(doc_ids) + 1
+            for split, docs in grouped.items():
+                writers[split].write(docs)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=sum(w.num_tokens for w in writers.values()))
+    finally:
+        bar.close()
+        counts = {split: writer.close() for split, writer in writers.items()}
+    for split in SPLITS:
+        counts[split]["num_bytes"] = split_bytes[split]
+    return counts, components
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +371,7 @@ class TokenShard:
 
 
 def lm_blocks(shard: TokenShard, block_size: int) -> np.ndarray:
-    """(num_blocks, block_size) view of the concatenated tokens; the remainder is dropped (§1)."""
+    """(num_blocks, block_size) view of the concatenated tokens; the remainder is dropped (as HF ``group_texts``)."""
     num_blocks = shard.num_tokens // block_size if block_size > 0 else 0
     if num_blocks == 0:
         raise DataError(
@@ -362,7 +395,7 @@ def ae_chunks(
     pad_id: int | None = None,
     batch_tokens: int = 1 << 22,
 ) -> np.ndarray:
-    """(num_chunks, chunk_size) uint32 autoencoder items (§1 AE packing), cached in the data folder.
+    """(num_chunks, chunk_size) uint32 autoencoder items (the autoencoder packing above), cached in the data folder.
 
     Each document (as stored, starting with BOS) gets EOS appended and is right-padded with PAD to
     a multiple of ``chunk_size``; chunks never straddle documents. ``eos_id`` / ``pad_id`` default

@@ -1,10 +1,10 @@
 """The train / validation split of a corpus, with a usable validation split for small corpora.
 
-CALM-SPEC §1 (data). Documents go to validation by a seeded hash of their key (``split_of``), so
-the split is deterministic and a document's pieces stay together. On a large corpus that is all.
-On a small one the hash can hold out nothing: one text file is one document, and 31 documents at
-1% give none. Every training stage evaluates on the validation split, so ``plan_split`` tops it up
-to a minimum amount of text, ``min(min_val_bytes, MAX_HOLDOUT x corpus)``:
+Ours; the paper's data is described in its §7.1. Documents go to validation by a seeded hash of
+their key (``split_of``), so the split is deterministic and a document's pieces stay together. On a
+large corpus that is all. On a small one the hash can hold out nothing: one text file is one
+document, and 31 documents at 1% give none. Every training stage evaluates on the validation split,
+so ``plan_split`` tops it up to a minimum amount of text, ``min(min_val_bytes, MAX_HOLDOUT x corpus)``:
 
 1. whole documents (key groups) move from train to val, in a seeded hash order, as long as the
    split stays under 1.5 times that minimum;

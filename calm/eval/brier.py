@@ -1,14 +1,14 @@
 """BrierLM drivers: per-position Brier-n estimates from CALM and token LMs, and data-set evaluation.
 
 The estimators themselves are pure functions in ``calm.eval.brierlm``; this module runs models to get
-the samples and probabilities they need (CALM-SPEC §4):
+the samples and probabilities they need (paper §5):
 
-- **CALM, K ≥ 4** (§4.2): one teacher-forced pass, two head samples per step decoded by the
+- **CALM, K ≥ 4** (paper §5 and the authors' code): one teacher-forced pass, two head samples per step decoded by the
   autoencoder; Brier-n from the first n tokens of each predicted chunk.
 - **CALM, K < 4**: the accuracy term concatenates teacher-forced predictions of consecutive chunks
   (a match implies the later context was the ground truth); the collision term needs a real
   rollout, feeding sample 1's chunk back and drawing two fresh samples at each depth.
-- **Token LMs** (§4.3): ``exact`` is the low-variance form (2·Π P(y) minus the exact last-step
+- **Token LMs** (paper §5): ``exact`` is the low-variance form (2·Π P(y) minus the exact last-step
   collision Σ P(x|path)² along a sampled path); ``two_sample`` is the pure sample form.
 
 :func:`score_block` scores one block of any language model (``calm.generate.lm``: CALM or a token
@@ -292,7 +292,12 @@ def _hf_adapter(path: str, device: torch.device | str) -> tuple[Any, Any, Callab
             self.length = 0
             self.base: int | None = None
 
-    def step(ids, cache, positions=None, attn_mask=None):
+    def step(
+        ids: torch.Tensor,
+        cache: _Cache,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         T = ids.shape[1]
         if cache.base is not None and cache.length == cache.base:
             extra = cache.kv.get_seq_length() - cache.base
@@ -333,7 +338,13 @@ class _HFLanguageModel(TokenLanguageModel):
     def context_steps(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    def step_logits(self, ids, cache, positions=None, attn_mask=None) -> torch.Tensor:
+    def step_logits(
+        self,
+        ids: torch.Tensor,
+        cache: Any,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self._step(ids, cache, positions, attn_mask)
 
     def new_cache(self, max_len: int) -> Any:
@@ -348,7 +359,9 @@ def _hf_documents(hf_tok: Any, data: str) -> list[np.ndarray]:
     ]
 
 
-def _context_blocks(tokens_per_step: int, max_steps: int, steps: int | None, tokens: int | None):
+def _context_blocks(
+    tokens_per_step: int, max_steps: int, steps: int | None, tokens: int | None
+) -> tuple[int, dict[str, Any]]:
     """(block length in tokens, its description) for ``--context-tokens`` / ``--context-steps``."""
     if tokens is not None:
         block = tokens - tokens % tokens_per_step

@@ -1,4 +1,4 @@
-"""BrierLM: a language-model metric that needs only samples (CALM-SPEC §4, paper §4).
+"""BrierLM: a language-model metric that needs only samples (paper §5).
 
 Why BrierLM exists. Perplexity needs the probability the model assigns to the observed text. CALM
 cannot give it: its energy head is an implicit generator (noise in, latent vector out), so P(text)
@@ -19,13 +19,13 @@ so it measures multi-token coherence. BrierLM is 100 times the geometric mean of
 each Brier-n is first averaged over the whole evaluation set. The official ``compute_metrics``
 omits the factor 100; we report it as the paper's tables do. Over Transformer training
 checkpoints, BrierLM tracks cross-entropy almost linearly (Pearson -0.966, Spearman -0.991; paper
-Fig. 3). Caveat: like perplexity, it depends on the evaluation context length (issue #20), so
-compare models only at equal context (2048 backbone steps).
+Fig. 3). Caveat: like perplexity, it depends on the evaluation context length
+(shaochenze/calm#20), so compare models only at equal context (2048 backbone steps).
 
 This module is pure: estimators are functions of samples, probabilities and targets. It has no
 model, device or data code. ``token_lm_brier`` scores any callable that maps ids to logits, which
-is how the token baseline and test mock models are evaluated (the §4.3 estimator). The CALM
-estimator (§4.2) is just ``brier_two_sample`` on decoded chunks.
+is how the token baseline and test mock models are evaluated (paper §5's token-level estimator). The
+CALM estimator (paper §5 and the authors' code) is just ``brier_two_sample`` on decoded chunks.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def exact_brier(probs: torch.Tensor, target: int) -> float:
 
 
 def brier_two_sample(sample1: torch.Tensor, sample2: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Unbiased two-sample estimates of Brier-1..n at each start position (CALM-SPEC §4.1).
+    """Unbiased two-sample estimates of Brier-1..n at each start position (paper §5).
 
     sample1, sample2: (P, n) token ids of two independent n-token continuations per position.
     target: (P, n) the true next n tokens. Returns (P, n) float: column k-1 estimates Brier-k,
@@ -72,7 +72,7 @@ def brier_two_sample(sample1: torch.Tensor, sample2: torch.Tensor, target: torch
 
 
 def brier_exact_form(prob_target: torch.Tensor, collision: torch.Tensor) -> torch.Tensor:
-    """The token-LM low-variance estimate of Brier-1..n (CALM-SPEC §4.3); returns (P, n).
+    """The token-LM low-variance estimate of Brier-1..n (paper §5); returns (P, n).
 
     prob_target: (P, n). Column j holds P(y_{t+j} | y_{<t+j}), the teacher-forced probability of
         the j-th target token (per step, *not* cumulative). The product of the first k columns is
@@ -129,11 +129,11 @@ def token_lm_brier(
 ) -> torch.Tensor:
     """Brier-1..n_max estimates of a token LM at every start position of one sequence.
 
-    ids: (1, T). Position t (t = 0 .. T - n_max - 1, every position as CALM-SPEC §4.3 scores it)
-    conditions on ids[0, :t+1] and scores the next n tokens ids[0, t+1 : t+1+n]. Returns
+    ids: (1, T). Position t (t = 0 .. T - n_max - 1: every position, as the authors' code scores
+    them) conditions on ids[0, :t+1] and scores the next n tokens ids[0, t+1 : t+1+n]. Returns
     (T - n_max, n_max) float estimates, one unbiased estimate of Brier-n per position and n.
 
-    mode "exact" is the §4.3 low-variance form (``brier_exact_form``): exact teacher-forced target
+    mode "exact" is the paper's low-variance form (``brier_exact_form``): exact teacher-forced target
     probabilities and exact sum-of-squares at the end of a sampled shared path.
     mode "two_sample" is the generic estimator (``brier_two_sample``) on two independent
     continuations, the estimator CALM uses.
@@ -158,64 +158,92 @@ def token_lm_brier(
     if num_pos < 1:
         raise ValueError(f"a sequence of {T} tokens has no position with {n_max} tokens after it")
     step = step_fn or _default_step_fn(model_logits_fn)
-    device = seq.device
-
     tf_logits = model_logits_fn(ids)[0, : T - 1].float()  # (T-1, V): row s predicts seq[s+1]
-    positions = torch.arange(num_pos, device=device)
-    offsets = torch.arange(n_max, device=device)
+    positions = torch.arange(num_pos, device=seq.device)
+    offsets = torch.arange(n_max, device=seq.device)
     targets = seq[positions[:, None] + 1 + offsets]  # (P, n_max)
+    rollouts = _Rollouts(seq, tf_logits, step, rollout_batch_size)
+    if mode == "exact":
+        return _exact_form(rollouts, targets, generator)
+    return _two_samples(rollouts, targets, generator)
 
-    def tf_probs(rows: torch.Tensor, depth: int) -> torch.Tensor:
-        return F.softmax(tf_logits[rows + depth], dim=-1)
 
-    def rollout_probs(rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+class _Rollouts:
+    """Next-token distributions of a token LM after seq[:t+1] + a sampled path, for start positions t.
+
+    A path that has so far reproduced the target reads the teacher-forced logits ``tf_logits`` (T-1, V),
+    row s predicting seq[s+1]; any other path is run through ``step``, ``batch_size`` rows at a time.
+    """
+
+    def __init__(self, seq: torch.Tensor, tf_logits: torch.Tensor, step: StepFn, batch_size: int) -> None:
+        self.seq, self.tf_logits, self.step, self.batch_size = seq, tf_logits, step, batch_size
+        self.device = seq.device
+
+    def teacher_forced(self, rows: torch.Tensor, depth: int) -> torch.Tensor:
+        return F.softmax(self.tf_logits[rows + depth], dim=-1)
+
+    def rolled_out(self, rows: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         """Next-token probabilities after seq[:t+1] + paths[i] for t = rows[i]; paths (R, depth)."""
         depth = paths.shape[1]
         out = []
-        for start in range(0, len(rows), rollout_batch_size):
-            t = rows[start : start + rollout_batch_size]
-            path = paths[start : start + rollout_batch_size]
+        for start in range(0, len(rows), self.batch_size):
+            t = rows[start : start + self.batch_size]
+            path = paths[start : start + self.batch_size]
             length = int(t.max()) + 1 + depth
-            offset = torch.arange(length, device=device)[None] - (t[:, None] + 1)  # (B, L)
+            offset = torch.arange(length, device=self.device)[None] - (t[:, None] + 1)  # (B, L)
             in_path = (offset >= 0) & (offset < depth)
-            prefixes = seq[:length].expand(len(t), length).clone()
+            prefixes = self.seq[:length].expand(len(t), length).clone()
             prefixes[in_path] = path.gather(1, offset.clamp(0, depth - 1))[in_path]
-            out.append(F.softmax(step(prefixes, t + 1 + depth).float(), dim=-1))
+            out.append(F.softmax(self.step(prefixes, t + 1 + depth).float(), dim=-1))
         return torch.cat(out)
 
-    def next_probs(rows: torch.Tensor, depth: int, on_target: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    def next_probs(self, rows: torch.Tensor, depth: int, on_target: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
         """Distributions at ``depth`` for ``rows``: teacher-forced where the path is the target."""
-        probs = torch.empty(len(rows), tf_logits.shape[-1], device=device)
+        probs = torch.empty(len(rows), self.tf_logits.shape[-1], device=self.device)
         hit = on_target[rows]
         if hit.any():
-            probs[hit] = tf_probs(rows[hit], depth)
+            probs[hit] = self.teacher_forced(rows[hit], depth)
         if (~hit).any():
-            probs[~hit] = rollout_probs(rows[~hit], paths[rows[~hit], :depth])
+            probs[~hit] = self.rolled_out(rows[~hit], paths[rows[~hit], :depth])
         return probs
 
-    if mode == "exact":
-        lse = tf_logits.logsumexp(-1)
-        src = positions[:, None] + offsets  # (P, n_max)
-        prob_target = torch.exp(tf_logits[src, targets] - lse[src])
-        collision = torch.zeros(num_pos, n_max, device=device)
-        path = torch.zeros(num_pos, n_max, dtype=torch.long, device=device)
-        on_target = torch.ones(num_pos, dtype=torch.bool, device=device)
-        rows = positions
-        probs = tf_probs(rows, 0)
-        for depth in range(n_max):
-            collision[rows, depth] = probs.pow(2).sum(-1)
-            if depth == n_max - 1:
-                break
-            draws = torch.multinomial(probs, 2, replacement=True, generator=generator)  # (R, 2)
-            path[rows, depth] = draws[:, 0]
-            on_target[rows] &= draws[:, 0] == targets[rows, depth]
-            rows = rows[draws[:, 0] == draws[:, 1]]  # only agreeing pairs still collide
-            if len(rows) == 0:
-                break
-            probs = next_probs(rows, depth + 1, on_target, path)
-        return brier_exact_form(prob_target, collision)
 
-    # two_sample: -1 / -2 mark tokens that can no longer change the estimate; they match nothing
+def _exact_form(rollouts: _Rollouts, targets: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Mode "exact" of :func:`token_lm_brier`: ``brier_exact_form`` of the teacher-forced target probabilities
+    and the exact sums of squares along one sampled path per position, followed while two draws agree."""
+    num_pos, n_max = targets.shape
+    device, tf_logits = rollouts.device, rollouts.tf_logits
+    positions = torch.arange(num_pos, device=device)
+    offsets = torch.arange(n_max, device=device)
+    lse = tf_logits.logsumexp(-1)
+    src = positions[:, None] + offsets  # (P, n_max)
+    prob_target = torch.exp(tf_logits[src, targets] - lse[src])
+    collision = torch.zeros(num_pos, n_max, device=device)
+    path = torch.zeros(num_pos, n_max, dtype=torch.long, device=device)
+    on_target = torch.ones(num_pos, dtype=torch.bool, device=device)
+    rows = positions
+    probs = rollouts.teacher_forced(rows, 0)
+    for depth in range(n_max):
+        collision[rows, depth] = probs.pow(2).sum(-1)
+        if depth == n_max - 1:
+            break
+        draws = torch.multinomial(probs, 2, replacement=True, generator=generator)  # (R, 2)
+        path[rows, depth] = draws[:, 0]
+        on_target[rows] &= draws[:, 0] == targets[rows, depth]
+        rows = rows[draws[:, 0] == draws[:, 1]]  # only agreeing pairs still collide
+        if len(rows) == 0:
+            break
+        probs = rollouts.next_probs(rows, depth + 1, on_target, path)
+    return brier_exact_form(prob_target, collision)
+
+
+def _two_samples(rollouts: _Rollouts, targets: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Mode "two_sample" of :func:`token_lm_brier`: ``brier_two_sample`` of two continuations per position,
+    each extended only while it can still change the estimate."""
+    num_pos, n_max = targets.shape
+    device = rollouts.device
+    positions = torch.arange(num_pos, device=device)
+    # -1 / -2 mark tokens that can no longer change the estimate; they match nothing
     sample1 = torch.full((num_pos, n_max), -1, dtype=torch.long, device=device)
     sample2 = torch.full((num_pos, n_max), -2, dtype=torch.long, device=device)
     on1 = torch.ones(num_pos, dtype=torch.bool, device=device)  # path 1 == target so far
@@ -227,7 +255,7 @@ def token_lm_brier(
             break
         # the distribution of every live path is teacher-forced, except agreeing paths that left the
         # target, which share one rolled-out prefix
-        probs = next_probs(rows, depth, on1 | ~agree, sample1)
+        probs = rollouts.next_probs(rows, depth, on1 | ~agree, sample1)
         draws = torch.multinomial(probs, 2, replacement=True, generator=generator)
         keep1, keep2 = (on1 | agree)[rows], (on2 | agree)[rows]
         sample1[rows[keep1], depth] = draws[keep1, 0]

@@ -2,9 +2,9 @@
 
 The energy loss alone cannot say whether a small CALM has learned a conditional distribution or only
 the unconditional distribution of latents: both lower it. These diagnostics, computed on a fixed
-subset of validation positions with common random numbers, separate the two. Our addition (issue
-10), not part of the paper; they use only the paper's pieces: the energy score (CALM-SPEC §3.4), the
-frozen autoencoder's posterior (§2.2) and its decoder (§3.5).
+subset of validation positions with common random numbers, separate the two. Our addition, not
+part of the paper; they use only the paper's pieces: the energy score (Eqs. 9-10) and the frozen
+autoencoder's posterior and decoder (§3).
 
 With α the energy-score exponent (1 by default), head samples x, x' ~ P(·|h) and targets y drawn
 from the autoencoder posterior of the true next chunk, the loss at one position is
@@ -141,6 +141,39 @@ def diagnose_head(
         ValueError: on shape mismatches, fewer than 2 positions, or too few samples.
     """
     P = hidden.shape[0]
+    _check_inputs(hidden, target_ids, mu, log_std, num_samples, num_target_samples, num_point_samples)
+    device = hidden.device
+    draws = _Draws(torch.Generator().manual_seed(seed), device, hidden.dtype)
+    perm = _derangement(P, draws.gen).to(device)
+    mu, std = mu.float(), log_std.float().exp()
+    per_position: dict[str, list[Tensor]] = {k: [] for k in ("own", "shuffled", "noise", "marginal")}
+    hits: dict[str, list[Tensor]] = {k: [] for k in ("first_point", "chunk_point", "first_one", "chunk_one")}
+    for start in range(0, P, group_size):
+        idx = torch.arange(start, min(P, start + group_size), device=device)
+        losses = _group_losses(
+            head, hidden, mu, std, idx, perm, draws, noise_size, alpha, num_samples, num_target_samples
+        )
+        for k, v in losses.items():
+            per_position[k].append(v)
+        h_own = hidden[idx]
+        samples = head(
+            h_own.expand(num_point_samples, *h_own.shape), draws.uniform(num_point_samples, len(idx), noise_size)
+        )
+        for k, v in _chunk_hits(decode_ids, samples, target_ids[idx]).items():
+            hits[k].append(v)
+    return _summarise(per_position, hits, P)
+
+
+def _check_inputs(
+    hidden: Tensor,
+    target_ids: Tensor,
+    mu: Tensor,
+    log_std: Tensor,
+    num_samples: int,
+    num_target_samples: int,
+    num_point_samples: int,
+) -> None:
+    P = hidden.shape[0]
     if P < 2:
         raise ValueError(f"the diagnostics need at least 2 positions to shuffle hidden states; got {P}")
     if target_ids.shape[0] != P or mu.shape[0] != P or log_std.shape != mu.shape:
@@ -153,46 +186,70 @@ def diagnose_head(
             f"need num_samples >= 2, num_target_samples >= 2 and num_point_samples >= 1; got "
             f"{num_samples}, {num_target_samples}, {num_point_samples}"
         )
-    device = hidden.device
-    gen = torch.Generator().manual_seed(seed)
-    perm = _derangement(P, gen).to(device)
-    mu, std = mu.float(), log_std.float().exp()
+
+
+class _Draws:
+    """Every random draw of the diagnostics, from one seeded CPU generator, moved to the inputs' device."""
+
+    def __init__(self, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+        self.gen, self.device, self.dtype = gen, device, dtype
+
+    def uniform(self, *shape: int) -> Tensor:
+        """The head's noise: uniform on [−0.5, 0.5], in the hidden states' dtype."""
+        return (torch.rand(shape, generator=self.gen) - 0.5).to(device=self.device, dtype=self.dtype)
+
+    def normal(self, *shape: int) -> Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
+
+def _group_losses(
+    head: Callable[[Tensor, Tensor], Tensor],
+    hidden: Tensor,
+    mu: Tensor,
+    std: Tensor,
+    idx: Tensor,
+    perm: Tensor,
+    draws: _Draws,
+    noise_size: int,
+    alpha: float,
+    num_samples: int,
+    num_target_samples: int,
+) -> dict[str, Tensor]:
+    """Per position of ``idx``: the energy loss with its own and with the deranged hidden state (same
+    targets, same head noise), and the two reference distances (noise floor, marginal)."""
+    G, latent = len(idx), mu.shape[1]
     half = num_target_samples // 2
-    per_position: dict[str, list[Tensor]] = {k: [] for k in ("own", "shuffled", "noise", "marginal")}
-    hits: dict[str, list[Tensor]] = {k: [] for k in ("first_point", "chunk_point", "first_one", "chunk_one")}
+    h_own, h_other = hidden[idx], hidden[perm[idx]]
+    targets = mu[idx] + std[idx] * draws.normal(num_target_samples, G, latent)  # (M, G, l)
+    noise = draws.uniform(num_samples, G, noise_size)
+    own = head(h_own.expand(num_samples, *h_own.shape), noise).float()  # (N, G, l)
+    shuffled = head(h_other.expand(num_samples, *h_other.shape), noise).float()
+    # reference distances from pairs of posterior samples: (z^0, z^1), (z^2, z^3), ... of one chunk,
+    # and z^{2k} of this position against a fresh sample of the chunk at the deranged position
+    pairs = torch.linalg.vector_norm(targets[0 : 2 * half : 2] - targets[1 : 2 * half : 2], dim=-1)
+    others = mu[perm[idx]] + std[perm[idx]] * draws.normal(half, G, latent)
+    cross = torch.linalg.vector_norm(targets[0 : 2 * half : 2] - others, dim=-1)
+    return {
+        "own": -energy_score(own, targets, alpha),
+        "shuffled": -energy_score(shuffled, targets, alpha),
+        "noise": _pow(pairs, alpha).mean(0),
+        "marginal": _pow(cross, alpha).mean(0),
+    }
 
-    def uniform(*shape: int) -> Tensor:
-        return (torch.rand(shape, generator=gen) - 0.5).to(device=device, dtype=hidden.dtype)
 
-    def normal(*shape: int) -> Tensor:
-        return torch.randn(shape, generator=gen).to(device)
+def _chunk_hits(decode_ids: Callable[[Tensor], Tensor], samples: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Teacher-forced hits of the decoded mean of ``samples`` (S, G, l) and of its first sample against the
+    true chunks ``y`` (G, K): first token and whole chunk."""
+    point, one = decode_ids(samples.float().mean(0).to(samples.dtype)), decode_ids(samples[0])
+    return {
+        "first_point": point[:, 0] == y[:, 0],
+        "chunk_point": (point == y).all(-1),
+        "first_one": one[:, 0] == y[:, 0],
+        "chunk_one": (one == y).all(-1),
+    }
 
-    for start in range(0, P, group_size):
-        idx = torch.arange(start, min(P, start + group_size), device=device)
-        G, latent = len(idx), mu.shape[1]
-        h_own, h_other = hidden[idx], hidden[perm[idx]]
-        targets = mu[idx] + std[idx] * normal(num_target_samples, G, latent)  # (M, G, l)
-        noise = uniform(num_samples, G, noise_size)
-        own = head(h_own.expand(num_samples, *h_own.shape), noise).float()  # (N, G, l)
-        shuffled = head(h_other.expand(num_samples, *h_other.shape), noise).float()
-        per_position["own"].append(-energy_score(own, targets, alpha))
-        per_position["shuffled"].append(-energy_score(shuffled, targets, alpha))
-        # reference distances from pairs of posterior samples: (z^0, z^1), (z^2, z^3), ... of one chunk,
-        # and z^{2k} of this position against a fresh sample of the chunk at the deranged position
-        pairs = torch.linalg.vector_norm(targets[0 : 2 * half : 2] - targets[1 : 2 * half : 2], dim=-1)
-        per_position["noise"].append(_pow(pairs, alpha).mean(0))
-        others = mu[perm[idx]] + std[perm[idx]] * normal(half, G, latent)
-        cross = torch.linalg.vector_norm(targets[0 : 2 * half : 2] - others, dim=-1)
-        per_position["marginal"].append(_pow(cross, alpha).mean(0))
 
-        samples = head(h_own.expand(num_point_samples, *h_own.shape), uniform(num_point_samples, G, noise_size))
-        y = target_ids[idx]
-        point, one = decode_ids(samples.float().mean(0).to(samples.dtype)), decode_ids(samples[0])
-        hits["first_point"].append(point[:, 0] == y[:, 0])
-        hits["chunk_point"].append((point == y).all(-1))
-        hits["first_one"].append(one[:, 0] == y[:, 0])
-        hits["chunk_one"].append((one == y).all(-1))
-
+def _summarise(per_position: dict[str, list[Tensor]], hits: dict[str, list[Tensor]], P: int) -> HeadDiagnostics:
     v = {k: torch.cat(t).double() for k, t in per_position.items()}
     acc = {k: float(torch.cat(t).double().mean()) for k, t in hits.items()}
     diff = v["shuffled"] - v["own"]
@@ -262,7 +319,7 @@ def head_diagnostics(
         mu, log_std = model.target_posterior(target_ids)
         c = model.config
         return diagnose_head(
-            noise_driven_sampler(model.head),  # any head (CALM-SPEC §3.6): flow and diffusion too
+            noise_driven_sampler(model.head),  # any head (Figs. 8-9): flow and diffusion too
             model.autoencoder.decode_ids,
             torch.cat(hidden),
             target_ids,

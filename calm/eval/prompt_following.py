@@ -2,8 +2,8 @@
 
 BrierLM (paper §5) scores next-token predictions under teacher forcing; it does not say whether
 free-running text stays on the prompt's subject. This module measures that from samples alone, so
-CALM, which has no likelihood, and the GPT baseline are scored the same way (issue 10, "generations
-that follow their prompts").
+CALM, which has no likelihood, and the GPT baseline are scored the same way
+(docs/guides/evaluation.md#prompt-following-calm-follow-ours).
 
 **The measure: prompt retrieval AUC.** Take P validation documents; prompt each model with the
 first ``prompt_tokens`` tokens of each and let it continue for ``new_tokens`` tokens (temperature
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from calm.data.shards import TokenShard, check_tokenizer_match
 from calm.generate.lm import as_language_model
 
 DEFAULT_BETA = 100.0
@@ -157,8 +158,6 @@ def prompt_following(
     {name: {"auc", "auc_se", "mean_new_tokens"}}, "examples": [...]}``, the real text under
     ``"reference"``.
     """
-    from calm.data.shards import TokenShard, check_tokenizer_match
-
     val, train = TokenShard(data_dir, "val"), TokenShard(data_dir, "train")
     check_tokenizer_match(val.meta, tokenizer)
     background = unigram(np.asarray(train.tokens), val.vocab_size)

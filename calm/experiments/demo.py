@@ -17,12 +17,28 @@ scale the same pipeline up without code changes.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from calm.data.evalsets import WIKITEXT103_TEST, resolve_eval_data
+import torch
+
+from calm.checkpoint import load_model
+from calm.config import Preset, check_overrides, load_preset
+from calm.data import shards
+from calm.data.evalsets import WIKITEXT103_TEST, load_eval_documents, pack_documents_for_ae, resolve_eval_data
+from calm.eval.autoencoder import evaluate_autoencoder
+from calm.eval.brier import evaluate_checkpoint
+from calm.eval.prompt_following import format_table, prompt_following
+from calm.experiments.report import write_report
+from calm.experiments.sweep import Budget
+from calm.generate.engine import generate
+from calm.generate.lm import generate_text
 from calm.io import read_json, write_json
+from calm.train.loop import Stage, run_training
+from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
 DEFAULT_EVAL = WIKITEXT103_TEST
 PROMPTS = ["The history of the city", "In 1905 , the company"]
@@ -32,7 +48,7 @@ DEMO_LM_FLOPS = 1.6e13
 """Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
 equal compute). With the tiny presets and the demo recipe that is 136 GPT steps (0.56M tokens) and
 237 CALM steps (0.97M tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without
-native bf16 (README)."""
+native bf16 (docs/research/cpu-results.md#the-demo)."""
 
 
 DEMO_RECIPE: dict[str, dict[str, Any]] = {
@@ -41,8 +57,8 @@ DEMO_RECIPE: dict[str, dict[str, Any]] = {
     "gpt": {"train.lr": 3.0e-3, "train.eval_tokens": 16384},
 }
 """Overrides the demo applies on top of the tiny presets, under any the user passes (``--set`` wins);
-all come from a study at the demo's budget (README "Small-CALM study"), and all CALM-side options are
-ours, not the paper's:
+all come from a study at the demo's budget (docs/research/small-calm.md), and all CALM-side options are
+ours, not the paper's (docs/guides/extensions.md):
 
 - autoencoder ``context_weight`` 2: an InfoNCE term pulls neighbouring chunks' latents together, so
   that the energy score can reward a head for the topic and register of its context;
@@ -63,8 +79,6 @@ validated on as many tokens as CALM (16,384; the preset has 8,192)."""
 def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: int) -> int:
     """Optimizer steps that fit in ``budget_flops`` training FLOPs (analytic, ``calm.models.flops``), rounded down,
     at least 1: the rule of ``calm sweep --budget-flops`` too, so a sweep reproduces the demo's runs."""
-    from calm.experiments.sweep import Budget
-
     if budget_flops <= 0 or flops_per_token <= 0:
         raise ValueError(
             f"the FLOPs budget and FLOPs per token must be positive, got {budget_flops}, {flops_per_token}"
@@ -82,10 +96,8 @@ def prepare_demo_data(
 ) -> dict[str, Any]:
     """Prepare the demo's data in ``data_dir``: ``corpus`` (default: the default corpus) and a tokenizer
     (default: a ``vocab_size`` BPE trained on it); returns ``calm.data.shards.prepare``'s metadata."""
-    from calm.data.shards import prepare
-
     sources = corpus or ["default"]
-    return prepare(data_dir, sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
+    return shards.prepare(data_dir, sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
 
 
 def _done(path: Path) -> dict[str, Any] | None:
@@ -124,20 +136,9 @@ def run_demo(
     None: the presets' step counts. ``overrides`` maps a kind (autoencoder | calm | gpt) to
     ``section.key`` overrides; all of them are checked before any work starts.
     """
-    from calm.config import check_overrides, load_preset
-    from calm.train.loop import run_training
-    from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
-
     out = Path(out)
     eval_data = resolve_eval_data(eval_data or DEFAULT_EVAL)
-    user = overrides or {}
-    kinds = ("autoencoder", "calm", "gpt")
-    overrides = {kind: {**DEMO_RECIPE.get(kind, {}), **(user.get(kind) or {})} for kind in kinds}
-    for kind, preset_name in (("autoencoder", ae_preset), ("calm", lm_preset), ("gpt", lm_preset)):
-        check_overrides(kind, overrides.get(kind))
-        preset = load_preset(kind, preset_name, overrides.get(kind))  # types and values, up front
-        preset.model.validate()
-        preset.train.validate()
+    overrides = _checked_overrides(overrides or {}, ae_preset, lm_preset)
     summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
     data_dir, ae_dir, calm_dir, gpt_dir = out / "data", out / "autoencoder", out / "calm", out / "gpt"
@@ -149,25 +150,8 @@ def run_demo(
         prepare_demo_data(data_dir, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
     summary["data"] = read_json(data_dir / "meta.json")
 
-    def train(kind: str, run_dir: Path, make_stage, preset_name: str) -> dict[str, Any]:
-        done = _done(run_dir)
-        if done:
-            print(f"reusing {run_dir} (finished)")
-            return done
-        preset = load_preset(kind, preset_name, overrides.get(kind))
-        stage = make_stage(preset)
-        given = overrides.get(kind) or {}
-        train_config = preset.train
-        if kind != "autoencoder" and lm_flops and "train.max_steps" not in given:
-            steps = steps_for_budget(lm_flops, stage.flops_per_token, preset.train.batch_tokens)
-            intervals = {
-                key: max(1, -(-steps // 4)) for key in ("eval_every", "save_every") if f"train.{key}" not in given
-            }
-            train_config = dataclasses.replace(preset.train, max_steps=steps, **intervals)
-            print(f"{kind}: {steps} steps for {lm_flops:.3g} training FLOPs ({stage.flops_per_token:.3g} per token)")
-        start = time.perf_counter()
-        result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
-        return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
+    def train(kind: str, run_dir: Path, make_stage: Callable[[Preset], Stage], preset_name: str) -> dict[str, Any]:
+        return _train(kind, run_dir, make_stage, preset_name, overrides.get(kind), lm_flops, progress)
 
     _banner("2/6 train the autoencoder")
     summary["autoencoder"] = train(
@@ -187,31 +171,69 @@ def run_demo(
     }
 
     _banner("6/6 report and generations")
-    from calm.checkpoint import load_model
+    summary.update(_report_and_generations(out, data_dir, calm_dir, gpt_dir))
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(f"\nreport: {summary['report']}  (pipeline wall time this invocation: {summary['wall_s'] / 60:.1f} min)")
+    return summary
 
+
+def _checked_overrides(user: dict[str, dict[str, Any]], ae_preset: str, lm_preset: str) -> dict[str, dict[str, Any]]:
+    """``DEMO_RECIPE`` under the user's overrides (theirs win), per kind; every one checked up front."""
+    kinds = ("autoencoder", "calm", "gpt")
+    overrides = {kind: {**DEMO_RECIPE.get(kind, {}), **(user.get(kind) or {})} for kind in kinds}
+    for kind, preset_name in (("autoencoder", ae_preset), ("calm", lm_preset), ("gpt", lm_preset)):
+        check_overrides(kind, overrides.get(kind))
+        preset = load_preset(kind, preset_name, overrides.get(kind))  # types and values, up front
+        preset.model.validate()
+        preset.train.validate()
+    return overrides
+
+
+def _train(
+    kind: str,
+    run_dir: Path,
+    make_stage: Callable[[Preset], Stage],
+    preset_name: str,
+    overrides: dict[str, Any] | None,
+    lm_flops: float | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train (or finish, or reuse) one stage; a language model gets the steps of ``lm_flops`` training FLOPs
+    and four evaluations and checkpoints, unless ``overrides`` set them."""
+    done = _done(run_dir)
+    if done:
+        print(f"reusing {run_dir} (finished)")
+        return done
+    preset = load_preset(kind, preset_name, overrides)
+    stage = make_stage(preset)
+    given = overrides or {}
+    train_config = preset.train
+    if kind != "autoencoder" and lm_flops and "train.max_steps" not in given:
+        steps = steps_for_budget(lm_flops, stage.flops_per_token, preset.train.batch_tokens)
+        intervals = {key: max(1, -(-steps // 4)) for key in ("eval_every", "save_every") if f"train.{key}" not in given}
+        train_config = dataclasses.replace(preset.train, max_steps=steps, **intervals)
+        print(f"{kind}: {steps} steps for {lm_flops:.3g} training FLOPs ({stage.flops_per_token:.3g} per token)")
+    start = time.perf_counter()
+    result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
+    return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
+
+
+def _report_and_generations(out: Path, data_dir: Path, calm_dir: Path, gpt_dir: Path) -> dict[str, Any]:
+    """Samples, prompt following and generation speed of both trained models, then ``report.md``."""
     calm_model, tok, _ = load_model(calm_dir, kind="calm")
     gpt_model, gpt_tok, _ = load_model(gpt_dir, kind="gpt")
-    summary["samples"] = _samples(calm_model, gpt_model, tok, gpt_tok)
+    summary: dict[str, Any] = {"samples": _samples(calm_model, gpt_model, tok, gpt_tok)}
     write_json(out / "samples.json", summary["samples"])
     summary["prompt_following"] = _prompt_following(calm_model, gpt_model, tok, data_dir, out / "prompt_following.json")
     summary["speed"] = _generation_speed(calm_model, gpt_model, tok)
     write_json(out / "generation_speed.json", summary["speed"])
-    from calm.experiments.report import write_report
-
-    report = write_report(out)
-    summary["report"] = str(report)
-    summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(f"\nreport: {report}  (pipeline wall time this invocation: {summary['wall_s'] / 60:.1f} min)")
+    summary["report"] = str(write_report(out))
     return summary
 
 
 def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
     if out_json.exists():
         return read_json(out_json)
-    from calm.checkpoint import load_model
-    from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
-    from calm.eval.autoencoder import evaluate_autoencoder
-
     model, tok, _ = load_model(ae_dir, kind="autoencoder")
     chunks = pack_documents_for_ae(load_eval_documents(eval_data, tok), model.chunk_size, tok.eos_id, tok.pad_id)
     result = evaluate_autoencoder(model, chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), progress=True)
@@ -227,8 +249,6 @@ def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | N
     """BrierLM on the first ``max_tokens`` tokens of the evaluation set (the same text for both models)."""
     if out_json.exists():
         return read_json(out_json)
-    from calm.eval.brier import evaluate_checkpoint
-
     result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
     se = "n/a" if result["brierlm_se"] is None else f"{result['brierlm_se']:.3f}"
     print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {se} over {result['tokens']:,} tokens")
@@ -240,8 +260,6 @@ def _samples(
     calm_model: Any, gpt_model: Any, tok: Any, gtok: Any, max_new_tokens: int = 48, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Both models' continuations of ``PROMPTS`` at T = 1 and 1/2, one seed."""
-    from calm.generate.lm import generate_text
-
     rows = []
     for temperature in (1.0, 0.5):
         for prompt in PROMPTS:
@@ -257,8 +275,6 @@ def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path,
     """Prompt retrieval AUC of both models and the real text on validation prompts (``calm follow``)."""
     if out_json.exists():
         return read_json(out_json)
-    from calm.eval.prompt_following import format_table, prompt_following
-
     K = calm_model.chunk_size  # room for BOS, CALM's left pad and the last partial chunk
     room = min(gpt_model.config.max_seq_len, calm_model.config.max_seq_len * K) - 2 * K
     prompt_tokens = min(64, room * 2 // 3)
@@ -283,12 +299,6 @@ def _generation_speed(
 ) -> dict[str, Any]:
     """Greedy generation tokens/s of both models (batch 1, KV cache, 32-token prompt), median of
     ``repeats`` interleaved runs. ``calm bench generate`` is the full benchmark."""
-    import statistics
-
-    import torch
-
-    from calm.generate.engine import generate
-
     prompt = torch.tensor([[tok.bos_id] + tok.encode("The history of the city of London began") * 4])[:, :32]
     K = calm_model.chunk_size
     steps = min(new_tokens // K, calm_model.config.max_seq_len - prompt.shape[1] // K)

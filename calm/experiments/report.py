@@ -16,8 +16,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from calm.config import AutoencoderConfig, CALMConfig, extensions_in_use
+from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, config_from_dict, extensions_in_use
 from calm.io import atomic_file, atomic_write_text, read_json, read_jsonl
+from calm.models.flops import calm_flops, gpt_flops
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -41,9 +42,6 @@ def _save_figure(fig: Any, path: Path, plt: Any) -> None:
 
 def _model_flops(run: Path) -> dict[str, Any] | None:
     """Analytic FLOPs for the model of a training run (from its run_config.json)."""
-    from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, config_from_dict
-    from calm.models.flops import calm_flops, gpt_flops
-
     cfg = _read_json(run / "run_config.json")
     if cfg is None:
         return None
@@ -88,6 +86,7 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
 
 
 def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Write the run's PNG plots; return their file names ([] without matplotlib)."""
     try:
         import matplotlib
 
@@ -98,7 +97,19 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     made = []
     ae = read_metrics(run / "autoencoder" / "metrics.jsonl")
     lm = {k: read_metrics(run / k / "metrics.jsonl") for k in ("calm", "gpt")}
+    _training_curves_plot(run, ae, lm, plt)
+    made.append("training_curves.png")
+    _brierlm_vs_flops_plot(run, lm, rows, plt)
+    made.append("brierlm_vs_flops.png")
+    if _brier_n_plot(run, lm, plt):
+        made.append("brier_n_vs_flops.png")
+    if _diagnostics_plot(run, lm["calm"], plt):
+        made.append("head_diagnostics.png")
+    return made
 
+
+def _training_curves_plot(run: Path, ae: list[dict[str, Any]], lm: dict[str, list[dict[str, Any]]], plt: Any) -> None:
+    """training_curves.png: the autoencoder's validation accuracy, CALM's and the GPT's training loss."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     val = [r for r in ae if r.get("split") == "val"]
     if val:
@@ -125,8 +136,13 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
             ax.set(xlabel="training tokens (M)", ylabel=key, title=f"{kind.upper()} training loss")
     fig.tight_layout()
     _save_figure(fig, run / "training_curves.png", plt)
-    made.append("training_curves.png")
 
+
+def _brierlm_vs_flops_plot(
+    run: Path, lm: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]], plt: Any
+) -> None:
+    """brierlm_vs_flops.png: BrierLM and Brier-1 against training FLOPs (validation curves and the test
+    results), and the test BrierLM against inference FLOPs per token."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for kind, marker in (("calm", "o"), ("gpt", "s")):
         val = [r for r in lm[kind] if r.get("split") == "val" and "brierlm" in r]
@@ -166,12 +182,6 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, run / "brierlm_vs_flops.png", plt)
-    made.append("brierlm_vs_flops.png")
-    if _brier_n_plot(run, lm, plt):
-        made.append("brier_n_vs_flops.png")
-    if _diagnostics_plot(run, lm["calm"], plt):
-        made.append("head_diagnostics.png")
-    return made
 
 
 def _precision_lines(run: Path) -> list[str]:

@@ -4,17 +4,17 @@ Each study is a list of variants (a CALM setting, and for autoencoder studies th
 trains on) that :func:`study_spec` turns into an ordinary sweep spec (``calm.experiments.sweep``): every CALM
 run gets the same training-FLOPs budget, every autoencoder run the same autoencoder budget, and the
 results are the sweep's table and plot of BrierLM, Brier-1..4, the conditioning gap and the heads'
-cost against training FLOPs. The studies and the paper's results they revisit (CALM-SPEC §8):
+cost against training FLOPs. The studies and the paper's results they revisit:
 
 ========================  ======================================================  ==================
 study                     variants                                                paper
 ========================  ======================================================  ==================
-``heads``                 energy | flow matching | diffusion head                 §8.6, Figs. 8-9
-``input``                 discrete | continuous | both                            §8.5, Table 5
-``energy-loss``           default N=8, M=100, α=1; then N=2, M=16, α=0.5, α=1.5   §8.4, Tables 3-4
-``ae-regularisers``       full recipe; KL off; plain KL; no DropToken; no DropLatent  §8.3, Table 2
-``latent-size``           l ∈ {32, 64, 128, 256}, dropouts 0.05·log2(l/16)          §8.3, Fig. 7
-``chunk-size``            K ∈ {1, 2, 4, 8} with l = 32·K                          §8.2, Fig. 4
+``heads``                 energy | flow matching | diffusion head                 Figs. 8-9
+``input``                 discrete | continuous | both                            Table 5
+``energy-loss``           default N=8, M=100, α=1; then N=2, M=16, α=0.5, α=1.5   Tables 3-4
+``ae-regularisers``       full recipe; KL off; plain KL; no DropToken; no DropLatent  Table 2
+``latent-size``           l ∈ {32, 64, 128, 256}, dropouts 0.05·log2(l/16)          Fig. 7
+``chunk-size``            K ∈ {1, 2, 4, 8} with l = 32·K                          Fig. 4
 ========================  ======================================================  ==================
 
 The first three share one autoencoder (trained in the study folder as run ``ae``, or given with
@@ -25,9 +25,10 @@ own autoencoder and the CALM on it with the same seed), so the results show run-
 
 Budgets are stated as optimizer steps of the default setting (energy head, discrete input, the
 preset's autoencoder), converted to FLOPs with ``calm.models.flops``; a costlier variant gets fewer steps.
-The tiny defaults are sized for one CPU thread (README "Ablation studies"); ``--scale S`` (or M, L,
-XL) uses that CALM preset, the ``paper`` autoencoder and the paper's ablation budgets (CALM 50k steps
-of the preset's batch, §8.3; autoencoder 30k steps).
+The tiny defaults are sized for one CPU thread
+(docs/guides/experiments.md#the-papers-ablations-calm-sweep---study); ``--scale S`` (or M, L, XL)
+uses that CALM preset, the ``paper`` autoencoder and the paper's ablation budgets (CALM 50k steps of
+the preset's batch; autoencoder 30k steps).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ TINY = Scale(
     # 100 passes take ~2.5 min on one thread (measured), ten times the energy head's whole evaluation
     diffusion_set={"train.eval_tokens": 4096, "train.eval_every": 1_000_000},
 )
-"""Sized so that each study runs in about 12 minutes on one CPU thread (README "Ablation studies")."""
+"""Sized so that each study runs in about 12 minutes on one CPU thread (docs/research/ablations.md)."""
 TINY_BUDGETS: dict[str, tuple[int, int, int]] = {
     "energy-loss": (300, 500, 2),
     "ae-regularisers": (250, 250, 2),
@@ -102,7 +103,7 @@ from :data:`TINY`'s: studies with more runs get smaller budgets to stay near 12 
 
 
 def paper_scale(calm_preset: str) -> Scale:
-    """The paper's ablation setting (CALM-SPEC §8.3: S-size CALM, 50k steps) for a CALM preset."""
+    """The paper's ablation setting (S-size CALM, 50k steps) for a CALM preset."""
     return Scale(calm_preset=calm_preset, ae_preset="paper", calm_steps=50_000, ae_steps=30_000, evals=10)
 
 
@@ -120,7 +121,8 @@ def _energy_loss() -> list[Variant]:
         Variant("default"),
         Variant("N2", {"model.num_samples": 2}),
         # M = 16 (paper: 4.56), not the paper's M = 1: chosen when the head diagnostics refused M = 1 (they
-        # now diagnose such a model with M = 2); kept so that the README's energy-loss table stays reproducible
+        # now diagnose such a model with M = 2); kept so that the energy-loss table of
+        # docs/research/ablations.md stays reproducible
         Variant("M16", {"model.num_target_samples": 16}),
         Variant("alpha0.5", {"model.energy_alpha": 0.5}),
         Variant("alpha1.5", {"model.energy_alpha": 1.5}),
@@ -155,12 +157,12 @@ def _chunk_size(block_size: int) -> list[Variant]:
 
 
 STUDIES: dict[str, str] = {
-    "heads": "generative heads: energy, flow matching, diffusion (CALM-SPEC §8.6)",
-    "input": "model input: discrete, continuous, both (CALM-SPEC §8.5, Table 5)",
-    "energy-loss": "energy-loss knobs N, M, alpha, one at a time (CALM-SPEC §8.4, Tables 3-4)",
-    "ae-regularisers": "autoencoder regularisers: full recipe and each switch off (CALM-SPEC §8.3, Table 2)",
-    "latent-size": "autoencoder latent size l with scaled dropout (CALM-SPEC §8.3, Fig. 7)",
-    "chunk-size": "chunk size K with latent 32K (CALM-SPEC §8.2, Fig. 4)",
+    "heads": "generative heads: energy, flow matching, diffusion (paper Figs. 8-9)",
+    "input": "model input: discrete, continuous, both (paper Table 5)",
+    "energy-loss": "energy-loss knobs N, M, alpha, one at a time (paper Tables 3-4)",
+    "ae-regularisers": "autoencoder regularisers: full recipe and each switch off (paper Table 2)",
+    "latent-size": "autoencoder latent size l with scaled dropout (paper Fig. 7)",
+    "chunk-size": "chunk size K with latent 32K (paper Fig. 4)",
 }
 """Study name -> what it varies (``calm sweep --study NAME``)."""
 

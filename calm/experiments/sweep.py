@@ -3,7 +3,7 @@
 ``calm sweep SPEC.yaml --out DIR`` (or :func:`run_sweep` from Python) expands a grid of overrides into
 training runs of the autoencoder, CALM and/or GPT stages, gives every run the same budget in
 training FLOPs (or tokens) by deriving its ``max_steps`` from its analytic ``flops_per_token``
-(``calm.models.flops``, CALM-SPEC §7) and ``batch_tokens``, trains each in its own folder with the
+(``calm.models.flops``, paper Table 1's accounting) and ``batch_tokens``, trains each in its own folder with the
 ordinary loop (``calm.train.loop``), and writes a table (``results.md``, ``results.csv``,
 ``results.json``) and a plot (``results.png``) of the chosen validation metrics against training
 FLOPs. Comparing at equal training compute is how the paper compares CALM with Transformers
@@ -55,8 +55,13 @@ from typing import Any
 
 import yaml
 
-from calm.config import AutoencoderConfig, ConfigError, config_from_dict, load_preset, parse_override
+from calm.checkpoint import read_config
+from calm.config import AutoencoderConfig, ConfigError, Preset, config_from_dict, load_preset, parse_override
+from calm.experiments.sweep_results import write_results
 from calm.io import atomic_write_text, read_json, to_json, write_json
+from calm.models.flops import ae_flops, calm_flops, gpt_flops
+from calm.train import loop as train_loop
+from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
 KINDS = ("autoencoder", "calm", "gpt")
 DEFAULT_METRICS = [
@@ -143,7 +148,7 @@ class PlannedRun:
     budget: str
     costs: dict[str, float] = field(default_factory=dict)
     """CALM runs: the head's inference cost (``head_passes_per_sample``, ``head_flops_per_sample`` =
-    passes x 2 x head matmul weights) and ``inference_flops_per_token`` (``calm.models.flops``, CALM-SPEC §8.6)."""
+    passes x 2 x head matmul weights) and ``inference_flops_per_token`` (``calm.models.flops``; Figs. 8-9)."""
 
     @property
     def train_flops(self) -> float:
@@ -346,8 +351,6 @@ def stage_flops_per_token(
 
     Computed on the model config the stage would build (``vocab_size`` from the data and, for CALM,
     K and the latent size from ``ae_config``); ``preset`` itself is not changed."""
-    from calm.models.flops import ae_flops, calm_flops, gpt_flops
-
     model, train = replace(preset.model, vocab_size=vocab_size), preset.train
     if kind == "autoencoder":
         model.validate()
@@ -374,8 +377,6 @@ def stage_flops_per_token(
 
 
 def _autoencoder_config(path: str) -> AutoencoderConfig:
-    from calm.checkpoint import read_config
-
     config = read_config(path)
     if config["kind"] != "autoencoder":
         raise ConfigError(f"{path} is a {config['kind']} checkpoint; CALM groups need an autoencoder")
@@ -503,9 +504,7 @@ def _plan_record(run: PlannedRun, spec: SweepSpec) -> dict[str, Any]:
     return json.loads(to_json({**asdict(run), "data": str(Path(spec.data).resolve())}))
 
 
-def _make_stage(run: PlannedRun, spec: SweepSpec, preset: Any) -> Any:
-    from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
-
+def _make_stage(run: PlannedRun, spec: SweepSpec, preset: Preset) -> train_loop.Stage:
     if run.kind == "autoencoder":
         return AutoencoderStage(spec.data, preset.model, preset.train)
     if run.kind == "calm":
@@ -522,8 +521,6 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
     Raises:
         ConfigError: the folder holds a run of another plan (e.g. the budget or data changed).
     """
-    from calm.train.loop import NonFiniteError, run_training
-
     run_dir = Path(out) / run.name
     plan = _plan_record(run, spec)
     if (run_dir / _PLAN_FILE).exists():
@@ -547,8 +544,8 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
         )
     start = time.perf_counter()
     try:
-        result, status = run_training(stage, preset.train, run_dir, resume=True, progress=progress), "done"
-    except NonFiniteError as e:
+        result, status = train_loop.run_training(stage, preset.train, run_dir, resume=True, progress=progress), "done"
+    except train_loop.NonFiniteError as e:
         result, status = {}, f"failed: {e}"
     record = {"status": status, "result": result, "wall_s": round(time.perf_counter() - start, 1), "plan": plan}
     write_json(run_dir / _DONE_FILE, record)
@@ -588,8 +585,6 @@ def run_sweep(
         record = run_one(run, spec, out, progress=progress)
         if record["status"] != "done":
             echo(f"{run.name}: {record['status']}")
-    from calm.experiments.sweep_results import write_results
-
     rows = write_results(out, runs, spec.metrics, title=title)
     echo(f"\nresults: {out / 'results.md'}")
     return rows

@@ -2,14 +2,15 @@
 
 Reads each run's ``metrics.jsonl`` (validation records, or training records for ``train/KEY``
 metrics) and ``DONE.json``; the x axis is training FLOPs = tokens seen × the run's analytic
-training FLOPs per token (``calm.models.flops``, CALM-SPEC §7), the same for every stage. Writes
+training FLOPs per token (``calm.models.flops``, paper Table 1's accounting), the same for every stage. Writes
 ``results.md`` (markdown table), ``results.csv``, ``results.json`` (rows plus every curve) and
 ``results.png`` (one panel per metric, one line per run; matplotlib, the ``plot`` extra).
 
 Runs that differ only in ``train.seed`` (and in the seed-matched autoencoder they train on) are
 replicates: :func:`summarise` gives their mean, standard deviation and range per metric, written as
 a second table, so that a difference between settings can be read against run-to-run noise. CALM
-rows also carry the head's analytic inference cost per sample (``calm.models.flops``, CALM-SPEC §8.6).
+rows also carry the head's analytic inference cost per sample (``calm.models.flops``; the paper's
+head ablation, Figs. 8-9).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def write_results(out: Path, runs: list[Any], metrics: list[str], title: str | N
 def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
     """One panel per metric that some run logged against training FLOPs, and, where the CALM runs'
     heads differ in cost, the first metric's last value against the head's FLOPs per sample (the
-    heads' trade-off, CALM-SPEC §8.6). False (and no file) without matplotlib or data."""
+    heads' trade-off, paper Figs. 8-9). False (and no file) without matplotlib or data."""
     try:
         import matplotlib
 

@@ -9,7 +9,7 @@ topic or register, and the readout carries them into the samples (docs/research/
 
 With the anchor, Brier-1 scores the readout, a token-level prediction, not next-vector prediction;
 Brier-2..4 score the head as well. Off by default; needs ``token_aux_weight`` > 0 (the readout's
-training), ``token_aux_tokens`` 1 and the energy head.
+training), ``token_aux_tokens`` 1 and the energy head. Guide: docs/guides/extensions.md#anchored-head.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ With ``context_weight`` > 0 the autoencoder stage draws half of each batch as us
 with the chunks that follow (:func:`neighbour_rows`), and adds ``context_weight`` × an InfoNCE loss
 (:func:`context_nce`) pulling each chunk's posterior mean toward its successor's, against the other
 successors in the batch. The encoder stays context-free at inference; only its latent geometry
-changes. Off by default; the demo uses weight 2.
+changes. Off by default; the demo uses weight 2. Guide:
+docs/guides/extensions.md#context-term-in-the-autoencoder.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
   mean on the target that leaves the spread alone, so the sum stays strictly proper.
 
 The logged ``energy_loss`` is always the paper's proper score (λ = 1, no mean term), so runs with and
-without these options compare on it. Both options are off by default; the demo uses λ = 0.6.
+without these options compare on it. Both options are off by default; the demo uses λ = 0.6. Guides:
+docs/guides/extensions.md#weakened-diversity-term and docs/guides/extensions.md#mean-term.
 """
 
 from __future__ import annotations

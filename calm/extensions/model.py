@@ -5,14 +5,16 @@ turns it on (all off by default):
 
 - ``token_aux_weight`` / ``token_aux_tokens``: a training-only linear readout (d → vocab per token) of
   the backbone state h, trained with cross-entropy on the next chunk's first ``token_aux_tokens``
-  tokens. It gives the backbone the direct next-token signal a token model gets.
+  tokens. It gives the backbone the direct next-token signal a token model gets
+  (docs/guides/extensions.md#next-token-auxiliary-term).
 - ``token_anchor``: that readout becomes part of the model and draws each chunk's first token
   (:mod:`calm.extensions.anchor`); the chunk starts with it (:attr:`ChunkDraws.prefix`).
 - ``energy_diversity_weight`` / ``energy_mean_weight``: the shaped energy loss
   (:mod:`calm.extensions.energy`).
 - ``token_score_weight`` / ``token_score_samples``: a log score of the next chunk's first token under
   the mixture of the head's samples, read by a linear latent → vocab probe trained alongside on
-  posterior samples; training only. It did not help (docs/research/small-calm.md).
+  posterior samples; training only. It did not help (docs/research/small-calm.md;
+  docs/guides/extensions.md#token-score).
 
 Every extra part's FLOPs and parameters are counted (``calm.models.flops``); the training-only parts
 are left out of :meth:`num_parameters`, as the paper counts parameters used to generate.

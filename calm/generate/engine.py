@@ -1,4 +1,4 @@
-"""The decoding loop for CALM: K tokens per step, with likelihood-free temperature (CALM-SPEC §5.3).
+"""The decoding loop for CALM: K tokens per step, with likelihood-free temperature (paper §6).
 
 The engine knows nothing of text: it works on token ids. Each step the backbone's last hidden
 state goes to the energy head; the head's sample(s) are decoded by the frozen autoencoder (argmax)
@@ -10,7 +10,7 @@ one head sample.
 PAD, which puts padding between the prompt and the continuation and feeds the model a token it
 never saw in training. We instead *left*-pad with BOS: the prompt ``[BOS] + text`` becomes
 ``[BOS]*r + [BOS] + text`` with r = (−len) mod K. In training, chunk boundaries fall at arbitrary
-offsets inside documents (chunks are aligned to the block, not to document starts, §3.5), so a
+offsets inside documents (chunks are aligned to the block, not to document starts, in the authors' code), so a
 document's BOS appears at every offset of a chunk; the left pad keeps the last prompt token at the
 end of a chunk, so the continuation starts right after it.
 

@@ -1,4 +1,4 @@
-"""Decode head samples only as far as the temperature sampler needs them (exact; CALM-SPEC §5.3, §7).
+"""Decode head samples only as far as the temperature sampler needs them (exact; paper §6, Alg. 2).
 
 The batch approximation (paper Alg. 2, :func:`calm.generate.sampling.batch_temperature_select`) looks at
 its N candidate chunks only through which of them are equal: its probabilities are a function of

@@ -1,4 +1,4 @@
-"""Likelihood-free temperature sampling (CALM paper §5, Algorithms 1-2; spec §5).
+"""Likelihood-free temperature sampling (CALM paper §6, Algorithms 1-2).
 
 CALM's head defines P(x) over next chunks only implicitly: we can draw x (a K-token chunk: one
 head sample decoded by argmax) but cannot evaluate P(x). These functions draw from the
@@ -91,7 +91,7 @@ def exact_temperature_sample(
 
         P(accept) = p sum_k q^k (1 - alpha)_k / k! = p (1 - q)^-(1 - alpha) = p^alpha,
 
-    by the binomial series; the spec's reading of the paper is therefore exact, and the output is
+    by the binomial series; Algorithm 1 is therefore exact (Theorem 1), and the output is
     x with probability proportional to P(x)^n P(x)^alpha = P(x)^(1/T). The same series gives
     p^(alpha - 1) expected stage-2 draws, hence Theorem 2 (see :func:`expected_draws`).
 

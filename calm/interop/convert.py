@@ -1,9 +1,9 @@
 """``calm convert``: the authors' released checkpoints -> self-contained calm checkpoints.
 
-Reads an official CALM-Autoencoder or CALM-M/L/XL folder (``shaochenze/calm`` layout, CALM-SPEC
-§2-§3; files and keys per ``official-checkpoint-format.md``) from disk or from the Hugging Face hub,
-maps it onto our modules (``calm.interop.official``), attaches the paper's tokenizer (Llama 3 + ``[PAD]``,
-CALM-SPEC §1) and writes one checkpoint directory that ``load_model`` and every command accept.
+Reads an official CALM-Autoencoder or CALM-M/L/XL folder (``shaochenze/calm`` layout; paper §3-§4)
+from disk or from the Hugging Face hub, maps it onto our modules (``calm.interop.official``), attaches
+the paper's tokenizer (Llama 3 + ``[PAD]``, paper §7.1) and writes one checkpoint directory that
+``load_model`` and every command accept.
 
 Weights are read without unpickling code: ``torch.load(weights_only=True)`` for ``pytorch_model.bin``
 (single or sharded with ``pytorch_model.bin.index.json``) or ``safetensors`` for
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from calm.checkpoint import save_checkpoint
 from calm.data.corpus import CorpusError
 from calm.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from calm.interop.official import ConvertError, convert_autoencoder, convert_calm, detect_kind
@@ -140,7 +142,7 @@ def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
         raise ConvertError(f"{path} is truncated or corrupt ({e}); download it again") from None
 
 
-def _read_sharded(index_path: Path, loader) -> dict[str, torch.Tensor]:
+def _read_sharded(index_path: Path, loader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -239,8 +241,6 @@ def convert(
     passed. ``out`` must not exist unless ``overwrite``. ``kind`` (``autoencoder`` | ``calm``), when
     given, is what the source must hold; for the released ``hf:`` repositories it is known anyway.
     """
-    from calm.checkpoint import save_checkpoint
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")

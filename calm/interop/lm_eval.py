@@ -6,7 +6,7 @@
   ``greedy_temperature`` (``calm.generate.lm``): the GPT decodes by argmax; CALM has no argmax, so
   they use the batch approximation (paper Alg. 2) at ``greedy_temperature`` (default 0.01), i.e.
   the most frequent of ``num_samples`` candidate chunks, the T -> 0 limit of likelihood-free
-  temperature sampling (CALM-SPEC §5.3). Other temperatures follow the model's rules: CALM samples
+  temperature sampling (paper §6). Other temperatures follow the model's rules: CALM samples
   at T in (0, 1] only and refuses anything else (``do_sample=True`` with temperature 0 included)
   with the message ``calm generate`` and ``calm serve`` give. Every request has its own seed
   (``seed`` + its index).

@@ -1,19 +1,20 @@
 """The authors' checkpoint layout (``shaochenze/calm``) mapped onto ours: key names, aliases, configs.
 
 Pure functions over state dicts and ``config.json`` dicts, no I/O; ``calm.interop.convert`` reads the files
-and writes our checkpoint. Every fact used here is in ``official-checkpoint-format.md`` of the shared
-folder (§ numbers below refer to it); the architecture is CALM-SPEC §2 (autoencoder) and §3 (CALM).
+and writes our checkpoint. The layout is that of the authors' code (``models/modeling_autoencoder.py``,
+``modeling_calm.py``, ``modeling_energy.py``) and of their released checkpoints; the architecture is
+paper §3 (autoencoder) and §4 (CALM). docs/guides/released-checkpoints.md describes the conversion.
 
-- **Autoencoder** (§1): ``encoder.encoder_layers.{i}`` / ``decoder.decoder_layers.{i}`` run in two
+- **Autoencoder**: ``encoder.encoder_layers.{i}`` / ``decoder.decoder_layers.{i}`` run in two
   stages of ``n // 2`` layers each (encoder: per token, then per chunk; decoder: per chunk, then per
   token); with an odd ``n`` the official code never runs the last layer, so it is dropped here.
-  The output projection ``decoder.lm_head_weight`` is the input embedding (§3): checked bit-equal
+  The output projection ``decoder.lm_head_weight`` is the input embedding (tied): checked bit-equal
   when present (a ``.bin``), absent from a ``save_pretrained`` safetensors file.
-- **CALM** (§2): ``ae_model.*`` is the embedded autoencoder (authoritative; ``ae_path`` is ignored),
+- **CALM**: ``ae_model.*`` is the embedded autoencoder (authoritative; ``ae_path`` is ignored),
   ``transformer.*`` a ``LlamaModel`` without LM head, ``embed_proj.{0,2,3}`` the input compression,
   and the energy head saved twice (``generative_head.*`` ≡ ``mlp_generator.*``; checked equal).
   Rotary ``inv_freq`` buffers are recomputed, never read.
-- **Config** (§4): ``config.json`` has no ``model_type``; the kind comes from ``architectures``
+- **Config**: ``config.json`` has no ``model_type``; the kind comes from ``architectures``
   (or, failing that, from the keys). Heads come from ``config.json`` (not derivable from shapes);
   every shape-derivable field is cross-checked against the tensors.
 """
@@ -21,12 +22,14 @@ folder (§ numbers below refer to it); the architecture is CALM-SPEC §2 (autoen
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError
+from calm.extensions import build_calm
+from calm.models.autoencoder import Autoencoder
 
 AE_LAYER = {
     "layernorm.weight": "norm.weight",
@@ -59,7 +62,7 @@ HEAD_PREFIX, HEAD_ALIAS = "generative_head.", "mlp_generator."
 AE_OUTPUT_ALIAS = "decoder.lm_head_weight"
 ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 OFFICIAL_HEAD_LN_EPS = 1e-6
-"""The official head's LayerNorms hard-code eps 1e-6; ours use ``rms_norm_eps`` (§5)."""
+"""The official head's LayerNorms hard-code eps 1e-6; ours use ``rms_norm_eps``."""
 
 
 _KIND_NAMES = {"autoencoder": "a CALM-Autoencoder", "calm": "a CALM (EnergyTransformer)"}
@@ -134,7 +137,7 @@ def calm_key_map(num_layers: int, num_head_blocks: int, ae_encoder: int, ae_deco
 
 
 def detect_kind(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> str:
-    """``autoencoder`` or ``calm`` from ``architectures`` (§4), else from the keys."""
+    """``autoencoder`` or ``calm`` from ``architectures``, else from the keys."""
     arch = config.get("architectures") or []
     if config.get("model_type") in ("flow", "diffusion") or {"FlowTransformer", "DiffusionTransformer"} & set(arch):
         raise ConvertError(
@@ -183,7 +186,7 @@ def _check_fields(config: Mapping[str, Any], derived: Mapping[str, int], what: s
 def autoencoder_config(
     config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], prefix: str = "", what: str = "autoencoder"
 ) -> AutoencoderConfig:
-    """Our ``AutoencoderConfig`` from the tensors under ``prefix``, cross-checked with ``config`` (§1, §4).
+    """Our ``AutoencoderConfig`` from the tensors under ``prefix``, cross-checked with ``config``.
 
     ``config`` may be empty (the autoencoder embedded in a CALM file has no config of its own).
     """
@@ -249,7 +252,7 @@ def _check_unsupported(config: Mapping[str, Any]) -> None:
 
 
 def calm_config(config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> CALMConfig:
-    """Our ``CALMConfig`` from ``config.json`` (heads, RoPE, eps) and the tensors (all shapes) (§2, §4)."""
+    """Our ``CALMConfig`` from ``config.json`` (heads, RoPE, eps) and the tensors (all shapes)."""
     _check_unsupported(config)
     vocab, hidden = _shape(sd, "transformer.embed_tokens.weight")
     heads = config.get("num_attention_heads")
@@ -335,7 +338,7 @@ def _fold_alias(sd: dict[str, torch.Tensor], keep: str, alias: str, what: str) -
 
 
 def _fold_aliases(sd: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """A copy without rotary buffers and aliases (§3), each alias checked against what it aliases."""
+    """A copy without rotary buffers and aliases, each alias checked against what it aliases."""
     out = {k: v for k, v in sd.items() if not ROTARY.search(k)}
     bad = "the file is corrupt or was edited: download it again"
     prefix = "ae_model." if kind == "calm" else ""
@@ -379,7 +382,7 @@ def _apply_map(
     return out
 
 
-def _meta_shapes(build) -> dict[str, torch.Size]:
+def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = build()
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -393,8 +396,6 @@ def convert_autoencoder(
     Tensors are not copied; meta tensors are accepted (structure checks without weights).
     Raises ConvertError naming any unknown, missing or mis-shaped key or inconsistent config field.
     """
-    from calm.models.autoencoder import Autoencoder
-
     sd = _fold_aliases(sd, "autoencoder")
     cfg = autoencoder_config(config, sd)
     key_map = autoencoder_key_map(
@@ -408,12 +409,9 @@ def convert_calm(
 ) -> tuple[CALMConfig, AutoencoderConfig, dict[str, torch.Tensor]]:
     """An official EnergyTransformer (CALM-M/L/XL) -> our CALM config, embedded AE config, state dict.
 
-    The embedded ``ae_model.*`` is the autoencoder (``config['ae_path']`` is ignored, §2).
+    The embedded ``ae_model.*`` is the autoencoder (``config['ae_path']`` is ignored).
     Raises ConvertError as :func:`convert_autoencoder`, and for a head count that does not fit.
     """
-    from calm.extensions import build_calm
-    from calm.models.autoencoder import Autoencoder
-
     sd = _fold_aliases(sd, "calm")
     cfg = calm_config(config, sd)
     ae_cfg = autoencoder_config({}, sd, prefix="ae_model.", what="embedded autoencoder (ae_model.*)")

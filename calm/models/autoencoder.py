@@ -1,4 +1,4 @@
-"""The context-free chunk autoencoder: K tokens <-> one latent vector (CALM-SPEC §2, paper §3).
+"""The context-free chunk autoencoder: K tokens <-> one latent vector (paper §3).
 
 Encoder: embed K tokens -> per-token AELayers -> flatten -> squeeze Linear(K·d -> d) -> AELayers ->
 RMSNorm -> Linear(d -> 2l) -> (μ, log σ). Decoder: Linear(l -> d) -> AELayers -> expand
@@ -9,9 +9,10 @@ independent.
 Training (paper Eqs. 1-4): DropToken replaces input ids by ``drop_token_id`` with p = 0.15,
 z = μ + σ·ε is sampled, DropLatent applies inverted dropout p = 0.15 to z, and the loss is
 ``CE·K + β·Σ_j max(λ_KL, KL_j)`` with the KL clipped per dimension at λ_KL = 0.5, summed over the
-latent dimensions and averaged over chunks, β = 1e-3. The ablations of §8.3 are config switches:
-``kl_mode`` off | plain | clipped, ``kl_weight`` β, ``token_dropout`` / ``latent_dropout`` 0 to turn
-DropToken / DropLatent off, and ``latent_size`` (see ``calm.config.latent_ablation_overrides``).
+latent dimensions and averaged over chunks, β = 1e-3. The ablations of the paper's Table 2 and
+Figs. 6-7 are config switches: ``kl_mode`` off | plain | clipped, ``kl_weight`` β, ``token_dropout``
+/ ``latent_dropout`` 0 to turn DropToken / DropLatent off, and ``latent_size`` (see
+``calm.config.latent_ablation_overrides``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def clipped_kl(mu: torch.Tensor, log_std: torch.Tensor, clamp: float | None) -> 
 
 
 def kl_term(mu: torch.Tensor, log_std: torch.Tensor, config: AutoencoderConfig) -> torch.Tensor:
-    """The KL regulariser of ``config.kl_mode`` (CALM-SPEC §8.3 Table 2), mean over chunks, before β.
+    """The KL regulariser of ``config.kl_mode`` (paper Table 2), mean over chunks, before β.
 
     off: 0 (reconstruction only); plain: Σ_j KL_j; clipped: Σ_j max(λ_KL, KL_j).
     """

@@ -1,20 +1,21 @@
 """CALM: next-vector prediction with a generative head over a frozen chunk autoencoder.
 
-CALM-SPEC §3 (paper §4). One backbone step per chunk of K tokens:
+Paper §4. One backbone step per chunk of K tokens:
 
-- **Input compression** (§3.2): the previous chunk's K tokens are embedded with the backbone's own
+- **Input compression** (§4): the previous chunk's K tokens are embedded with the backbone's own
   embedding, concatenated (K·d) and squeezed by Linear(K·d→2d) → SiLU → Linear(2d→d) → LayerNorm.
-  ``config.input`` (§8.5, Table 5) also offers ``continuous``: the previous chunk's latent through
+  ``config.input`` (Table 5) also offers ``continuous``: the previous chunk's latent through
   a Linear(l→d), and ``both``: the sum of the two. The latent is the frozen encoder's posterior
-  mean μ of that chunk's tokens (choice: the spec says only z_{i−1}; μ is deterministic, so the
+  mean μ of that chunk's tokens (our choice: the paper says only z_{i−1}; μ is deterministic, so the
   KV-cached and full forwards agree, and in generation the decoded chunk is re-encoded, so the
   model sees at inference exactly the kind of input it was trained on).
-- **Backbone** (§3.1): the Llama-style Transformer of ``layers.py``, final RMSNorm, no LM head.
-- **Generative head** (``heads.py``; §3.3, §3.6): energy (default; one pass per sample), flow
-  matching or diffusion, chosen by ``config.head``.
-- **Loss** (§3.4–3.5): for a block of L chunks, chunks 0..L−2 are inputs and chunks 1..L−1 are
-  targets, given as the frozen autoencoder's posterior (clean encoder, eval mode, no grad); the
-  head's own objective (energy score with N = 8 samples against M = 100 targets by default).
+- **Backbone** (§4, sizes in §7.1): the Llama-style Transformer of ``layers.py``, final RMSNorm, no LM head.
+- **Generative head** (``heads.py``; §4.2, and the head ablation of Figs. 8-9): energy (default; one
+  pass per sample), flow matching or diffusion, chosen by ``config.head``.
+- **Loss** (Eqs. 9-10; the step layout of the authors' code): for a block of L chunks, chunks 0..L−2
+  are inputs and chunks 1..L−1 are targets, given as the frozen autoencoder's posterior (clean
+  encoder, eval mode, no grad); the head's own objective (energy score with N = 8 samples against
+  M = 100 targets by default).
 
 The frozen autoencoder is a submodule, so its weights travel inside the CALM checkpoint, but it is
 never trained: its parameters have ``requires_grad=False`` and ``train()`` keeps it in eval mode.
@@ -157,7 +158,7 @@ class CALM(nn.Module):
         return 0
 
     def compress(self, chunks: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """chunks (B, L, K) token ids -> backbone inputs (B, L, d), as ``config.input`` says (§3.2, §8.5).
+        """chunks (B, L, K) token ids -> backbone inputs (B, L, d), as ``config.input`` says (§4, Table 5).
 
         ``latents`` (B, L, l): the chunks' posterior means when the caller has them already;
         otherwise the frozen encoder computes them (only for input continuous or both).

@@ -1,7 +1,7 @@
-"""Parameter and FLOP accounting from configs alone; reproduces Table 1 (CALM-SPEC §3.1, §7, §8.1).
+"""Parameter and FLOP accounting from configs alone; reproduces the paper's Table 1.
 
 Everything is computed from the config dataclasses. No model is built, so the paper-size numbers
-cost nothing. The conventions follow Table 1 (inferred, CALM-SPEC §7):
+cost nothing. The conventions follow Table 1 (as we infer them):
 
 * A matmul with a weight of m parameters costs 2·m FLOPs per row. Norms, activations, biases,
   RoPE and softmax are left out, as FlopCounterMode leaves them out. Embedding lookups are free.
@@ -23,9 +23,9 @@ cost nothing. The conventions follow Table 1 (inferred, CALM-SPEC §7):
 
 The paper does not spell out its own accounting. For how close these conventions come to Table 1,
 see the tests and ``PAPER_TABLE1``. The "full" attention convention and 500B training tokens
-(250k steps × "2M" tokens) reproduce the three Transformer rows to within 1%. The spec's CALM-M
-example, (3 × 0.93 + 0.02)/4 GFLOP per token, is the "causal" convention (0.93 = 0.40 backbone +
-0.07 causal attention + 0.02 embed_proj + 8 × 0.055 head).
+(250k steps × "2M" tokens) reproduce the three Transformer rows to within 1%. CALM-M's training
+FLOPs, 3.7e20 ≈ (3 × 0.93 + 0.02)/4 GFLOP per token over 524B tokens, follow the "causal"
+convention (0.93 = 0.40 backbone + 0.07 causal attention + 0.02 embed_proj + 8 × 0.055 head).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from typing import Any
 from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TransformerConfig
 
 PAPER_TRAIN_TOKENS = 250_000 * 2_097_152
-"""Tokens seen by CALM and the baseline: 250k steps × 2,097,152 tokens ≈ 524B (CALM-SPEC §6)."""
+"""Tokens seen by CALM and the baseline: 250k steps × 2,097,152 tokens ≈ 524B (paper §7.1)."""
 PAPER_AE_TRAIN_TOKENS = 30_000 * 524_288
-"""Tokens seen by the autoencoder: 30k steps × 524,288 tokens ≈ 15.7B (CALM-SPEC §2.3)."""
+"""Tokens seen by the autoencoder: 30k steps × 524,288 tokens ≈ 15.7B (paper §7.1)."""
 
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "Transformer-S": {"params": 281e6, "train_flops_total": 6.6e20, "inference_flops_per_token": 4.4e8},
@@ -47,7 +47,7 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     "CALM-L": {"params": 735e6, "train_flops_total": 7.7e20, "inference_flops_per_token": 4.6e8},
     "CALM-XL": {"params": 1.82e9, "train_flops_total": 19.5e20, "inference_flops_per_token": 9.4e8},
 }
-"""Table 1 of the paper (K = 4), as reported (CALM-SPEC §8.1)."""
+"""Table 1 of the paper (K = 4), as reported."""
 
 _ATTENTION_FACTORS = {"full": 4, "causal": 2}
 
@@ -92,7 +92,7 @@ def embed_proj_params(config: CALMConfig) -> tuple[int, int]:
 
 
 def energy_head_params(config: CALMConfig) -> tuple[int, int]:
-    """(all params, matmul weights) of the energy head (CALM-SPEC §3.3); every Linear has a bias.
+    """(all params, matmul weights) of the energy head (paper §4.2); every Linear has a bias.
 
     noise_embd Linear(noise→d)+LN, hidden_embd Linear(d→d)+LN, ``head_blocks`` MLP blocks of
     LN + Linear(2d→d), Linear(d→d), Linear(d→2d), down Linear(d→d) (≈ 6d²), then
@@ -110,7 +110,7 @@ def energy_head_params(config: CALMConfig) -> tuple[int, int]:
 
 
 def conditional_head_params(config: CALMConfig) -> tuple[int, int]:
-    """(all params, matmul weights) of the flow / diffusion network (``calm.models.heads``, CALM-SPEC §3.6).
+    """(all params, matmul weights) of the flow / diffusion network (``calm.models.heads``; Figs. 8-9).
 
     latent_embd Linear(latent→d), hidden_embd Linear(d→d)+LN, time MLP Linear(256→d), Linear(d→d),
     then the energy head's ``head_blocks`` MLP blocks and output layers.
@@ -129,7 +129,7 @@ def head_params(config: CALMConfig) -> tuple[int, int]:
 
 
 def head_passes_per_sample(config: CALMConfig) -> int:
-    """Head forward passes one *sample* costs at inference (CALM-SPEC §8.6).
+    """Head forward passes one *sample* costs at inference (the head ablation, Figs. 8-9).
 
     energy: 1; flow: 2 per midpoint step (``flow_steps``); diffusion: 1 per respaced step
     (``diffusion_steps``). Training runs one pass per replica for every head (N = ``num_samples``).
@@ -144,7 +144,7 @@ def head_passes_per_sample(config: CALMConfig) -> int:
 
 
 def input_params(config: CALMConfig) -> tuple[int, int]:
-    """(all params, matmul weights) of the backbone input of ``config.input`` (CALM-SPEC §3.2, §8.5).
+    """(all params, matmul weights) of the backbone input of ``config.input`` (paper §4, Table 5).
 
     discrete: embed_proj; continuous: Linear(latent→d) with bias; both: the two.
     """
@@ -162,7 +162,7 @@ def input_params(config: CALMConfig) -> tuple[int, int]:
 
 
 def ae_flops(config: AutoencoderConfig) -> dict[str, int | float]:
-    """Parameters and per-chunk forward FLOPs of the chunk autoencoder (CALM-SPEC §2.1).
+    """Parameters and per-chunk forward FLOPs of the chunk autoencoder (paper §3).
 
     The decoder's tied vocabulary projection (K·d·V weights used per chunk) dominates:
     ≈ 0.53 of the 0.55 GFLOP per chunk for the paper AE. ``train_flops_per_token`` is
@@ -239,10 +239,10 @@ def calm_flops(
     """Parameters and FLOPs per *token* of CALM (Table 1 "CALM-*"); ``context`` is in backbone steps.
 
     ``params`` counts the embedding, backbone, input compression and head. The frozen AE is
-    left out, which matches the paper's numbers (CALM-SPEC §3.1). Inference with S =
+    left out, which matches the paper's numbers (Table 1). Inference with S =
     ``num_samples_inference`` head samples per step (e.g. 200 for batch temperature sampling) runs
     the AE decoder S times and the head S × ``head_passes_per_sample`` times (1 for the energy head,
-    2·flow_steps for flow, diffusion_steps for diffusion; CALM-SPEC §8.6); with a continuous input
+    2·flow_steps for flow, diffusion_steps for diffusion; Figs. 8-9); with a continuous input
     the AE encoder re-encodes each generated chunk. Training runs ``config.num_samples`` head passes
     (one per replica, whatever the head) and the frozen AE encoder on the targets.
     ``ae_train_flops_total`` (stage 1 on 15.7B tokens) is reported apart and is not in ``train_flops_total``.
@@ -308,7 +308,7 @@ def calm_flops(
 def paper_configs() -> dict[str, tuple[Any, ...]]:
     """The six Table-1 models as configs: "Transformer-S" -> (GPTConfig,), "CALM-M" -> (CALMConfig, AE).
 
-    Sizes from CALM-SPEC §3.1; L uses 24 heads and XL 40 (head dim 64, inferred), which changes no count.
+    Sizes from paper §7.1; L uses 24 heads and XL 40 (head dim 64, inferred), which changes no count.
     """
     sizes = {
         "S": (12, 768, 2048, 16),

@@ -1,9 +1,9 @@
-"""The token-level baseline: a Llama-style causal language model (CALM-SPEC §6, paper §7.1).
+"""The token-level baseline: a Llama-style causal language model (paper §7.1).
 
 It matches HF ``LlamaForCausalLM`` as the official ``train_ar.py`` uses it: token embedding ->
 ``Backbone`` (pre-norm blocks with RoPE, MHA and SwiGLU, then the final RMSNorm) -> an *untied*
 ``lm_head``. With the S preset (12 layers, d = 768, FFN 2048, 16 heads, V = 128,257) it has
-282.0M parameters (CALM-SPEC §3.1, Table 1: "281M").
+282.0M parameters (Table 1: "281M").
 
 ``generate`` decodes with the KV cache of ``calm.models.layers``; decoding with the cache gives the
 same logits as re-running the whole sequence, which the tests check.
@@ -111,7 +111,7 @@ class GPT(nn.Module):
     def num_parameters(self, non_embedding: bool = False) -> int:
         """All parameters; ``non_embedding`` leaves out the input embedding table (a lookup, no FLOPs).
 
-        The untied ``lm_head`` is always counted: it is a matmul on every token (CALM-SPEC §7).
+        The untied ``lm_head`` is always counted: it is a matmul on every token (Table 1's accounting).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

@@ -1,4 +1,4 @@
-"""CALM's generative heads: h -> samples of the next chunk's latent (CALM-SPEC §3.3, §3.6, §8.6).
+"""CALM's generative heads: h -> samples of the next chunk's latent (paper §4.2; Figs. 8-9).
 
 Every head offers the same two calls, so generation, both temperature samplers, BrierLM and
 checkpoints never need to know which head a model has:
@@ -10,17 +10,18 @@ checkpoints never need to know which head a model has:
 
 ``passes_per_sample(config)`` is the number of head forward passes one sample costs (``calm.models.flops``).
 
-**Energy** (§3.3, paper §4.2): uniform noise and h go through ``head_blocks`` residual MLP blocks
-to a latent in one pass; the loss is the energy score (§3.4) of N = ``num_samples`` head samples
+**Energy** (paper §4.2): uniform noise and h go through ``head_blocks`` residual MLP blocks
+to a latent in one pass; the loss is the energy score (Eqs. 9-10) of N = ``num_samples`` head samples
 against M = ``num_target_samples`` posterior samples.
 
-**Flow matching** (§3.6): a velocity network v(x_t, t, h). Training: t ~ U(0, 1), x₀ ~ N(0, I),
-z ~ posterior, x_t = (1 − t)x₀ + t·z, MSE to the velocity z − x₀ (h repeated N times, one
-posterior sample each). Sampling integrates dx/dt = v from t = 0 to 1 with the midpoint rule in
-``flow_steps`` steps of two passes each (the paper: decent at 2 steps, near-optimal at 4; its
-"steps" may count passes, see README).
+**Flow matching** (the paper's head ablation, Figs. 8-9): a velocity network v(x_t, t, h).
+Training: t ~ U(0, 1), x₀ ~ N(0, I), z ~ posterior, x_t = (1 − t)x₀ + t·z, MSE to the velocity
+z − x₀ (h repeated N times, one posterior sample each). Sampling integrates dx/dt = v from t = 0
+to 1 with the midpoint rule in ``flow_steps`` steps of two passes each (the paper: decent at 2
+steps, near-optimal at 4; its "steps" may count passes, see
+docs/guides/experiments.md#flow-and-diffusion-heads).
 
-**Diffusion** (§3.6): a noise-prediction network ε(x_t, t, h) over the IDDPM cosine schedule with
+**Diffusion** (the same ablation): a noise-prediction network ε(x_t, t, h) over the IDDPM cosine schedule with
 ``diffusion_train_steps`` = 1000 steps. Training: t uniform over the steps, x_t = √ᾱ_t z +
 √(1 − ᾱ_t) ε, MSE to ε; the network's output is read as v and turned into ε̂ (see
 ``DiffusionHead.predict_noise`` for why). Sampling: ancestral DDPM over ``diffusion_steps`` = 100
@@ -29,7 +30,7 @@ bound; here the reverse variance is fixed to the posterior variance β̃ (IDDPM'
 so the loss is the plain ε-MSE.
 
 **Network** (choice, documented deviation): flow and diffusion use the energy head's MLP blocks
-(§3.3) rather than the official MAR-style adaLN ResBlocks, so the three heads differ only in their
+(§4.2) rather than the official MAR-style adaLN ResBlocks, so the three heads differ only in their
 objective and sampler: input Linear(l→d) of x_t (no LayerNorm, which would erase its scale),
 condition c = LayerNorm(Linear(h)) + MLP(sinusoidal(t·1000)), the blocks, and the same
 zero-initialised output layer.
@@ -102,7 +103,7 @@ def sample_distance(samples: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 
 
 class EnergyHead(_BlockStack):
-    """One-step stochastic generator: (h, uniform noise) -> a latent vector (paper §4.2.1)."""
+    """One-step stochastic generator: (h, uniform noise) -> a latent vector (paper §4.2)."""
 
     def __init__(self, config: CALMConfig) -> None:
         super().__init__()
@@ -134,7 +135,7 @@ class EnergyHead(_BlockStack):
     def loss(
         self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """−energy score of N head samples against M posterior samples, mean over the P positions (§3.4)."""
+        """−energy score of N head samples against M posterior samples, mean over the P positions (Eqs. 9-10)."""
         targets = posterior_samples(mu, std, self.config.num_target_samples, generator)  # (M, P, l)
         samples = self.sample(h, self.config.num_samples, generator).float()  # (N, P, l)
         return self.energy_loss(samples, targets, mu)
@@ -226,7 +227,7 @@ class FlowHead(_ConditionalNet):
     def loss(
         self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """MSE between v(x_t, t, h) and z − x₀, h repeated N = ``num_samples`` times (§3.6)."""
+        """MSE between v(x_t, t, h) and z − x₀, h repeated N = ``num_samples`` times (Figs. 8-9)."""
         n = self.config.num_samples
         z = posterior_samples(mu, std, n, generator)  # (N, P, l)
         x0 = torch.randn(z.shape, device=z.device, generator=generator)
@@ -290,7 +291,7 @@ class DiffusionHead(_ConditionalNet):
     def loss(
         self, h: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """MSE between ε(x_t, t, h) and ε, h repeated N = ``num_samples`` times (§3.6)."""
+        """MSE between ε(x_t, t, h) and ε, h repeated N = ``num_samples`` times (Figs. 8-9)."""
         n, T = self.config.num_samples, self.config.diffusion_train_steps
         z = posterior_samples(mu, std, n, generator)  # (N, P, l)
         eps = torch.randn(z.shape, device=z.device, generator=generator)

@@ -1,6 +1,6 @@
 """Transformer layers shared by the CALM backbone and the token-level baseline.
 
-Llama-style blocks as CALM-SPEC §3.1 describes them: pre-norm RMSNorm, rotary position
+Llama-style blocks as the paper uses them (§4, sizes in §7.1): pre-norm RMSNorm, rotary position
 embeddings (θ = 10,000), multi-head attention (grouped-query optional) through
 ``F.scaled_dot_product_attention``, and a SwiGLU MLP, all without biases. A small KV cache makes
 incremental decoding exact: decoding with the cache gives the same outputs as a full forward.

@@ -1,4 +1,4 @@
-"""Energy loss for CALM's generative head (paper Eqs. 9-10; spec §3.4).
+"""Energy loss for CALM's generative head (paper §4.2, Eqs. 9-10).
 
 The head only produces samples, so it is trained with the energy score, a strictly proper scoring
 rule (for 0 < alpha < 2) that needs nothing but samples:
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 __all__ = ["energy_score", "energy_loss", "energy_terms"]
 
 
 def energy_score(samples: Tensor, targets: Tensor, alpha: float = 1.0, diversity_weight: float = 1.0) -> Tensor:
-    """Monte-Carlo energy score per position (spec §3.4); higher is better.
+    """Monte-Carlo energy score per position (paper Eqs. 9-10); higher is better.
 
     Args:
         samples: (N, P, l) model samples: N >= 2 per position, P positions, latent dim l.
@@ -133,14 +134,14 @@ class _CrossDistance(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, z: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, x: Tensor, z: Tensor) -> Tensor:
         distance = torch.cdist(x, z, compute_mode="donot_use_mm_for_euclid_dist")
         ctx.save_for_backward(x, z, distance)
         return distance
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, z, distance = ctx.saved_tensors
         positive = distance > 0
         weight = torch.where(positive, grad / torch.where(positive, distance, 1.0), 0.0)  # (P, N, M)

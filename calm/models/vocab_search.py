@@ -1,4 +1,4 @@
-"""Exact vocabulary argmax through a certified int8 screen (the cost of CALM decoding; CALM-SPEC §7).
+"""Exact vocabulary argmax through a certified int8 screen (the cost of CALM decoding; paper Table 1).
 
 Decoding a latent ends in ``argmax_v h·E_v`` over the tied embedding E (V × d; 128,257 × 512 for
 the ``paper`` autoencoder). :class:`Int8Screen` keeps an int8 copy of E and answers that argmax
@@ -54,7 +54,7 @@ of temperature sampling against the 128k vocabulary, not the tiny 4k one (where 
 def vocab_argmax(hidden: torch.Tensor, weight: torch.Tensor, top: int = 64, bf16_screen: bool = False) -> torch.Tensor:
     """argmax_v hidden·weight_v for hidden (M, d), weight (V, d) -> (M,) ids; exact, lowest id on a tie.
 
-    This product dominates a CALM decoding step (CALM-SPEC §7; ``benchmarks/decode_argmax.py``).
+    This product dominates a CALM decoding step (paper Table 1's inference FLOPs; ``benchmarks/decode_argmax.py``).
     Few rows (greedy decoding decodes K = 4): the product runs as weight @ hidden^T, with the
     (V, d) table on the left, which a CPU BLAS streams at memory bandwidth, about 2x faster
     than hidden @ weight^T. Many fp32 logits on a CPU with ``bf16_screen`` (the caller's word that bf16

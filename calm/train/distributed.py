@@ -14,13 +14,15 @@ same frozen weights from the autoencoder checkpoint, so there is nothing to sync
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from calm.hardware import default_device
 
@@ -103,11 +105,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, params: list[nn.Parameter]) -
     if ctx.world_size <= 1:
         return model
     if strategy() == "fsdp":
-        from calm.train.fsdp import shard_model
-
-        return shard_model(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+        return _fsdp().shard_model(model)
     trainable = {id(p) for p in params}
     frozen = [name for name, p in model.named_parameters() if id(p) not in trainable]
     if frozen:
@@ -116,14 +114,12 @@ def wrap_model(model: nn.Module, ctx: DistContext, params: list[nn.Parameter]) -
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def no_sync(model: nn.Module):
+def no_sync(model: nn.Module) -> AbstractContextManager[Any]:
     """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps."""
     if hasattr(model, "no_sync"):
         return model.no_sync()
     if _is_sharded(model):
-        from calm.train.fsdp import gradient_sync
-
-        return gradient_sync(model, enabled=False)
+        return _fsdp().gradient_sync(model, enabled=False)
     return nullcontext()
 
 
@@ -133,20 +129,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def _fsdp() -> ModuleType:
+    """``calm.train.fsdp``, imported on first use: it loads torch's FSDP2 and DTensor packages (a second
+    or two), which a single-process run never needs."""
+    from calm.train import fsdp
+
+    return fsdp
+
+
 def _is_sharded(model: nn.Module) -> bool:
     if not tdist.is_initialized():
         return False
-    from calm.train.fsdp import is_sharded
-
-    return is_sharded(unwrap(model))
+    return _fsdp().is_sharded(unwrap(model))
 
 
-def evaluation(model: nn.Module):
+def evaluation(model: nn.Module) -> AbstractContextManager[Any]:
     """Context for evaluating the unwrapped model: FSDP2 keeps the root gathered; a no-op otherwise."""
     if _is_sharded(model):
-        from calm.train.fsdp import unsharded
-
-        return unsharded(unwrap(model))
+        return _fsdp().unsharded(unwrap(model))
     return nullcontext()
 
 
@@ -154,26 +154,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Gathered weights of a sharded model (every rank must call); None when not sharded."""
     if not _is_sharded(model):
         return None
-    from calm.train.fsdp import full_state_dict as gather
-
-    return gather(unwrap(model))
+    return _fsdp().full_state_dict(unwrap(model))
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any] | None:
     """Gathered optimizer state of a sharded model (every rank must call); None when not sharded."""
     if not _is_sharded(model):
         return None
-    from calm.train.fsdp import full_optimizer_state as gather
-
-    return gather(optimizer)
+    return _fsdp().full_optimizer_state(optimizer)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state_dict: dict[str, Any]) -> None:
     """Load a full optimizer state, sharding it when the model is sharded."""
     if _is_sharded(model):
-        from calm.train.fsdp import load_optimizer_state as load
-
-        load(optimizer, state_dict)
+        _fsdp().load_optimizer_state(optimizer, state_dict)
     else:
         optimizer.load_state_dict(state_dict)
 
@@ -181,7 +175,5 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sta
 def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
     """The total gradient norm as an ordinary tensor (FSDP2 returns a DTensor)."""
     if tdist.is_initialized():
-        from calm.train.fsdp import full_value
-
-        return full_value(norm)
+        return _fsdp().full_value(norm)
     return norm

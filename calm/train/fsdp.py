@@ -26,13 +26,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from calm.models.autoencoder import AELayer
+from calm.models.heads import MLPBlock
+from calm.models.layers import Block
 
-def _block_types() -> tuple[type[nn.Module], ...]:
-    from calm.models.autoencoder import AELayer
-    from calm.models.heads import MLPBlock
-    from calm.models.layers import Block
-
-    return (Block, AELayer, MLPBlock)
+_BLOCK_TYPES: tuple[type[nn.Module], ...] = (Block, AELayer, MLPBlock)
+"""The repeated blocks, each one FSDP unit."""
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -50,7 +49,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         if p.requires_grad:
             tdist.broadcast(p.data, src=0)
-    blocks = [m for m in model.modules() if isinstance(m, _block_types()) and _trainable(m)]
+    blocks = [m for m in model.modules() if isinstance(m, _BLOCK_TYPES) and _trainable(m)]
     for block in blocks:
         fully_shard(block)
     fully_shard(model, ignored_params=frozen or None)

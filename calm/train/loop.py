@@ -2,20 +2,21 @@
 
 The stage (``calm.train.stages``) decides the model, its trainable parameters, how a batch is built from
 item indices, the loss and the periodic evaluation. This loop owns everything else: AdamW with the
-paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1.0; CALM-SPEC §2.3,
-§6), warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
+paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1.0; paper §7.1),
+warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
 autocast, progress bars, ``metrics.jsonl`` logging, periodic checkpoints, exact resume (model,
 optimizer, RNG and data position), SIGTERM handling and non-finite guards.
 
 Under ``torchrun`` every rank runs this loop on its slice of each global batch (``calm.train.distributed``
 wraps the model in DDP or FSDP2); rank 0 logs and writes. Each micro-batch's noise is seeded by its
 position in the global batch (``micro_batch_seed``), so results do not depend on the world size
-or on interruptions. See docs/distributed.md.
+or on interruptions. See docs/guides/distributed.md.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -132,8 +133,6 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
             )
         dist.barrier()  # every rank has checked before rank 0 deletes
         if dist.is_main():
-            import shutil
-
             shutil.rmtree(out)
     dist.barrier()
     return None
@@ -212,29 +211,9 @@ def run_training(
     device = device or ctx.device
     cfg.validate(ctx.world_size)
     accum = cfg.grad_accum_steps(ctx.world_size)
-    micro_tokens = cfg.batch_tokens // (accum * ctx.world_size)
-    if micro_tokens % stage.tokens_per_item != 0:
-        raise ConfigError(
-            f"micro-batch of {micro_tokens} tokens is not a multiple of the {stage.tokens_per_item} tokens per "
-            f"training item; set batch_tokens/micro_batch_tokens to a multiple of {stage.tokens_per_item}"
-        )
-    items_per_rank = micro_tokens // stage.tokens_per_item
-    sampler = BatchSampler(stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    sampler = _batch_sampler(stage, cfg, ctx, accum)
     resume_from = prepare_run_dir(out, resume, overwrite)
-    meta: dict[str, Any] = {}
-    saved: dict[str, Any] | None = None
-    if resume_from is not None:  # read and check everything before touching a file
-        try:
-            saved = ckpt.read_config(resume_from)  # every file present, with its recorded size
-            meta, state_tensors = ckpt.load_training_state(resume_from)
-            weights = ckpt.load_weights(resume_from, device)
-        except ckpt.CheckpointError as e:
-            older = ckpt.list_checkpoints(out)[:-1]
-            hint = ""
-            if older:
-                hint = f"; to resume from the previous one ({older[-1].name}), delete {resume_from}"
-            raise ckpt.CheckpointError(f"cannot resume: {e}{hint}") from e
-        _check_resumable(resume_from, saved, stage)
+    saved, meta, state_tensors, weights = _read_resume_point(resume_from, out, stage, device)
     precision = resolve_run_precision(cfg, device, saved.get("train") if saved is not None else None)
     if dist.is_main():
         print(f"{stage.kind}: {describe(precision, device)} (requested: {cfg.precision})", flush=True)
@@ -244,171 +223,263 @@ def run_training(
     model = stage.model.to(device)
     if resume_from is not None:
         ckpt.load_state_into(model, weights, resume_from)
-        del weights
+    del weights
     train_model = dist.wrap_model(model, ctx, stage.trainable_parameters())
     params = stage.trainable_parameters()  # after wrapping: FSDP2 replaces them with sharded ones
     optimizer = build_optimizer(params, cfg)
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    run = _Run(stage, cfg, out, ctx, device, precision, accum, sampler, model, train_model, params, optimizer)
     if resume_from is not None:
-        opt_state = ckpt.optimizer_state_from_tensors(state_tensors, meta["optimizer"])
-        dist.load_optimizer_state(optimizer, train_model, opt_state)
-        sampler.load_state_dict(meta["sampler"])
-        ckpt.restore_rng_state(state_tensors, meta["rng"])
-        step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
-        del state_tensors
+        run.restore(meta, state_tensors)
+    del state_tensors
     if cfg.compile:
-        train_model = torch.compile(train_model)
-
-    metrics_path = out / "metrics.jsonl"
-    config_record = {
-        **stage.checkpoint_config(),
-        "train": {**asdict(cfg), "precision": precision, "precision_requested": cfg.precision},
-    }
+        run.train_model = torch.compile(train_model)
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            ckpt.clean_incomplete(out)  # leftovers of a write that a crash interrupted
-            _truncate_metrics(metrics_path, step)
-            if resume_from is not None:
-                print(f"resuming {stage.kind} from {resume_from} at step {step}")
-        write_json(out / "run_config.json", config_record, sort_keys=True)
+        run.start_run_dir(resume, resume_from)
+    return run.train(progress)
 
-    def save(at_step: int, elapsed: float) -> None:
-        weights = dist.full_state_dict(train_model)  # FSDP: every rank gathers; None otherwise
-        opt_state = dist.full_optimizer_state(optimizer, train_model)
+
+def _batch_sampler(stage: Stage, cfg: TrainConfig, ctx: dist.DistContext, accum: int) -> BatchSampler:
+    """This rank's sampler: each micro-batch holds ``batch_tokens / (accum · world_size)`` tokens of whole items."""
+    micro_tokens = cfg.batch_tokens // (accum * ctx.world_size)
+    if micro_tokens % stage.tokens_per_item != 0:
+        raise ConfigError(
+            f"micro-batch of {micro_tokens} tokens is not a multiple of the {stage.tokens_per_item} tokens per "
+            f"training item; set batch_tokens/micro_batch_tokens to a multiple of {stage.tokens_per_item}"
+        )
+    items_per_rank = micro_tokens // stage.tokens_per_item
+    return BatchSampler(stage.num_items, items_per_rank, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def _read_resume_point(
+    resume_from: Path | None, out: Path, stage: Stage, device: torch.device
+) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config.json, training-state metadata, training-state tensors, weights) of the checkpoint to resume
+    from, all read and checked before any file is touched; (None, {}, {}, {}) for a new run."""
+    if resume_from is None:
+        return None, {}, {}, {}
+    try:
+        saved = ckpt.read_config(resume_from)  # every file present, with its recorded size
+        meta, state_tensors = ckpt.load_training_state(resume_from)
+        weights = ckpt.load_weights(resume_from, device)
+    except ckpt.CheckpointError as e:
+        older = ckpt.list_checkpoints(out)[:-1]
+        hint = ""
+        if older:
+            hint = f"; to resume from the previous one ({older[-1].name}), delete {resume_from}"
+        raise ckpt.CheckpointError(f"cannot resume: {e}{hint}") from e
+    _check_resumable(resume_from, saved, stage)
+    return saved, meta, state_tensors, weights
+
+
+class _Run:
+    """One training run in progress: the model and its wrapper, the optimizer, the data position and the
+    counters. Every rank holds one; rank 0 logs and writes."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        cfg: TrainConfig,
+        out: Path,
+        ctx: dist.DistContext,
+        device: torch.device,
+        precision: str,
+        accum: int,
+        sampler: BatchSampler,
+        model: nn.Module,
+        train_model: nn.Module,
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        self.stage, self.cfg, self.out, self.ctx, self.device = stage, cfg, out, ctx, device
+        self.precision, self.accum, self.sampler = precision, accum, sampler
+        self.model = model  # the module itself: evaluated and saved
+        self.train_model = train_model  # what the steps run: DDP / FSDP2 / torch.compile around ``model``
+        self.params, self.optimizer = params, optimizer
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.metrics_path = out / "metrics.jsonl"
+        self.config_record = {
+            **stage.checkpoint_config(),
+            "train": {**asdict(cfg), "precision": precision, "precision_requested": cfg.precision},
+        }
+
+    def restore(self, meta: dict[str, Any], state_tensors: dict[str, torch.Tensor]) -> None:
+        """Optimizer moments, data position, RNG state and counters from a checkpoint's training state."""
+        opt_state = ckpt.optimizer_state_from_tensors(state_tensors, meta["optimizer"])
+        dist.load_optimizer_state(self.optimizer, self.train_model, opt_state)
+        self.sampler.load_state_dict(meta["sampler"])
+        ckpt.restore_rng_state(state_tensors, meta["rng"])
+        self.step, self.tokens_seen, self.elapsed_before = meta["step"], meta["tokens_seen"], meta.get("elapsed_s", 0.0)
+
+    def start_run_dir(self, resume: bool, resume_from: Path | None) -> None:
+        """Rank 0: the run directory, cleaned and its log cut back to the checkpoint on resume, and run_config.json."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            ckpt.clean_incomplete(self.out)  # leftovers of a write that a crash interrupted
+            _truncate_metrics(self.metrics_path, self.step)
+            if resume_from is not None:
+                print(f"resuming {self.stage.kind} from {resume_from} at step {self.step}")
+        write_json(self.out / "run_config.json", self.config_record, sort_keys=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if dist.is_main():
+            append_jsonl(self.metrics_path, record)
+
+    def save(self, at_step: int, elapsed: float) -> None:
+        """A checkpoint of step ``at_step`` (a collective under FSDP: every rank calls), written by rank 0."""
+        weights = dist.full_state_dict(self.train_model)  # FSDP: every rank gathers; None otherwise
+        opt_state = dist.full_optimizer_state(self.optimizer, self.train_model)
         if not dist.is_main():
             return
         state = {
             "step": at_step,
-            "tokens_seen": tokens_seen,
+            "tokens_seen": self.tokens_seen,
             "elapsed_s": elapsed,
-            "sampler": sampler.state_dict(),
-            "world_size": ctx.world_size,
+            "sampler": self.sampler.state_dict(),
+            "world_size": self.ctx.world_size,
         }
-        path = ckpt.checkpoint_step_dir(out, at_step)
+        path = ckpt.checkpoint_step_dir(self.out, at_step)
         try:
             ckpt.save_checkpoint(
                 path,
-                model=model,
+                model=self.model,
                 weights=weights,
-                config={**config_record, "step": at_step},
-                tokenizer_json=stage.tokenizer_json,
+                config={**self.config_record, "step": at_step},
+                tokenizer_json=self.stage.tokenizer_json,
                 training_state=state,
-                optimizer=opt_state if opt_state is not None else optimizer,
+                optimizer=opt_state if opt_state is not None else self.optimizer,
             )
         except OSError as e:
-            last = ckpt.list_checkpoints(out)
+            last = ckpt.list_checkpoints(self.out)
             raise ckpt.CheckpointError(
-                f"could not write checkpoint {path} at step {at_step} of stage {stage.kind} ({e}); "
+                f"could not write checkpoint {path} at step {at_step} of stage {self.stage.kind} ({e}); "
                 f"the previous checkpoint {last[-1] if last else '(none)'} is intact. "
                 "Free disk space and resume with --resume"
             ) from e
-        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+        ckpt.prune_checkpoints(self.out, self.cfg.keep_checkpoints)
 
-    def log(record: dict[str, Any]) -> None:
-        if dist.is_main():
-            append_jsonl(metrics_path, record)
-
-    start_time = time.perf_counter()
-    last_eval: dict[str, float] = {}
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc=f"train {stage.kind}",
-        disable=not (progress and dist.is_main()),
-        dynamic_ncols=True,
-    )
-    window_tokens, window_start = 0, time.perf_counter()
-    with _StopFlag() as stop:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            train_model.train()
-            totals: dict[str, float] = {}
-            for micro in range(accum):
-                indices = sampler.next_indices()
-                torch.manual_seed(micro_batch_seed(cfg.seed, step, micro * ctx.world_size + ctx.rank))
-                batch = stage.make_batch(indices, device)
-                sync = dist.no_sync(train_model) if micro < accum - 1 else nullcontext()
-                with sync:
-                    with autocast(device, precision):
-                        loss, metrics = stage.loss(train_model, batch)
-                    (loss / accum).backward()
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) / accum
-            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            loss_value = dist.all_reduce_mean(totals.get("loss", float(loss.detach())))
-            finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-            else:
-                what = "loss" if not math.isfinite(loss_value) else "gradient"
-                msg = (
-                    f"non-finite {what} at step {step + 1} of stage {stage.kind} "
-                    f"(loss={loss_value}, grad_norm={float(grad_norm)})"
+    def train(self, progress: bool) -> dict[str, Any]:
+        """Optimizer steps up to ``max_steps``, a signal or the time limit, with logging, evaluation and checkpoints."""
+        cfg = self.cfg
+        start_time = time.perf_counter()
+        last_eval: dict[str, str] = {}
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"train {self.stage.kind}",
+            disable=not (progress and dist.is_main()),
+            dynamic_ncols=True,
+        )
+        window_tokens, window_start = 0, time.perf_counter()
+        with _StopFlag() as stop:
+            while self.step < cfg.max_steps:
+                lr = lr_at(self.step, cfg)
+                totals, loss_value, grad_norm, finite = self._optimizer_step(lr, bar)
+                self.step += 1
+                elapsed = self.elapsed_before + time.perf_counter() - start_time
+                bar.update(1)
+                if finite:
+                    self.tokens_seen += cfg.batch_tokens
+                    window_tokens += cfg.batch_tokens
+                if finite and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_start, 1e-9)
+                    window_tokens, window_start = 0, now
+                    self._log_train(totals, lr, grad_norm, elapsed, tps)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}", **last_eval)
+                stopping, timed_out = dist.any_rank(
+                    stop.signum is not None, cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
                 )
-                if not cfg.skip_nonfinite:
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or timed_out:
+                    last_eval = self._evaluate(elapsed)
+                if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or timed_out or stopping:
+                    self.save(self.step, elapsed)
+                if stopping:
                     bar.close()
-                    last = ckpt.list_checkpoints(out)
-                    raise NonFiniteError(
-                        f"{msg}; the last good checkpoint is {last[-1] if last else '(none)'}. "
-                        "Lower the learning rate, resume with --resume, or pass --skip-nonfinite to skip "
-                        "bad steps"
-                    )
-                if dist.is_main():
-                    print(f"warning: {msg}; skipping this step (--skip-nonfinite)")
-                log({"step": step + 1, "split": "train", "skipped_nonfinite": True})
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = elapsed_before + time.perf_counter() - start_time
-            bar.update(1)
-            if finite:
-                tokens_seen += cfg.batch_tokens
-                window_tokens += cfg.batch_tokens
-            if finite and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                window_tokens, window_start = 0, now
-                record = {
-                    "step": step,
-                    "split": "train",
-                    "tokens": tokens_seen,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "elapsed_s": round(elapsed, 3),
-                    "tokens_per_s": round(tps, 1),
-                    **{k: round(dist.all_reduce_mean(v), 6) for k, v in totals.items()},
-                }
-                if stage.flops_per_token:
-                    record["train_flops"] = stage.flops_per_token * tokens_seen
-                log(record)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}", **last_eval)
-            stopping, timed_out = dist.any_rank(
-                stop.signum is not None, cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
+                    raise SystemExit(f"stopped by signal at step {self.step}; checkpoint saved, resume with --resume")
+                if timed_out:
+                    if dist.is_main():
+                        print(f"time limit of {cfg.max_minutes} min reached at step {self.step}")
+                    break
+        bar.close()
+        return {"step": self.step, "tokens": self.tokens_seen, **last_eval}
+
+    def _optimizer_step(self, lr: float, bar: tqdm) -> tuple[dict[str, float], float, torch.Tensor, bool]:
+        """Accumulate the global batch's gradients, clip, and step unless the loss or gradient is non-finite;
+        returns (mean metrics of the micro-batches, mean loss over ranks, gradient norm, whether it stepped)."""
+        cfg, ctx, accum = self.cfg, self.ctx, self.accum
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.train_model.train()
+        totals: dict[str, float] = {}
+        for micro in range(accum):
+            indices = self.sampler.next_indices()
+            torch.manual_seed(micro_batch_seed(cfg.seed, self.step, micro * ctx.world_size + ctx.rank))
+            batch = self.stage.make_batch(indices, self.device)
+            sync = dist.no_sync(self.train_model) if micro < accum - 1 else nullcontext()
+            with sync:
+                with autocast(self.device, self.precision):
+                    loss, metrics = self.stage.loss(self.train_model, batch)
+                (loss / accum).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / accum
+        grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+        loss_value = dist.all_reduce_mean(totals.get("loss", float(loss.detach())))
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        else:
+            self._skip_nonfinite(loss_value, grad_norm, bar)
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals, loss_value, grad_norm, finite
+
+    def _skip_nonfinite(self, loss_value: float, grad_norm: torch.Tensor, bar: tqdm) -> None:
+        """Stop with NonFiniteError, or with ``skip_nonfinite`` warn and log the skipped step."""
+        what = "loss" if not math.isfinite(loss_value) else "gradient"
+        msg = (
+            f"non-finite {what} at step {self.step + 1} of stage {self.stage.kind} "
+            f"(loss={loss_value}, grad_norm={float(grad_norm)})"
+        )
+        if not self.cfg.skip_nonfinite:
+            bar.close()
+            last = ckpt.list_checkpoints(self.out)
+            raise NonFiniteError(
+                f"{msg}; the last good checkpoint is {last[-1] if last else '(none)'}. "
+                "Lower the learning rate, resume with --resume, or pass --skip-nonfinite to skip "
+                "bad steps"
             )
-            if step % cfg.eval_every == 0 or step == cfg.max_steps or timed_out:
-                torch.manual_seed(micro_batch_seed(cfg.seed, step, 0, _EVAL_RNG))  # same on every rank
-                with dist.evaluation(train_model):
-                    ev = stage.evaluate(model, device)
-                log(
-                    {
-                        "step": step,
-                        "split": "val",
-                        "tokens": tokens_seen,
-                        "elapsed_s": round(elapsed, 3),
-                        **ev,
-                    }
-                )
-                last_eval = {k: f"{v:.4g}" for k, v in list(ev.items())[:2]}
-            if step % cfg.save_every == 0 or step == cfg.max_steps or timed_out or stopping:
-                save(step, elapsed)
-            if stopping:
-                bar.close()
-                raise SystemExit(f"stopped by signal at step {step}; checkpoint saved, resume with --resume")
-            if timed_out:
-                if dist.is_main():
-                    print(f"time limit of {cfg.max_minutes} min reached at step {step}")
-                break
-    bar.close()
-    return {"step": step, "tokens": tokens_seen, **last_eval}
+        if dist.is_main():
+            print(f"warning: {msg}; skipping this step (--skip-nonfinite)")
+        self.log({"step": self.step + 1, "split": "train", "skipped_nonfinite": True})
+
+    def _log_train(
+        self, totals: dict[str, float], lr: float, grad_norm: torch.Tensor, elapsed: float, tokens_per_s: float
+    ) -> None:
+        record = {
+            "step": self.step,
+            "split": "train",
+            "tokens": self.tokens_seen,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(tokens_per_s, 1),
+            **{k: round(dist.all_reduce_mean(v), 6) for k, v in totals.items()},
+        }
+        if self.stage.flops_per_token:
+            record["train_flops"] = self.stage.flops_per_token * self.tokens_seen
+        self.log(record)
+
+    def _evaluate(self, elapsed: float) -> dict[str, str]:
+        """The stage's evaluation, logged; returns its first two values for the progress bar."""
+        torch.manual_seed(micro_batch_seed(self.cfg.seed, self.step, 0, _EVAL_RNG))  # same on every rank
+        with dist.evaluation(self.train_model):
+            ev = self.stage.evaluate(self.model, self.device)
+        self.log(
+            {
+                "step": self.step,
+                "split": "val",
+                "tokens": self.tokens_seen,
+                "elapsed_s": round(elapsed, 3),
+                **ev,
+            }
+        )
+        return {k: f"{v:.4g}" for k, v in list(ev.items())[:2]}

@@ -1,21 +1,22 @@
 """The three training stages that ``calm.train.loop.run_training`` drives.
 
-- ``AutoencoderStage``: chunks packed per document (EOS, PAD to a multiple of K; CALM-SPEC §1),
-  loss CE·K + β·clipped KL (§2.2).
+- ``AutoencoderStage``: chunks packed per document (EOS, PAD to a multiple of K; the authors' code),
+  loss CE·K + β·clipped KL (paper Eqs. 1-4).
 - ``CALMStage``: blocks of ``block_size`` tokens (L = block_size/K chunks), energy loss against the
-  frozen autoencoder's posterior (§3.5).
-- ``GPTStage``: blocks of ``block_size`` tokens, next-token cross-entropy (§6).
+  frozen autoencoder's posterior (paper Eqs. 9-10; the step layout of the authors' code).
+- ``GPTStage``: blocks of ``block_size`` tokens, next-token cross-entropy (paper §7.1).
 
 A stage owns its data view, model and loss; the loop (``calm.train.loop``) owns everything else.
 A stage never changes the configs it is given: it builds the model config it runs (``stage.config``)
 from the caller's with ``dataclasses.replace``, taking the vocabulary size from the data's tokenizer
 and, for CALM, K and the latent size from the frozen autoencoder (``calm.config.DERIVED_FIELDS``).
-Validation BrierLM is logged by CALM and GPT alike so that their curves compare (§4); CALM also logs
+Validation BrierLM is logged by CALM and GPT alike so that their curves compare (paper §5); CALM also logs
 the head diagnostics of ``calm.eval.diagnostics`` (conditioning gap, reference distances, accuracies).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm.checkpoint import load_model
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, TrainConfig
 from calm.data.shards import TokenShard, ae_chunks, lm_blocks
 from calm.data.tokenizer import Tokenizer
 from calm.eval.autoencoder import evaluate_autoencoder
+from calm.eval.brier import calm_block_brier, gpt_block_brier
+from calm.eval.brierlm import BrierAccumulator
+from calm.eval.diagnostics import head_diagnostics
+from calm.extensions import build_calm
 from calm.extensions.context import context_term, neighbour_rows
 from calm.models.autoencoder import Autoencoder
+from calm.models.flops import calm_flops, gpt_flops
+from calm.models.gpt import GPT
 
 
 def _open_data(data_dir: str | Path) -> tuple[TokenShard, TokenShard, Tokenizer]:
@@ -127,7 +135,9 @@ class _BlockStage:
 
     kind = "lm"
 
-    def _init_blocks(self, data_dir: str | Path, train: TrainConfig, check=None) -> None:
+    def _init_blocks(
+        self, data_dir: str | Path, train: TrainConfig, check: Callable[[Tokenizer], None] | None = None
+    ) -> None:
         train_shard, val_shard, self.tokenizer = _open_data(data_dir)
         if check is not None:
             check(self.tokenizer)
@@ -157,9 +167,6 @@ class CALMStage(_BlockStage):
     def __init__(
         self, data_dir: str | Path, config: CALMConfig, train: TrainConfig, autoencoder_dir: str | Path
     ) -> None:
-        from calm.checkpoint import load_model
-        from calm.extensions import build_calm
-
         ae, ae_tokenizer, _ = load_model(autoencoder_dir, kind="autoencoder")
 
         def check(data_tokenizer: Tokenizer) -> None:
@@ -186,8 +193,6 @@ class CALMStage(_BlockStage):
         torch.manual_seed(train.seed)
         self.model = build_calm(config, ae)
         self.ae_config = ae.config
-        from calm.models.flops import calm_flops
-
         self.flops_per_token = calm_flops(config, ae.config, context=train.block_size // K)["train_flops_per_token"]
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -196,9 +201,6 @@ class CALMStage(_BlockStage):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        from calm.eval.brier import calm_block_brier
-        from calm.eval.diagnostics import head_diagnostics
-
         model.eval()
         gen = torch.Generator(device="cpu").manual_seed(1234)
         loss_key = f"{self.config.head}_loss"  # the head's own objective: energy_loss, flow_loss or diffusion_loss
@@ -227,9 +229,6 @@ class GPTStage(_BlockStage):
     kind = "gpt"
 
     def __init__(self, data_dir: str | Path, config: GPTConfig, train: TrainConfig) -> None:
-        from calm.models.flops import gpt_flops
-        from calm.models.gpt import GPT
-
         self._init_blocks(data_dir, train)
         config = replace(config, vocab_size=self.tokenizer.vocab_size)
         if train.block_size - 1 > config.max_seq_len:
@@ -250,8 +249,6 @@ class GPTStage(_BlockStage):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        from calm.eval.brier import gpt_block_brier
-
         model.eval()
         gen = torch.Generator(device="cpu").manual_seed(1234)
         ces, results = [], []
@@ -274,8 +271,6 @@ class GPTStage(_BlockStage):
 
 
 def _merge_brier(per_block: list[torch.Tensor]) -> dict[str, float]:
-    from calm.eval.brierlm import BrierAccumulator
-
     acc = BrierAccumulator()
     for est in per_block:
         acc.add(est)
