@@ -157,7 +157,7 @@ def run_demo(
     summary["autoencoder"] = train(
         "autoencoder", ae_dir, lambda p: AutoencoderStage(data_dir, p.model, p.train), ae_preset
     )
-    summary["autoencoder_eval"] = _eval_ae(ae_dir, eval_data, out / "autoencoder_eval.json")
+    summary["autoencoder_eval"] = _eval_ae(ae_dir, eval_data, out / "autoencoder_eval.json", progress)
 
     _banner("3/6 train CALM")
     summary["calm"] = train("calm", calm_dir, lambda p: CALMStage(data_dir, p.model, p.train, ae_dir), lm_preset)
@@ -231,12 +231,12 @@ def _report_and_generations(out: Path, data_dir: Path, calm_dir: Path, gpt_dir: 
     return summary
 
 
-def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path) -> dict[str, Any]:
+def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path, progress: bool = True) -> dict[str, Any]:
     if out_json.exists():
         return read_json(out_json)
     model, tok, _ = load_model(ae_dir, kind="autoencoder")
     chunks = pack_documents_for_ae(load_eval_documents(eval_data, tok), model.chunk_size, tok.eos_id, tok.pad_id)
-    result = evaluate_autoencoder(model, chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), progress=True)
+    result = evaluate_autoencoder(model, chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), progress=progress)
     print(
         f"autoencoder on {eval_data.name}: token accuracy {result['token_accuracy']:.4%} (μ), "
         f"{result['token_accuracy_sampled']:.4%} (z ~ q), chunk exact match {result['chunk_exact_match']:.4%}"
