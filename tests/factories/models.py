@@ -82,6 +82,7 @@ def tiny_calm(
     seed: int | None = 0,
     autoencoder: Autoencoder | dict[str, Any] | None = None,
     head_std: float | None = None,
+    head_seed: int | None = None,
     **overrides: Any,
 ) -> CALM:
     """A 2-layer, width-32 CALM over a fresh width-32 autoencoder; ``overrides`` go to ``tiny_calm_config``.
@@ -89,8 +90,9 @@ def tiny_calm(
     In order: ``torch.manual_seed(seed)`` (unless None), the autoencoder (``autoencoder`` may be one to
     use as it is, e.g. a trained one, or a dict of AutoencoderConfig overrides), the CALM through
     ``calm.extensions.build_calm`` (so a config with one of our options gets the extended model), and,
-    with ``head_std``, the head's zero-initialised output layer redrawn from N(0, head_std²) with the
-    global generator, so that samples depend on the hidden state.
+    with ``head_std``, the head's zero-initialised output layer redrawn from N(0, head_std²), so that
+    samples depend on the hidden state: from the global generator, or from a generator of its own
+    seeded ``head_seed`` (which leaves the global one as it was).
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -98,7 +100,8 @@ def tiny_calm(
         autoencoder = tiny_autoencoder(vocab=vocab, seed=None, latent_size=latent, chunk_size=K, **(autoencoder or {}))
     model = build_calm(tiny_calm_config(vocab=vocab, K=K, latent=latent, **overrides), autoencoder)
     if head_std is not None:
-        torch.nn.init.normal_(model.head.final_out.weight, std=head_std)
+        generator = None if head_seed is None else torch.Generator().manual_seed(head_seed)
+        torch.nn.init.normal_(model.head.final_out.weight, std=head_std, generator=generator)
     return model
 
 

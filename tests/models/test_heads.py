@@ -398,8 +398,7 @@ def test_energy_diversity_weight_sharpens_the_training_loss_but_reports_the_prop
     tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     results = {}
     for weight in (1.0, 0.6):
-        model = factories.tiny_calm(energy_diversity_weight=weight)
-        torch.nn.init.normal_(model.head.final_out.weight, std=0.3, generator=torch.Generator().manual_seed(2))
+        model = factories.tiny_calm(energy_diversity_weight=weight, head_std=0.3, head_seed=2)
         torch.manual_seed(1)
         results[weight] = model(tokens)
     (plain_loss, plain_m), (loss, m) = results[1.0], results[0.6]
