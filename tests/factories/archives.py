@@ -24,6 +24,7 @@ from calm.data.corpus import PinnedPackage
 
 
 def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, as a pin in ``PinnedPackage``."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import factories
 import pytest
 
-from calm.config import TrainConfig
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
 
@@ -17,7 +16,7 @@ from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 def test_building_a_stage_leaves_the_callers_configs_unchanged(
     kind: str, data_dir: Path, tiny_lm_checkpoints: dict[str, Path]
 ) -> None:
-    train = TrainConfig(batch_tokens=64, eval_tokens=64, precision="fp32", block_size=32, max_steps=2)
+    train = factories.train_config()
     if kind == "autoencoder":
         model = factories.autoencoder_config(vocab_size=99)
     elif kind == "calm":  # the autoencoder has K = 4 and 8 latent dimensions
