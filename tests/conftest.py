@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from calm.config import TrainConfig
 from calm.data.shards import prepare
 from calm.data.tokenizer import Tokenizer, train_bpe
 
@@ -90,30 +91,26 @@ def data_dir(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def tiny_lm_checkpoints(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run directories of a tiny autoencoder, CALM (K = 4, 16 steps) and GPT (32 tokens), 2 steps each.
+    """Run directories of a tiny autoencoder, CALM (K = 4, 16 steps) and GPT (32 tokens), 2 steps each
+    (the sizes of ``factories.TINY_AE``, ``TINY_CALM`` and ``TINY_GPT``).
 
     Barely trained: for tests of serving and evaluation plumbing, not of quality.
     """
-    from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TrainConfig
+    import factories
+
     from calm.train.loop import run_training
     from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
     def train_config(**kw: object) -> TrainConfig:
-        base = dict(lr=3e-3, batch_tokens=64, max_steps=2, eval_every=2, save_every=2, log_every=1)
-        base.update(eval_tokens=64, precision="fp32", warmup_steps=1, lr_schedule="cosine", block_size=32)
-        base.update(kw)
-        return TrainConfig(**base)
+        return factories.train_config(warmup_steps=1, lr_schedule="cosine", **kw)
 
     root = tmp_path_factory.mktemp("tiny_lms")
     runs = {kind: root / kind for kind in ("ae", "calm", "gpt")}
     torch.manual_seed(0)
-    ae_cfg = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
-    stage = AutoencoderStage(tiny_data_dir, ae_cfg, train_config())
+    stage = AutoencoderStage(tiny_data_dir, factories.autoencoder_config(), train_config())
     run_training(stage, stage.train_config, runs["ae"], progress=False)
-    lm = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
-    calm_cfg = CALMConfig(**lm, max_seq_len=16, num_samples=4, num_target_samples=8)
-    stage = CALMStage(tiny_data_dir, calm_cfg, train_config(), runs["ae"])
+    stage = CALMStage(tiny_data_dir, factories.calm_config(), train_config(), runs["ae"])
     run_training(stage, stage.train_config, runs["calm"], progress=False)
-    stage = GPTStage(tiny_data_dir, GPTConfig(**lm, max_seq_len=32), train_config(block_size=16))
+    stage = GPTStage(tiny_data_dir, factories.gpt_config(), train_config(block_size=16))
     run_training(stage, stage.train_config, runs["gpt"], progress=False)
     return runs

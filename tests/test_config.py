@@ -12,6 +12,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+import factories
 import pytest
 
 from calm.cli import main
@@ -80,7 +81,8 @@ def test_every_derived_field_override_is_refused_naming_its_source(kind, key, tm
     assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
 
 
-def test_issue_examples(tmp_path, capsys):
+def test_common_mistakes_are_named(tmp_path, capsys):
+    """A word for a number, a value the autoencoder decides, a kind the demo does not have."""
     code, err = _run(_train_argv("gpt", tmp_path, "model.num_layers=abc"), capsys)
     assert code == 2 and "model.num_layers='abc'" in err and "integer" in err
     for override in ("model.latent_size=64", "model.chunk_size=0"):
@@ -117,11 +119,10 @@ def _other(name: str, value):
     return value / 2 if value else 0.1
 
 
-TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4}
 TINY = {
-    "autoencoder": ({"hidden_size": 32, "intermediate_size": 64, "latent_size": 8}, {"block_size": 16}),
-    "calm": ({**TINY_LM, "max_seq_len": 16, "num_samples": 4, "num_target_samples": 8}, {"block_size": 32}),
-    "gpt": ({**TINY_LM, "max_seq_len": 32}, {"block_size": 16}),
+    "autoencoder": (factories.TINY_AE, {"block_size": 16}),
+    "calm": (factories.TINY_CALM, {"block_size": 32}),
+    "gpt": (factories.TINY_GPT, {"block_size": 16}),
 }
 
 
@@ -130,18 +131,17 @@ COMPANIONS = {"token_anchor": {"token_aux_weight": 0.3}}
 
 
 @pytest.fixture(scope="module")
-def tiny_ae(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_ae(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-step run of the tiny autoencoder (``factories.TINY_AE``) through ``calm train-ae``."""
     out = tmp_path_factory.mktemp("ae") / "ae"
     argv = ["train-ae", "--data", str(data_dir), "--out", str(out), "--batch-tokens", "64", "--max-steps", "1"]
     argv += ["--precision", "fp32", "--no-progress", "--set", "train.eval_tokens=64"]
-    for key, value in TINY["autoencoder"][0].items():
-        argv += ["--set", f"model.{key}={value}"]
-    assert main(argv) == 0
+    assert main([*argv, *factories.set_args(factories.dotted("model", factories.TINY_AE))]) == 0
     return out
 
 
 @pytest.mark.parametrize("kind", list(MODEL_CONFIGS))
-def test_derived_fields_are_exactly_the_fields_a_stage_replaces(kind, data_dir, tiny_ae):
+def test_derived_fields_are_exactly_the_fields_a_stage_replaces(kind, data_dir, trained_ae):
     from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
     model_values, train_values = TINY[kind]
@@ -152,7 +152,7 @@ def test_derived_fields_are_exactly_the_fields_a_stage_replaces(kind, data_dir, 
         if kind == "autoencoder":
             return AutoencoderStage(data_dir, model_config, train)
         if kind == "calm":
-            return CALMStage(data_dir, model_config, train, tiny_ae)
+            return CALMStage(data_dir, model_config, train, trained_ae)
         return GPTStage(data_dir, model_config, train)
 
     replaced = set()

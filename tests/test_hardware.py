@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import factories
 import pytest
 import torch
 
 from calm import hardware as prec
-from calm.config import ConfigError, GPTConfig, TrainConfig, load_preset, preset_names
+from calm.config import ConfigError, TrainConfig, load_preset, preset_names
 from calm.train.loop import run_training
 from calm.train.stages import GPTStage
 
@@ -64,11 +65,10 @@ def test_every_preset_defaults_to_auto() -> None:
 
 
 def _gpt_stage(data_dir, **train) -> GPTStage:
-    cfg = TrainConfig(
-        lr=1e-3, batch_tokens=64, block_size=16, max_steps=2, eval_every=2, save_every=1, eval_tokens=32, **train
-    )
-    model = GPTConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_seq_len=32)
-    return GPTStage(data_dir, model, cfg)
+    """A 1-layer tiny GPT for 2 steps of 64 tokens, saved every step; ``train`` sets the precision."""
+    steps = dict(block_size=16, save_every=1, eval_tokens=32, log_every=TrainConfig.log_every)
+    cfg = factories.train_config(lr=1e-3, **steps, **train)
+    return GPTStage(data_dir, factories.gpt_config(num_layers=1, num_heads=2), cfg)
 
 
 def _autocast_seen(stage: GPTStage) -> list[bool]:
@@ -136,12 +136,9 @@ def test_the_decoder_screen_asks_the_resolver(cpu_with, monkeypatch: pytest.Monk
     """A loaded autoencoder's vocabulary argmax screens in bf16 only where the resolver finds bf16 fast; the
     model itself never asks (``calm.checkpoint.use_fast_argmax`` tells it); the result is exact either way."""
     from calm.checkpoint import fast_argmax_screens, use_fast_argmax
-    from calm.config import AutoencoderConfig
     from calm.models import vocab_search
-    from calm.models.autoencoder import Autoencoder
 
-    torch.manual_seed(0)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=30_000, hidden_size=64, intermediate_size=64, latent_size=8)).eval()
+    ae = factories.tiny_autoencoder(vocab=30_000, hidden_size=64, intermediate_size=64).eval()
     hidden = torch.randn(560, 64, generator=torch.Generator().manual_seed(0))  # 560 x 30,000 >= 2^24 logits
     reference = (hidden @ ae.embed_tokens.weight.t()).argmax(-1)
     screened = []

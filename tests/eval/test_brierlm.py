@@ -1,4 +1,4 @@
-"""BrierLM estimators (CALM-SPEC §4): unbiasedness against exact enumeration, BrierLM, its SE.
+"""BrierLM estimators (paper §5): unbiasedness against exact enumeration, BrierLM, its SE.
 
 Statistical tests use fixed seeds and compare a sample mean with the exact value within 3 standard
 errors of that mean; with fixed seeds they are deterministic.
@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
+from factories import N_MAX, assert_unbiased, brier_gpt, enumerate_exact_brier
 
-from calm.config import GPTConfig
 from calm.eval.brierlm import (
     BrierAccumulator,
     brier_exact_form,
@@ -19,9 +19,6 @@ from calm.eval.brierlm import (
     exact_brier,
     token_lm_brier,
 )
-from calm.models.gpt import GPT
-
-N_MAX = 4
 
 # ---------------------------------------------------------------------------------------------
 # pure functions
@@ -84,14 +81,6 @@ def markov_setup(seed: int = 0, vocab: int = 5, length: int = 3000):
     return ids, logits_fn, exact
 
 
-def assert_unbiased(estimates: torch.Tensor, exact: torch.Tensor) -> None:
-    """Mean of (estimate - exact) over independent rows is 0 within 3 standard errors, per n."""
-    diff = (estimates.double() - exact).reshape(-1, exact.shape[-1])
-    mean, se = diff.mean(0), diff.std(0) / math.sqrt(diff.shape[0])
-    # a column without sampling noise (Brier-1 of the exact form) must be exact up to rounding
-    assert (mean.abs() < 3 * se + 1e-6).all(), f"bias {mean.tolist()} vs 3 SE {(3 * se).tolist()}"
-
-
 @pytest.mark.parametrize("mode", ["exact", "two_sample"])
 def test_unbiased_on_markov_chain(mode: str) -> None:
     ids, logits_fn, exact = markov_setup()
@@ -114,46 +103,12 @@ def test_exact_and_two_sample_forms_agree_on_markov_chain() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # unbiasedness with a real (tiny, random) Transformer, exact Brier-n by enumerating V^n paths
-
-
-def tiny_gpt() -> GPT:
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=7,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        max_seq_len=16,
-        init_std=0.5,
-    )
-    return GPT(config).eval()
-
-
-@torch.no_grad()
-def enumerate_exact_brier(model: GPT, seq: list[int]) -> torch.Tensor:
-    """(T - N_MAX, N_MAX) exact Brier-n = 2 P(y_1..n) - sum over all V^n paths of P(path)^2."""
-    V = model.config.vocab_size
-    log_probs = torch.log_softmax(model(torch.tensor([seq])).double(), -1)[0]
-    out = torch.zeros(len(seq) - N_MAX, N_MAX, dtype=torch.float64)
-    for t in range(len(seq) - N_MAX):
-        prefix = seq[: t + 1]
-        sq_mass = torch.ones(1, dtype=torch.float64)  # P(path)^2 for every path of the current depth
-        paths: list[tuple[int, ...]] = [()]
-        log_p_target = 0.0
-        for n in range(1, N_MAX + 1):
-            batch = torch.tensor([prefix + list(p) for p in paths])
-            probs = torch.softmax(model(batch)[:, -1].double(), -1)  # (num_paths, V)
-            sq_mass = (sq_mass[:, None] * probs.pow(2)).reshape(-1)
-            paths = [p + (x,) for p in paths for x in range(V)]
-            log_p_target += float(log_probs[t + n - 1, seq[t + n]])
-            out[t, n - 1] = 2 * math.exp(log_p_target) - sq_mass.sum()
-    return out
+# (factories.brier: brier_gpt, enumerate_exact_brier)
 
 
 @pytest.mark.parametrize("mode", ["exact", "two_sample"])
 def test_unbiased_on_tiny_gpt(mode: str) -> None:
-    model = tiny_gpt()
+    model = brier_gpt()
     seq = [3, 1, 4, 1, 5, 6, 2, 6, 5, 3]
     exact = enumerate_exact_brier(model, seq)
     assert exact[:, 2].abs().mean() > 0.02  # a peaked model, so higher n carry signal
@@ -165,7 +120,7 @@ def test_unbiased_on_tiny_gpt(mode: str) -> None:
 
 
 def test_exact_form_has_lower_variance_on_tiny_gpt() -> None:
-    model = tiny_gpt()
+    model = brier_gpt()
     ids = torch.tensor([[0, 2, 4, 6, 1, 3, 5, 0, 2]])
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -176,7 +131,7 @@ def test_exact_form_has_lower_variance_on_tiny_gpt() -> None:
 
 
 def test_token_lm_brier_rejects_bad_input() -> None:
-    model = tiny_gpt()
+    model = brier_gpt()
     with pytest.raises(ValueError, match=r"\(1, T\)"):
         token_lm_brier(model, torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="no position"):

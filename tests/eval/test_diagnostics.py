@@ -18,9 +18,7 @@ import factories
 import pytest
 import torch
 
-from calm.config import AutoencoderConfig, CALMConfig
 from calm.eval.diagnostics import diagnose_head, head_diagnostics
-from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.heads import EnergyHead
 
@@ -123,19 +121,14 @@ def test_bad_inputs_are_named():
         diagnose_head(lambda h, n: h, decode_ids, mu, target_ids, mu, log_std, noise_size=2, num_samples=1)
 
 
-def tiny_calm(seed: int = 0) -> CALM:
-    torch.manual_seed(seed)
-    ae = Autoencoder(AutoencoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, latent_size=8))
-    cfg = CALMConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16, latent_size=8
-    )
-    model = CALM(cfg, ae)
-    torch.nn.init.normal_(model.head.final_out.weight, std=0.5)  # not the zero init: outputs depend on h
-    return model
+def diagnosed_calm() -> CALM:
+    """``factories.tiny_calm`` with a 16-step context and the paper's N = 8, M = 100; its head's output layer
+    redrawn with std 0.5 (not the zero init), so that outputs depend on h."""
+    return factories.tiny_calm(max_seq_len=16, num_samples=8, num_target_samples=100, head_std=0.5)
 
 
 def test_real_energy_head_that_ignores_h_has_exactly_zero_gap():
-    model = tiny_calm()
+    model = diagnosed_calm()
     blocks = torch.randint(0, 50, (3, 64), generator=torch.Generator().manual_seed(0))
     uses = head_diagnostics(model, blocks, max_positions=40, num_point_samples=4)
     assert uses.cond_gap != 0.0 and uses.diag_positions == 40
@@ -147,7 +140,7 @@ def test_real_energy_head_that_ignores_h_has_exactly_zero_gap():
 
 
 def test_calm_diagnostics_are_deterministic_and_restore_training_mode():
-    model = tiny_calm()
+    model = diagnosed_calm()
     model.train()
     blocks = torch.randint(0, 50, (2, 64), generator=torch.Generator().manual_seed(1))
     a = head_diagnostics(model, blocks, max_positions=1000, seed=7, batch_blocks=1)
@@ -170,16 +163,13 @@ def test_training_logs_them_eval_reports_them_and_the_report_plots_them(data_dir
     from calm.train.stages import AutoencoderStage, CALMStage
 
     def train_cfg(**kw):
-        base = dict(batch_tokens=256, max_steps=4, eval_every=2, save_every=4, log_every=1, eval_tokens=256)
-        return TrainConfig(**{**base, "precision": "fp32", "block_size": 32, **kw})
+        steps = dict(batch_tokens=256, max_steps=4, eval_every=2, save_every=4, eval_tokens=256)
+        return factories.train_config(lr=TrainConfig.lr, **{**steps, **kw})  # the library's learning rate
 
     run = tmp_path / "run"
-    ae_cfg = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8)
-    ae = AutoencoderStage(data_dir, ae_cfg, train_cfg())
+    ae = AutoencoderStage(data_dir, factories.autoencoder_config(), train_cfg())
     run_training(ae, ae.train_config, run / "autoencoder", progress=False)
-    cfg = CALMConfig(
-        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16, num_target_samples=8
-    )
+    cfg = factories.calm_config(num_samples=8)
     stage = CALMStage(data_dir, cfg, train_cfg(batch_tokens=64), run / "autoencoder")
     run_training(stage, stage.train_config, run / "calm", progress=False)
     records = [json.loads(x) for x in (run / "calm" / "metrics.jsonl").read_text().splitlines()]
@@ -201,4 +191,4 @@ def test_a_model_trained_with_one_target_sample_is_diagnosed_with_two():
     model = factories.tiny_calm(num_target_samples=1)
     blocks = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0)).numpy()
     result = head_diagnostics(model, blocks, max_positions=6, seed=0)
-    assert result.noise_floor > 0 and result.cond_gap == result.cond_gap  # finite, not nan
+    assert result.noise_floor > 0 and math.isfinite(result.cond_gap)

@@ -6,18 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import factories
 import pytest
 
 from calm.experiments.demo import run_demo, steps_for_budget
 
-_AE = {
-    "model.hidden_size": 32,
-    "model.intermediate_size": 64,
-    "model.latent_size": 8,
-    "train.max_steps": 3,
-    "train.batch_tokens": 128,
-}
-_LM = {
+_AE = {**factories.dotted("model", factories.TINY_AE), "train.max_steps": 3, "train.batch_tokens": 128}
+_LM = {  # one layer of the tiny width
     "model.hidden_size": 32,
     "model.intermediate_size": 64,
     "model.num_layers": 1,

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from test_sweep import SMALL_AE, SMALL_CALM
+from factories import SMALL_AE, SMALL_CALM
 
 from calm.cli import main
 from calm.config import load_preset, parse_override
@@ -78,7 +78,7 @@ def test_ae_regularisers_undo_exactly_one_switch_per_run(tmp_path):
     _, runs = plan("ae-regularisers", tmp_path)
     ae, calm = by_kind(runs, "autoencoder"), by_kind(runs, "calm")
     settings = [{k: getattr(model(r), k) for k in AE_RECIPE} for r in ae]
-    assert settings[0] == AE_RECIPE  # the full recipe (CALM-SPEC §2.2)
+    assert settings[0] == AE_RECIPE  # the paper's full recipe (§3: clipped KL, DropToken, DropLatent)
     diffs = [{k: v for k, v in s.items() if v != AE_RECIPE[k]} for s in settings[1:]]
     assert diffs == [{"kl_mode": "off"}, {"kl_mode": "plain"}, {"token_dropout": 0.0}, {"latent_dropout": 0.0}]
     # one CALM per autoencoder, on that autoencoder, all with the same CALM settings

@@ -6,36 +6,11 @@ import shutil
 
 import pytest
 import yaml
+from factories import SMALL_AE, SMALL_CALM, SMALL_GPT, SMALL_LM
 
 from calm.cli import main
 from calm.config import ConfigError
 from calm.experiments.sweep import Budget, load_sweep, plan_sweep, run_sweep, spec_from_cli, sweep_from_dict
-
-SMALL_LM = {
-    "model.hidden_size": 32,
-    "model.intermediate_size": 64,
-    "model.num_layers": 2,
-    "model.num_heads": 4,
-    "model.max_seq_len": 16,
-    "train.batch_tokens": 64,
-    "train.block_size": 32,
-    "train.eval_tokens": 64,
-    "train.precision": "fp32",
-    "train.warmup_steps": 1,
-    "train.log_every": 1,
-}
-SMALL_GPT = {**SMALL_LM, "model.max_seq_len": 32}
-SMALL_CALM = {**SMALL_LM, "model.num_samples": 4, "model.num_target_samples": 8}
-SMALL_AE = {
-    "model.hidden_size": 32,
-    "model.intermediate_size": 64,
-    "model.latent_size": 8,
-    "train.batch_tokens": 256,
-    "train.eval_tokens": 256,
-    "train.precision": "fp32",
-    "train.warmup_steps": 1,
-    "train.log_every": 1,
-}
 
 
 def untimed(path):

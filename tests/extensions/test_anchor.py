@@ -1,4 +1,5 @@
-"""The energy head anchored on a discrete first token (ours, ``model.token_anchor``; README "Small-CALM study").
+"""The energy head anchored on a discrete first token (ours, ``model.token_anchor``; docs/guides/extensions.md,
+docs/research/small-calm.md).
 
 p(chunk | h) = softmax(readout(h))[t₁] · p(z | h, t₁): the first token comes from the readout, the latent
 from the energy head conditioned on h and t₁. These tests check the parts with known answers: the

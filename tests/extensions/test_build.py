@@ -14,20 +14,10 @@ import torch
 from calm.config import EXTENSION_FIELDS, AutoencoderConfig, CALMConfig, ConfigError, extensions_in_use
 from calm.extensions import ExtendedCALM, build_calm
 from calm.extensions.energy import ShapedEnergyHead
-from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.heads import EnergyHead
 
 MODELS = Path(__file__).resolve().parents[2] / "calm" / "models"
-
-
-def _config(**overrides) -> CALMConfig:
-    base = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
-    return CALMConfig(**{**base, "latent_size": 8, "num_samples": 4, "num_target_samples": 16, **overrides})
-
-
-def _autoencoder() -> Autoencoder:
-    return Autoencoder(AutoencoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, latent_size=8))
 
 
 def test_extensions_in_use_names_switches_and_their_companions_only_when_on():
@@ -45,9 +35,10 @@ def test_extensions_in_use_names_switches_and_their_companions_only_when_on():
 
 def test_the_paper_model_refuses_a_config_with_our_options():
     with pytest.raises(ConfigError, match=r"token_anchor=True.*build_calm"):
-        CALM(_config(token_anchor=True, token_aux_weight=1.0), _autoencoder())
-    assert type(build_calm(_config(), _autoencoder())) is CALM
-    assert type(build_calm(_config(energy_diversity_weight=0.6), _autoencoder())) is ExtendedCALM
+        CALM(factories.tiny_calm_config(token_anchor=True, token_aux_weight=1.0), factories.tiny_autoencoder(seed=None))
+    assert type(build_calm(factories.tiny_calm_config(), factories.tiny_autoencoder(seed=None))) is CALM
+    shaped = factories.tiny_calm_config(energy_diversity_weight=0.6)
+    assert type(build_calm(shaped, factories.tiny_autoencoder(seed=None))) is ExtendedCALM
 
 
 @pytest.mark.parametrize("option", [{"energy_diversity_weight": 1.0}, {"token_aux_tokens": 2}])
@@ -76,8 +67,8 @@ def test_an_option_of_the_loss_only_keeps_weights_and_samples():
 
 
 def test_the_shaped_loss_at_its_defaults_is_the_paper_loss_bit_for_bit():
-    paper = EnergyHead(_config())
-    shaped = ShapedEnergyHead(_config())
+    paper = EnergyHead(factories.tiny_calm_config())
+    shaped = ShapedEnergyHead(factories.tiny_calm_config())
     gen = torch.Generator().manual_seed(0)
     samples, targets, mu = torch.randn(4, 6, 8, generator=gen), torch.randn(16, 6, 8, generator=gen), torch.zeros(6, 8)
     (a, ma), (b, mb) = paper.energy_loss(samples, targets, mu), shaped.energy_loss(samples, targets, mu)

@@ -1,4 +1,5 @@
-"""The autoencoder's context term (ours, ``autoencoder.context_weight``; README "Small-CALM study").
+"""The autoencoder's context term (ours, ``autoencoder.context_weight``; docs/guides/extensions.md,
+docs/research/small-calm.md).
 
 An InfoNCE loss between each chunk's posterior mean and the next chunk's, against the other chunks of
 the batch. Checked here: the loss on known geometries, the batch layout that pairs neighbours, that the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import factories
 import numpy as np
 import pytest
 import torch
@@ -20,13 +22,12 @@ from calm.train.stages import AutoencoderStage
 
 
 def _stage(data_dir, **kw) -> AutoencoderStage:
+    """The tiny autoencoder's stage (seeded 0) for 60 steps of 256 tokens; ``kw`` go to AutoencoderConfig."""
     torch.manual_seed(0)
-    config = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4, **kw)
-    train = TrainConfig(
-        lr=3e-3, batch_tokens=256, max_steps=60, eval_every=60, save_every=60, log_every=20, eval_tokens=256,
-        precision="fp32", warmup_steps=2, block_size=32,
-    )  # fmt: skip
-    return AutoencoderStage(data_dir, config, train)
+    steps = dict(batch_tokens=256, max_steps=60, eval_every=60, save_every=60, log_every=20, eval_tokens=256)
+    return AutoencoderStage(
+        data_dir, factories.autoencoder_config(**kw), factories.train_config(warmup_steps=2, **steps)
+    )
 
 
 def test_context_nce_known_answers():
@@ -67,8 +68,8 @@ def test_the_term_is_added_in_training_only(tiny_data_dir):
 
 
 def test_a_batch_too_small_for_two_pairs_is_refused(tiny_data_dir):
-    config = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4, context_weight=1.0)
-    train = TrainConfig(batch_tokens=8, max_steps=1, precision="fp32")
+    config = factories.autoencoder_config(context_weight=1.0)
+    train = TrainConfig(batch_tokens=8, max_steps=1, precision="fp32")  # 2 chunks of K = 4 per step
     with pytest.raises(ConfigError, match="needs at least 4 chunks per step"):
         AutoencoderStage(tiny_data_dir, config, train)
 

@@ -16,7 +16,6 @@ import calm.generate.engine as gen_module
 from calm.cli import main
 from calm.config import GPTConfig
 from calm.generate.lm import complete, generate_text
-from calm.models.calm import CALM
 from calm.models.gpt import GPT
 
 K = 4
@@ -37,15 +36,10 @@ class ScriptedGPT(GPT):
         return forced
 
 
-def _calm(vocab: int) -> CALM:
-    return factories.tiny_calm(vocab=vocab, K=K, num_target_samples=8).eval()
-
-
 def _scripted(kind: str, script: list[int], vocab: int, monkeypatch: pytest.MonkeyPatch):
     """A model of ``kind`` that emits ``script`` (CALM: K tokens per step, from the head's sampler)."""
-    if kind == "gpt":
-        config = GPTConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
-        return ScriptedGPT(config, script).eval()
+    if kind == "gpt":  # the library's 2048-token context: generation never nears it
+        return ScriptedGPT(factories.gpt_config(vocab_size=vocab, max_seq_len=2048), script).eval()
     chunks = [script[i : i + K] for i in range(0, len(script), K)]
     state = {"step": 0}
 
@@ -55,7 +49,7 @@ def _scripted(kind: str, script: list[int], vocab: int, monkeypatch: pytest.Monk
         return torch.tensor([chunk] * h.shape[0])
 
     monkeypatch.setattr(gen_module, "sample_chunks", sample_chunks)
-    return _calm(vocab)
+    return factories.tiny_calm(vocab=vocab, K=K, num_target_samples=8).eval()
 
 
 @pytest.mark.parametrize("kind", ["calm", "gpt"])
@@ -95,8 +89,8 @@ def test_keep_going_past_document_ends_without_printing_special_tokens(kind, tin
 def test_generate_cli_stops_for_both_kinds(data_dir, tmp_path, capsys, monkeypatch, tiny_tokenizer):
     """``calm generate`` on real tiny checkpoints: the output never shows a special token, with or
     without stopping (the checkpoints are untrained, so BOS/EOS come up by chance or not at all)."""
-    lm = ["--set", "model.hidden_size=32", "--set", "model.intermediate_size=64", "--set", "model.num_layers=2"]
-    lm += ["--set", "model.num_heads=4", "--set", "model.max_seq_len=64", "--set", "train.block_size=16"]
+    lm = factories.set_args({**factories.dotted("model", factories.TINY_LM), "model.max_seq_len": 64})
+    lm += ["--set", "train.block_size=16"]
     fast = ["--precision", "fp32", "--max-steps", "1", "--batch-tokens", "64", "--no-progress"]
     fast += ["--set", "train.eval_tokens=64"]
     run = tmp_path / "gpt"

@@ -6,17 +6,11 @@ import factories
 import pytest
 import torch
 
-from calm.config import AutoencoderConfig, load_preset
+from calm.config import load_preset
 from calm.generate.engine import generate, sample_chunks
 from calm.generate.lazy_decode import _expanded, _token_hidden, lazy_batch_sample, reference_batch_sample
 from calm.models.autoencoder import Autoencoder
-from calm.models.calm import CALM, ChunkDraws
-
-
-def _autoencoder(vocab: int = 50, seed: int = 0) -> Autoencoder:
-    torch.manual_seed(seed)
-    config = AutoencoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
-    return Autoencoder(config).eval()
+from calm.models.calm import ChunkDraws
 
 
 def _both(
@@ -35,7 +29,7 @@ def test_lazy_selection_equals_the_reference(temperature: float, distinct_latent
     """Candidates drawn from a few latents (so whole chunks repeat) and a 50-token vocabulary (so
     first tokens collide between different chunks): every seed must give the same chunk and leave
     the generator in the same state."""
-    ae = _autoencoder()
+    ae = factories.tiny_autoencoder().eval()
     gen = torch.Generator().manual_seed(distinct_latents)
     base = torch.randn(distinct_latents, 3, 8, generator=gen) * 3
     pick = torch.randint(0, distinct_latents, (64, 3), generator=gen)
@@ -50,7 +44,7 @@ def test_lazy_selection_equals_the_reference(temperature: float, distinct_latent
 def test_lazy_selection_with_drawn_first_tokens_equals_the_reference(temperature: float) -> None:
     """The anchored head (``token_anchor``) draws each candidate's first token: the chunks start with it,
     lazily or not, and candidates with one latent but different first tokens are different chunks."""
-    ae = _autoencoder()
+    ae = factories.tiny_autoencoder().eval()
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(4, 3, 8, generator=gen) * 3
     z = base[torch.randint(0, 4, (64, 3), generator=gen), torch.arange(3)]  # (N=64, B=3, l): chunks repeat
@@ -66,7 +60,7 @@ def test_lazy_decoding_decodes_first_tokens_then_only_the_choice() -> None:
     """Token 0 of every candidate plus the other K - 1 tokens of the candidate chosen if all are
     distinct (one pass), further tokens only where candidates still agree, then at most K - 1 tokens
     of the choice: far fewer than N·K (with all first tokens distinct, N + K - 1 in one pass)."""
-    ae = _autoencoder(vocab=40_000)
+    ae = factories.tiny_autoencoder(vocab=40_000).eval()
     decoded: list[int] = []
     original = ae.vocab_argmax
 
@@ -82,12 +76,6 @@ def test_lazy_decoding_decodes_first_tokens_then_only_the_choice() -> None:
     assert sum(decoded) < 2 * 100
 
 
-def _calm(vocab: int) -> CALM:
-    model = factories.tiny_calm(vocab=vocab).eval()
-    torch.nn.init.normal_(model.head.final_out.weight, std=0.5, generator=torch.Generator().manual_seed(1))
-    return model
-
-
 @pytest.mark.parametrize(
     ("vocab", "temperature", "sampler"),
     [(v, t, "batch") for v in (50, 40_000) for t in (1.0, 0.5, 1 / 3)]  # plain vocabulary product, int8 screen
@@ -96,7 +84,7 @@ def _calm(vocab: int) -> CALM:
     + [(50, 0.5, "exact")],
 )
 def test_fast_generation_equals_the_reference(vocab: int, temperature: float, sampler: str) -> None:
-    model = _calm(vocab)
+    model = factories.tiny_calm(vocab=vocab, head_std=0.5, head_seed=1).eval()
     prompt = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(2))
     kw = dict(temperature=temperature, num_samples=32, sampler=sampler)
     fast = generate(model, prompt, 24, generator=torch.Generator().manual_seed(5), **kw)
@@ -106,8 +94,7 @@ def test_fast_generation_equals_the_reference(vocab: int, temperature: float, sa
 
 @pytest.mark.parametrize(("temperature", "sampler"), [(1.0, "batch"), (0.5, "batch"), (0.5, "exact")])
 def test_fast_generation_of_an_anchored_head_equals_the_reference(temperature: float, sampler: str) -> None:
-    model = factories.tiny_calm(vocab=50, token_anchor=True, token_aux_weight=0.3).eval()
-    torch.nn.init.normal_(model.head.final_out.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    model = factories.tiny_calm(token_anchor=True, token_aux_weight=0.3, head_std=0.5, head_seed=1).eval()
     prompt = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(2))
     kw = dict(temperature=temperature, num_samples=32, sampler=sampler)
     fast = generate(model, prompt, 24, generator=torch.Generator().manual_seed(5), **kw)
@@ -116,7 +103,7 @@ def test_fast_generation_of_an_anchored_head_equals_the_reference(temperature: f
 
 
 def test_fast_generation_equals_the_reference_in_bf16() -> None:
-    model = _calm(40_000).to(torch.bfloat16)
+    model = factories.tiny_calm(vocab=40_000, head_std=0.5, head_seed=1).eval().to(torch.bfloat16)
     prompt = torch.randint(0, 40_000, (1, 8), generator=torch.Generator().manual_seed(3))
     fast = generate(model, prompt, 24, temperature=0.5, num_samples=64, generator=torch.Generator().manual_seed(6))
     ref = generate(
@@ -146,7 +133,7 @@ def test_lazy_hidden_states_are_bit_identical_to_the_full_decode(dtype: torch.dt
 
 def test_lazy_exact_sampler_decodes_less_and_samples_the_same() -> None:
     """Alg. 1 through lazily decoded draws: the same chunks for the same seed, fewer decoded tokens."""
-    model = _calm(50)
+    model = factories.tiny_calm(head_std=0.5, head_seed=1).eval()
     ae, head = model.autoencoder, model.head
     decoded: list[int] = []
     buffers: list[int] = []

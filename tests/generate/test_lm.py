@@ -1,6 +1,6 @@
 """The language-model interface: the kind is decided in one place and each rule is written once.
 
-Tiny untrained models (``factories.tiny_calm``, a width-32 GPT) and the tiny tokenizer: the tests
+Tiny untrained models (``factories.tiny_calm``, ``factories.tiny_gpt``) and the tiny tokenizer: the tests
 check which requests each kind accepts, with which message it refuses the rest, that the room the
 interface reports is exactly what the decoding loop accepts, and that the GPT decodes greedily at
 T = 0 and samples above T = 1.
@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from calm.config import AutoencoderConfig, GPTConfig
 from calm.generate.engine import generate_rows
 from calm.generate.lm import (
     CALMLanguageModel,
@@ -23,8 +22,6 @@ from calm.generate.lm import (
     complete,
     generate_text,
 )
-from calm.models.autoencoder import Autoencoder
-from calm.models.gpt import GPT
 
 K = 4
 
@@ -36,12 +33,7 @@ def calm_lm(tiny_tokenizer) -> CALMLanguageModel:
 
 @pytest.fixture(scope="module")
 def gpt_lm(tiny_tokenizer) -> TokenLanguageModel:
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=tiny_tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        max_seq_len=48,
-    )  # fmt: skip
-    return as_language_model(GPT(config).eval(), tiny_tokenizer)
+    return as_language_model(factories.tiny_gpt(vocab=tiny_tokenizer.vocab_size, max_seq_len=48).eval(), tiny_tokenizer)
 
 
 def test_the_kind_is_decided_by_the_model(calm_lm, gpt_lm) -> None:
@@ -54,7 +46,7 @@ def test_the_kind_is_decided_by_the_model(calm_lm, gpt_lm) -> None:
 
 
 def test_an_autoencoder_or_another_module_is_refused_with_a_clear_message(tiny_tokenizer) -> None:
-    ae = Autoencoder(AutoencoderConfig(vocab_size=50, hidden_size=16, intermediate_size=16, latent_size=4))
+    ae = factories.tiny_autoencoder(seed=None, hidden_size=16, intermediate_size=16, latent_size=4)
     with pytest.raises(LanguageModelError, match=r"runs/ae is an autoencoder; pass a CALM or GPT checkpoint") as info:
         as_language_model(ae, tiny_tokenizer, name="runs/ae")
     assert "calm eval-ae" in str(info.value) and info.value.param == "model"

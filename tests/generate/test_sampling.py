@@ -1,4 +1,4 @@
-"""Tests for calm.generate.sampling: likelihood-free temperature sampling (spec §5, paper Algorithms 1-2)."""
+"""Tests for calm.generate.sampling: likelihood-free temperature sampling (paper §6, Alg. 1 and Alg. 2)."""
 
 import bisect
 import itertools
@@ -153,7 +153,7 @@ def letters_to_candidates(letters: str) -> torch.Tensor:
 
 
 def test_paper_example():
-    """Spec §5.2: T = 0.5, batch {A,C,A,D,B,E,A,F,B,G} -> P(A) = 3/4, P(B) = 1/4."""
+    """Alg. 2 (paper §6) by hand: T = 0.5, batch {A,C,A,D,B,E,A,F,B,G} -> P(A) = 3/4, P(B) = 1/4."""
     letters = "ACADBEAFBG"
     probs = batch_temperature_probs(letters_to_candidates(letters), 0.5)[0]
     by_letter = Counter()

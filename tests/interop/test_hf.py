@@ -58,7 +58,7 @@ def test_eval_hf_model_end_to_end(hf_dir, tiny_texts, tmp_path):
 
 @pytest.mark.parametrize("mode", ["exact", "two_sample"])
 def test_eval_hf_model_on_a_1024_token_window(hf_dir, tiny_texts, tmp_path, mode):
-    """The window of the user report: 1,020 scored positions, so two rollout groups of 512 and a
+    """A 1,024-token window: 1,020 scored positions, so two rollout groups of 512 and a
     cache crop between them (transformers 5 refuses the positive ``crop`` argument used before)."""
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_texts))

@@ -72,8 +72,8 @@ def test_completion_equals_generate_text_for_the_same_seed(calm_url: str, calm_m
         assert out.object == "text_completion" and out.model == "tiny-calm"
     _, tok, _ = calm_model
     assert out.usage.prompt_tokens == 1 + len(tok.encode(PROMPT))
-    if out.choices[0].finish_reason == "length":
-        assert out.usage.completion_tokens == 12
+    finish, used = out.choices[0].finish_reason, out.usage.completion_tokens
+    assert (finish == "length" and used == 12) or (finish == "stop" and used < 12), (finish, used)
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 

@@ -1,4 +1,4 @@
-"""The paper's ablation switches change exactly what they claim (CALM-SPEC §8.3-8.5).
+"""The paper's ablation switches change exactly what they claim (paper Table 2, Figs. 6-7, Tables 3-5).
 
 Autoencoder: ``kl_mode`` off | plain | clipped, ``kl_weight`` β, DropToken / DropLatent off at rate
 0, the latent-size rule. Energy loss: N, M and α reach the loss and are validated. Model input:
@@ -8,28 +8,20 @@ Autoencoder: ``kl_mode`` off | plain | clipped, ``kl_weight`` β, DropToken / Dr
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import factories
 import pytest
 import torch
 
 import calm.models.heads as heads
-from calm.config import AutoencoderConfig, CALMConfig, ConfigError, latent_ablation_overrides, load_preset
-from calm.extensions import build_calm
+from calm.config import ConfigError, latent_ablation_overrides, load_preset
 from calm.models.autoencoder import Autoencoder, clipped_kl
-from calm.models.calm import CALM
 
-
-def tiny_ae(**kw) -> Autoencoder:
-    torch.manual_seed(0)
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
-    return Autoencoder(AutoencoderConfig(**{**base, **kw}))
-
-
-def tiny_calm(**kw) -> CALM:
-    ae = tiny_ae()
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
-    base.update(chunk_size=4, latent_size=8, num_samples=4, num_target_samples=16)
-    return build_calm(CALMConfig(**{**base, **kw}), ae)
+tiny_ae = partial(factories.tiny_autoencoder, vocab=97)
+"""The tiny autoencoder over 97 ids, seeded 0; keywords override AutoencoderConfig fields."""
+tiny_calm = partial(factories.tiny_calm, vocab=97, max_seq_len=16)
+"""The tiny CALM over 97 ids with a 16-step context, seeded 0; keywords override CALMConfig fields."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,28 +1,24 @@
-"""The chunk autoencoder: shapes, the clipped-KL arithmetic, and regularisers only in training."""
+"""The chunk autoencoder (paper §3): shapes, the clipped-KL arithmetic, and regularisers only in training."""
 
 import math
 
+import factories
 import pytest
 import torch
 
 from calm.config import AutoencoderConfig, ConfigError
 from calm.models.autoencoder import Autoencoder, clipped_kl
 
-
-def tiny_config(**kw) -> AutoencoderConfig:
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
-    base.update(kw)
-    return AutoencoderConfig(**base)
+VOCAB = 97
 
 
 def test_shapes_and_tied_projection():
-    torch.manual_seed(0)
-    ae = Autoencoder(tiny_config())
-    ids = torch.randint(0, 97, (3, 5, 4))
+    ae = factories.tiny_autoencoder(vocab=VOCAB)
+    ids = torch.randint(0, VOCAB, (3, 5, 4))
     mu, log_std = ae.encode(ids)
     assert mu.shape == log_std.shape == (3, 5, 8)
     logits = ae.decode(mu)
-    assert logits.shape == (3, 5, 4, 97)
+    assert logits.shape == (3, 5, 4, VOCAB)
     # the output projection is the input embedding: changing it changes the logits accordingly
     h = ae.decode_hidden(mu)
     torch.testing.assert_close(logits, h @ ae.embed_tokens.weight.t())
@@ -48,9 +44,8 @@ def test_clipped_kl_arithmetic():
 
 
 def test_training_loss_is_ce_times_k_plus_beta_kl():
-    torch.manual_seed(0)
-    ae = Autoencoder(tiny_config(token_dropout=0.0, latent_dropout=0.0))
-    ids = torch.randint(0, 97, (2, 3, 4))
+    ae = factories.tiny_autoencoder(vocab=VOCAB, token_dropout=0.0, latent_dropout=0.0)
+    ids = torch.randint(0, VOCAB, (2, 3, 4))
     ae.train()
     out = ae(ids)
     assert out.loss.item() == pytest.approx(out.ce.item() * 4 + 1e-3 * out.kl.item(), rel=1e-5)
@@ -60,9 +55,8 @@ def test_training_loss_is_ce_times_k_plus_beta_kl():
 
 
 def test_dropouts_active_only_in_training():
-    torch.manual_seed(0)
-    ae = Autoencoder(tiny_config(token_dropout=0.5, latent_dropout=0.5))
-    ids = torch.randint(1, 97, (4, 50, 4))
+    ae = factories.tiny_autoencoder(vocab=VOCAB, token_dropout=0.5, latent_dropout=0.5)
+    ids = torch.randint(1, VOCAB, (4, 50, 4))
     seen = {}
 
     def spy_encode(inputs, _orig=ae.encode):
@@ -97,6 +91,6 @@ def test_dropouts_active_only_in_training():
 
 def test_config_validation_messages():
     with pytest.raises(ConfigError, match="chunk_size"):
-        tiny_config(chunk_size=0).validate()
+        factories.autoencoder_config(vocab_size=VOCAB, chunk_size=0).validate()
     with pytest.raises(ConfigError, match="token_dropout"):
-        tiny_config(token_dropout=1.5).validate()
+        factories.autoencoder_config(vocab_size=VOCAB, token_dropout=1.5).validate()

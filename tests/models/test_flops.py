@@ -1,11 +1,11 @@
-"""FLOP and parameter accounting: Table 1 (CALM-SPEC §3.1, §7, §8.1) and FlopCounterMode checks."""
+"""FLOP and parameter accounting: the paper's Table 1 (configurations of §7.1) and FlopCounterMode checks."""
 
+import factories
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from calm.config import AutoencoderConfig, CALMConfig, GPTConfig
-from calm.models.autoencoder import Autoencoder
 from calm.models.flops import (
     PAPER_TABLE1,
     PAPER_TRAIN_TOKENS,
@@ -16,10 +16,10 @@ from calm.models.flops import (
     paper_configs,
     table1,
 )
-from calm.models.gpt import GPT
 
-# parameter counts of CALM-SPEC §3.1 (V = 128,257, AE excluded), in millions
-SPEC_PARAMS_M = {
+# parameter counts of the paper's configurations, computed exactly (V = 128,257, AE excluded), in millions;
+# Table 1 rounds them (Transformer-S 281M, CALM-M 371M, CALM-XL 1.82B)
+PARAMS_M = {
     "Transformer-S": 282.0,
     "Transformer-M": 465.1,
     "Transformer-L": 847.0,
@@ -29,9 +29,9 @@ SPEC_PARAMS_M = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_PARAMS_M))
-def test_parameter_counts_match_spec(name: str) -> None:
-    assert table1()[name]["params"] / 1e6 == pytest.approx(SPEC_PARAMS_M[name], rel=2e-3)
+@pytest.mark.parametrize("name", list(PARAMS_M))
+def test_parameter_counts_of_the_paper_configs(name: str) -> None:
+    assert table1()[name]["params"] / 1e6 == pytest.approx(PARAMS_M[name], rel=2e-3)
 
 
 def test_calm_m_parameter_breakdown() -> None:
@@ -50,7 +50,7 @@ def test_inference_flops_reproduce_table1(name: str) -> None:
     assert ours == pytest.approx(PAPER_TABLE1[name]["inference_flops_per_token"], rel=0.05)
 
 
-def test_spec_worked_examples() -> None:
+def test_worked_examples_of_the_breakdown() -> None:
     s = gpt_flops(paper_configs()["Transformer-S"][0])
     assert s["breakdown"]["backbone_matmul"] + s["breakdown"]["lm_head"] == pytest.approx(367e6, rel=5e-3)
     assert s["breakdown"]["attention"] == pytest.approx(75.5e6, rel=5e-3)
@@ -66,7 +66,7 @@ def test_spec_worked_examples() -> None:
         assert m[key] == pytest.approx(value, rel=0.01), key
     # the decoder is ~47% of CALM-M inference
     assert m["ae_decoder"] / sum(m.values()) == pytest.approx(0.47, abs=0.01)
-    # the spec's training example, (3 x 0.93 GFLOP + 0.02) / 4, is the causal-attention convention
+    # the worked training example, (3 x 0.93 GFLOP + 0.02) / 4, is the causal-attention convention
     causal = calm_flops(*paper_configs()["CALM-M"], attention="causal")
     assert causal["train_forward_flops_per_step"] == pytest.approx(0.93e9, rel=0.01)
     assert causal["train_flops_per_token"] == pytest.approx((3 * 0.93e9 + 0.02e9) / 4, rel=0.01)
@@ -125,14 +125,14 @@ CPU_SDPA = {
 }
 
 
-def tiny_gpt_config() -> GPTConfig:
-    return GPTConfig(vocab_size=500, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, max_seq_len=32)
+def flop_gpt():
+    """A tiny GPT (500 ids, width 64, 32-token context), seeded 0: its analytic count is that of ``model.config``."""
+    return factories.tiny_gpt(vocab=500, hidden_size=64, intermediate_size=172)
 
 
 def test_gpt_forward_flops_match_flop_counter() -> None:
-    torch.manual_seed(0)
-    config = tiny_gpt_config()
-    model = GPT(config)
+    model = flop_gpt()
+    config = model.config
     batch, context = 2, 32
     ids = torch.randint(0, 500, (batch, context))
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
@@ -146,9 +146,8 @@ def test_gpt_forward_flops_match_flop_counter() -> None:
 
 
 def test_gpt_training_flops_match_flop_counter() -> None:
-    torch.manual_seed(0)
-    config = tiny_gpt_config()
-    model = GPT(config)
+    model = flop_gpt()
+    config = model.config
     batch, context = 2, 32
     ids = torch.randint(0, 500, (batch, context))
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
@@ -159,9 +158,8 @@ def test_gpt_training_flops_match_flop_counter() -> None:
 
 
 def test_autoencoder_flops_match_flop_counter() -> None:
-    torch.manual_seed(0)
-    config = AutoencoderConfig(vocab_size=500, hidden_size=64, intermediate_size=128, latent_size=16, chunk_size=4)
-    model = Autoencoder(config).eval()
+    model = factories.tiny_autoencoder(vocab=500, hidden_size=64, intermediate_size=128, latent_size=16).eval()
+    config = model.config
     chunks = 6
     ids = torch.randint(0, 500, (chunks, 4))
     analytic = ae_flops(config)

@@ -1,5 +1,6 @@
-"""The token-level baseline: shapes, exact cached decoding, parameter count (CALM-SPEC §3.1, §6)."""
+"""The token-level baseline: shapes, exact cached decoding, parameter count (paper §7.1, Table 1)."""
 
+import factories
 import pytest
 import torch
 
@@ -7,16 +8,9 @@ from calm.config import GPTConfig
 from calm.models.gpt import GPT
 
 
-def tiny_config(**overrides) -> GPTConfig:
-    values = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=64)
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
 @pytest.fixture
 def model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(tiny_config(init_std=0.2)).eval()
+    return factories.tiny_gpt(max_seq_len=64, init_std=0.2).eval()
 
 
 def test_shapes_and_loss(model: GPT) -> None:

@@ -1,4 +1,4 @@
-"""Learnability of every head and input variant on the corpus of ``test_learnability`` (CALM-SPEC §8.5-8.6).
+"""Learnability of every head and input variant on the corpus of ``test_learnability`` (paper Table 5, Figs. 8-9).
 
 The same synthetic "repeated passages" language, the same autoencoder and backbone, and the same
 bar: >= 90% next-chunk exact match on held-out text with one head sample per position (a perfect
@@ -14,17 +14,14 @@ import time
 
 import pytest
 import torch
-from test_learnability import PASSAGE_LEN, PASSAGES, VOCAB, make_stream, train_autoencoder, train_calm_and_score
+from factories.passages import repeated_passages, train_autoencoder, train_calm_and_score
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def corpus_and_autoencoder():
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    passages = torch.randint(0, VOCAB, (PASSAGES, PASSAGE_LEN), generator=gen)
-    train, held_out = make_stream(passages, 400, gen), make_stream(passages, 40, gen)
+    train, held_out, gen = repeated_passages(seed=0)
     return train, held_out, train_autoencoder(train, gen)
 
 

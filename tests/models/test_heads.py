@@ -1,4 +1,4 @@
-"""Generative heads (energy, flow, diffusion) and backbone inputs behind one interface (CALM-SPEC §3.6, §8.5-8.6).
+"""Generative heads (energy, flow, diffusion) and backbone inputs behind one interface (paper Table 5, Figs. 8-9).
 
 Each head/input variant must work unchanged with generation (KV cache equals full recompute, both
 temperature samplers), the BrierLM rollout driver, checkpoints and the FLOP accounting.
@@ -30,23 +30,23 @@ ANCHORED = {"head": "energy", "token_anchor": True, "token_aux_weight": 0.3}
 """``head="anchored"`` here: the energy head anchored on a discrete first token (ours, ``token_anchor``)."""
 
 
-def tiny_calm(head: str = "energy", input: str = "discrete", vocab: int = VOCAB, seed: int = 0, **kw) -> CALM:
-    variant = ANCHORED if head == "anchored" else {"head": head}
-    model = factories.tiny_calm(vocab=vocab, seed=seed, input=input, **{"diffusion_steps": 10, **variant, **kw}).eval()
-    torch.nn.init.normal_(model.head.final_out.weight, std=0.5)  # non-trivial samples (it starts at zero)
-    return model
+def variant(head: str = "energy", input: str = "discrete", vocab: int = VOCAB, **kw) -> CALM:
+    """``factories.tiny_calm`` with this head and input (10 diffusion steps), in eval mode, its head's output
+    layer redrawn with std 0.5 (it starts at zero) so that samples are not trivial."""
+    kind = ANCHORED if head == "anchored" else {"head": head}
+    return factories.tiny_calm(vocab=vocab, input=input, head_std=0.5, **{"diffusion_steps": 10, **kind, **kw}).eval()
 
 
 def test_head_classes_follow_the_config():
-    assert isinstance(tiny_calm("energy").head, EnergyHead)
-    assert isinstance(tiny_calm("flow").head, FlowHead)
-    assert isinstance(tiny_calm("diffusion").head, DiffusionHead)
+    assert isinstance(variant("energy").head, EnergyHead)
+    assert isinstance(variant("flow").head, FlowHead)
+    assert isinstance(variant("diffusion").head, DiffusionHead)
     with pytest.raises(ConfigError, match="head='gan' is unknown; choose one of energy, flow, diffusion"):
-        tiny_calm("gan")
+        variant("gan")
     with pytest.raises(ConfigError, match="input='latent' is unknown"):
-        tiny_calm(input="latent")
+        variant(input="latent")
     with pytest.raises(ConfigError, match="diffusion_steps=2000 must be in 1..diffusion_train_steps=1000"):
-        tiny_calm("diffusion", diffusion_steps=2000)
+        variant("diffusion", diffusion_steps=2000)
 
 
 def test_every_switch_is_reachable_as_a_checked_override():
@@ -60,7 +60,7 @@ def test_every_switch_is_reachable_as_a_checked_override():
 
 @pytest.mark.parametrize("head,input", VARIANTS, ids=IDS)
 def test_sample_shapes_and_loss_gradients(head, input):
-    model = tiny_calm(head, input).train()
+    model = variant(head, input).train()
     h = torch.randn(3, 5, 32)
     z = model.head.sample(h, 6, torch.Generator().manual_seed(0))
     assert z.shape == (6, 3, 5, 8)
@@ -78,7 +78,7 @@ def test_sample_shapes_and_loss_gradients(head, input):
 @pytest.mark.parametrize("head,input", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("temperature,sampler", [(1.0, "batch"), (0.5, "batch"), (0.5, "exact")])
 def test_generation_with_cache_equals_without(head, input, temperature, sampler):
-    model = tiny_calm(head, input)
+    model = variant(head, input)
     prompt = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
     kw = dict(temperature=temperature, num_samples=8, sampler=sampler)
     a = generate(model, prompt, 16, generator=torch.Generator().manual_seed(3), use_cache=True, **kw)
@@ -90,7 +90,7 @@ def test_generation_with_cache_equals_without(head, input, temperature, sampler)
 @pytest.mark.parametrize("head,input", VARIANTS, ids=IDS)
 def test_brier_rollout_conditions_on_the_true_prefix(head, input):
     """The BrierLM driver's first call sees the teacher-forced hidden states of the full forward."""
-    model = tiny_calm(head, input)
+    model = variant(head, input)
     block = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
     seen = []
     real = model.sample_next
@@ -109,7 +109,7 @@ def test_brier_rollout_conditions_on_the_true_prefix(head, input):
 
 @pytest.mark.parametrize("head,input", VARIANTS, ids=IDS)
 def test_checkpoint_round_trip_is_bit_identical(head, input, tiny_tokenizer, tmp_path):
-    model = tiny_calm(head, input, vocab=tiny_tokenizer.vocab_size)
+    model = variant(head, input, vocab=tiny_tokenizer.vocab_size)
     config = {
         "kind": "calm",
         "model": asdict(model.config),
@@ -139,7 +139,7 @@ def _head_net_calls(model: CALM, fn) -> int:
 
 @pytest.mark.parametrize("head,passes", [("energy", 1), ("flow", 8), ("diffusion", 10)])
 def test_passes_per_sample_are_what_the_sampler_runs(head, passes):
-    model = tiny_calm(head)
+    model = variant(head)
     assert head_passes_per_sample(model.config) == type(model.head).passes_per_sample(model.config) == passes
     h = torch.randn(3, 32)
     assert _head_net_calls(model, lambda: model.head.sample(h, 2)) == passes  # each pass handles all rows
@@ -152,7 +152,7 @@ def test_passes_per_sample_are_what_the_sampler_runs(head, passes):
 
 @pytest.mark.parametrize("head,input", VARIANTS, ids=IDS)
 def test_flops_accounting_matches_the_model(head, input):
-    model = tiny_calm(head, input)
+    model = variant(head, input)
     cfg = model.config
     flops = calm_flops(cfg, model.autoencoder.config, context=8)
     assert flops["params"] == model.num_parameters()
@@ -173,7 +173,7 @@ def test_flops_accounting_matches_the_model(head, input):
 
 
 def test_flow_and_diffusion_cost_what_the_paper_says_relative_to_energy():
-    """Paper §8.6: energy 1 pass per sample, flow 2 per midpoint step (4 steps: 8), diffusion ~100."""
+    """Paper Figs. 8-9: energy 1 pass per sample, flow 2 per midpoint step (4 steps: 8), diffusion ~100."""
     cfgs = {h: CALMConfig(hidden_size=1024, intermediate_size=2752, num_layers=16, head=h) for h in ("energy", "flow")}
     cfgs["diffusion"] = CALMConfig(hidden_size=1024, intermediate_size=2752, num_layers=16, head="diffusion")
     ae = AutoencoderConfig()
@@ -196,7 +196,7 @@ def test_cosine_schedule_and_respacing():
 
 def test_diffusion_sampler_recovers_a_gaussian_with_the_exact_noise_predictor():
     """With the Bayes-optimal ε̂ for data N(m, s²) the 100-step sampler returns N(m, s²) (tolerance 10% on s)."""
-    model = tiny_calm("diffusion", diffusion_steps=100)
+    model = variant("diffusion", diffusion_steps=100)
     head = model.head
     m, s = torch.linspace(-3, 3, 8), torch.linspace(0.2, 1.0, 8)
 
@@ -212,7 +212,7 @@ def test_diffusion_sampler_recovers_a_gaussian_with_the_exact_noise_predictor():
 
 def test_flow_sampler_integrates_the_exact_velocity():
     """With the exact velocity of a Gaussian target the 4-step midpoint sampler lands on N(m, s²) (10% on s)."""
-    model = tiny_calm("flow")
+    model = variant("flow")
     head = model.head
     m, s = torch.linspace(-3, 3, 8), torch.linspace(0.2, 1.0, 8)
 
@@ -242,8 +242,8 @@ def _save(model: CALM, tokenizer, path) -> str:
 def test_cli_head_steps_override_reaches_the_sampler(tiny_tokenizer, tmp_path, monkeypatch, capsys):
     from calm.cli import main
 
-    flow = _save(tiny_calm("flow", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "flow")
-    energy = _save(tiny_calm("energy", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "energy")
+    flow = _save(variant("flow", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "flow")
+    energy = _save(variant("energy", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "energy")
     calls = []
     real = FlowHead.forward
     monkeypatch.setattr(FlowHead, "forward", lambda self, *a: calls.append(1) or real(self, *a))
@@ -275,7 +275,7 @@ def test_cli_flops_takes_head_and_input_overrides(capsys):
 def test_eval_head_steps_override(tiny_tokenizer, tiny_corpus, tmp_path, monkeypatch):
     from calm.eval.brier import evaluate_checkpoint
 
-    path = _save(tiny_calm("diffusion", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "diffusion")
+    path = _save(variant("diffusion", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, tmp_path / "diffusion")
     steps_seen = []
     real = DiffusionHead.sample
 
@@ -295,7 +295,7 @@ def test_eval_head_steps_override(tiny_tokenizer, tiny_corpus, tmp_path, monkeyp
 @pytest.mark.parametrize("input", ["continuous", "both"])
 def test_generation_feeds_the_generated_chunks_latent(input):
     """Each generation step's latent input is μ of the chunk just generated (re-encoded), in both cache modes."""
-    model = tiny_calm(input=input)
+    model = variant(input=input)
     fed = []
     handle = model.latent_proj.register_forward_hook(lambda mod, args, out: fed.append(args[0].detach().clone()))
     prompt = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -315,22 +315,16 @@ def test_training_stage_runs_each_head_and_input_end_to_end(tiny_data_dir, tmp_p
     """``calm train-calm``'s stage trains, evaluates (BrierLM), checkpoints and reloads every variant."""
     import json
 
-    from calm.config import TrainConfig
     from calm.train.loop import run_training
     from calm.train.stages import AutoencoderStage, CALMStage
 
-    def train_config(**kw) -> TrainConfig:
-        base = dict(lr=3e-3, batch_tokens=64, max_steps=2, eval_every=2, save_every=2, log_every=1)
-        return TrainConfig(**{**base, "eval_tokens": 64, "precision": "fp32", "block_size": 32, **kw})
-
     torch.manual_seed(0)
-    ae_cfg = AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4, kl_mode="plain")
-    ae_stage = AutoencoderStage(tiny_data_dir, ae_cfg, train_config(batch_tokens=256))
+    ae_cfg = factories.autoencoder_config(kl_mode="plain")
+    ae_stage = AutoencoderStage(tiny_data_dir, ae_cfg, factories.train_config(batch_tokens=256))
     run_training(ae_stage, ae_stage.train_config, tmp_path / "ae", progress=False)
     for head, input in (("flow", "both"), ("diffusion", "continuous")):
-        cfg = CALMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
-        cfg.num_samples, cfg.num_target_samples, cfg.head, cfg.input, cfg.diffusion_steps = 4, 8, head, input, 5
-        stage = CALMStage(tiny_data_dir, cfg, train_config(), tmp_path / "ae")
+        cfg = factories.calm_config(head=head, input=input, diffusion_steps=5)
+        stage = CALMStage(tiny_data_dir, cfg, factories.train_config(), tmp_path / "ae")
         run_training(stage, stage.train_config, tmp_path / head, progress=False)
         records = [json.loads(x) for x in (tmp_path / head / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if r["split"] == "train"]
@@ -347,7 +341,7 @@ def test_head_diagnostics_work_for_flow_and_diffusion_with_common_random_numbers
     """``calm.eval.diagnostics`` on any head: a head that ignores h has exactly zero conditioning gap."""
     from calm.eval.diagnostics import head_diagnostics
 
-    model = tiny_calm(head)
+    model = variant(head)
     blocks = torch.randint(0, VOCAB, (3, 64), generator=torch.Generator().manual_seed(0))
     uses = head_diagnostics(model, blocks, max_positions=40, num_point_samples=4)
     assert uses.cond_gap != 0.0 and uses.diag_positions == 40
@@ -404,8 +398,7 @@ def test_energy_diversity_weight_sharpens_the_training_loss_but_reports_the_prop
     tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     results = {}
     for weight in (1.0, 0.6):
-        model = factories.tiny_calm(energy_diversity_weight=weight)
-        torch.nn.init.normal_(model.head.final_out.weight, std=0.3, generator=torch.Generator().manual_seed(2))
+        model = factories.tiny_calm(energy_diversity_weight=weight, head_std=0.3, head_seed=2)
         torch.manual_seed(1)
         results[weight] = model(tokens)
     (plain_loss, plain_m), (loss, m) = results[1.0], results[0.6]

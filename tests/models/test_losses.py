@@ -1,4 +1,4 @@
-"""Tests for calm.models.losses: the energy score of spec §3.4 (paper Eqs. 9-10)."""
+"""Tests for calm.models.losses: the energy score and energy loss of paper §4.2 (Eqs. 9-10)."""
 
 import itertools
 
@@ -9,7 +9,7 @@ from calm.models.losses import energy_loss, energy_score, energy_terms
 
 
 def naive_energy_score(samples: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Double loop straight from the formula in spec §3.4."""
+    """Double loop straight from the estimator of Eqs. 9-10 (N model samples, M targets per position)."""
     num_samples, num_positions, _ = samples.shape
     num_targets = targets.shape[0]
     scores = []
@@ -111,7 +111,7 @@ def test_bfloat16_inputs_are_scored_in_float32():
 def test_gradient_accurate_far_from_origin():
     """Latents far from 0 must not cost fp32 gradient accuracy (the loss centres each position).
 
-    Inputs lie on a 1/64 grid around 4096, exactly representable in fp32, so the reference is the
+    Inputs lie on a 1/64 grid near 4096, exactly representable in fp32, so the reference is the
     same computation in fp64 near the origin. Without centring the error is about 1e-4 relative.
     """
     generator = torch.Generator().manual_seed(4)

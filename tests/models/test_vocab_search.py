@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import factories
 import pytest
 import torch
 
-from calm.config import AutoencoderConfig
 from calm.hardware import int8_matmul_available
-from calm.models.autoencoder import INT8_SCREEN_MIN_VOCAB, Autoencoder
+from calm.models.autoencoder import INT8_SCREEN_MIN_VOCAB
 from calm.models.vocab_search import Int8Screen
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available(torch.device("cpu")), reason="no int8 matmul on this CPU")
@@ -81,8 +81,7 @@ def test_screen_computes_few_logits_exactly() -> None:
 
 
 def test_autoencoder_builds_the_screen_once_and_rebuilds_it_when_the_table_changes() -> None:
-    config = AutoencoderConfig(vocab_size=INT8_SCREEN_MIN_VOCAB, hidden_size=32, intermediate_size=64, latent_size=8)
-    ae = Autoencoder(config).eval()
+    ae = factories.tiny_autoencoder(vocab=INT8_SCREEN_MIN_VOCAB, seed=None).eval()
     screen = ae.vocab_screen()
     assert screen is not None and ae.vocab_screen() is screen
     z = torch.randn(5, 3, 8)

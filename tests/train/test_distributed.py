@@ -19,57 +19,36 @@ import sys
 import time
 from pathlib import Path
 
+import factories
 import numpy as np
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 KINDS = ("autoencoder", "calm", "gpt")
 TOLERANCE = 1e-5
 
 
 def _train_config(kind: str, world_size: int):
-    from calm.config import TrainConfig
-
+    """20 steps, each of two micro-batches (one per rank, or two accumulation steps on one)."""
     block, batch = {"autoencoder": (32, 64), "calm": (32, 128), "gpt": (16, 64)}[kind]
-    return TrainConfig(
-        lr=3e-3,
-        warmup_steps=2,
-        lr_schedule="cosine",
-        batch_tokens=batch,
-        micro_batch_tokens=batch // 2,
-        block_size=block,
-        max_steps=STEPS,
-        eval_every=STEPS,
-        save_every=10,
-        log_every=1,
-        eval_tokens=64,
-        precision="fp32",
-        seed=3,
+    steps = dict(batch_tokens=batch, micro_batch_tokens=batch // 2, block_size=block, max_steps=STEPS)
+    return factories.train_config(
+        warmup_steps=2, lr_schedule="cosine", eval_every=STEPS, save_every=10, seed=3, **steps
     )
 
 
 def _stage(kind: str, data_dir: Path, ae_dir: Path, world_size: int = 1):
-    from calm.config import AutoencoderConfig, CALMConfig, GPTConfig
     from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
     torch.manual_seed(0)  # the same initial weights in every process
     cfg = _train_config(kind, world_size)
     if kind == "autoencoder":
-        return AutoencoderStage(data_dir, AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8), cfg)
+        return AutoencoderStage(data_dir, factories.autoencoder_config(), cfg)
     if kind == "calm":
-        model = CALMConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=4,
-            max_seq_len=16,
-            num_samples=4,
-            num_target_samples=8,
-        )
-        return CALMStage(data_dir, model, cfg, ae_dir)
-    model = GPTConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
-    return GPTStage(data_dir, model, cfg)
+        return CALMStage(data_dir, factories.calm_config(), cfg, ae_dir)
+    return GPTStage(data_dir, factories.gpt_config(), cfg)
 
 
 def _losses(run: Path) -> list[float]:
@@ -122,21 +101,18 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ae_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An (untrained) autoencoder checkpoint for CALM: enough to exercise the frozen-AE path."""
-    from calm import checkpoint as ckpt
-    from calm.config import AutoencoderConfig
-    from calm.data.tokenizer import Tokenizer
-    from calm.models.autoencoder import Autoencoder
-
-    tok = Tokenizer.from_file(data_dir / "tokenizer.json")
-    torch.manual_seed(1)
-    config = AutoencoderConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, latent_size=8)
-    path = tmp_path_factory.mktemp("ae") / "ae"
     from dataclasses import asdict
 
+    from calm import checkpoint as ckpt
+    from calm.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(data_dir / "tokenizer.json")
+    model = factories.tiny_autoencoder(vocab=tok.vocab_size, seed=1)
+    path = tmp_path_factory.mktemp("ae") / "ae"
     ckpt.save_checkpoint(
         path,
-        model=Autoencoder(config),
-        config={"kind": "autoencoder", "model": asdict(config), "tokenizer_sha256": tok.sha256},
+        model=model,
+        config={"kind": "autoencoder", "model": asdict(model.config), "tokenizer_sha256": tok.sha256},
         tokenizer_json=tok.to_str(),
     )
     return path
@@ -151,7 +127,8 @@ def two_rank_runs(data_dir: Path, ae_dir: Path, tmp_path_factory: pytest.TempPat
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+        # the repository (calm) and tests/ (factories), both on sys.path under pytest too
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     logs = [out / f"rank{rank}.log" for rank in range(2)]
     procs = []

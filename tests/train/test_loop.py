@@ -3,40 +3,25 @@
 import json
 import shutil
 
+import factories
 import pytest
 import torch
 
 from calm import checkpoint as ckpt
-from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, TrainConfig
+from calm.config import ConfigError, TrainConfig
 from calm.train.loop import NonFiniteError, run_training
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
 
-def ae_config() -> AutoencoderConfig:
-    return AutoencoderConfig(hidden_size=32, intermediate_size=64, latent_size=8, chunk_size=4)
-
-
 def train_config(**kw) -> TrainConfig:
-    base = dict(
-        lr=3e-3,
-        batch_tokens=256,
-        max_steps=8,
-        eval_every=4,
-        save_every=4,
-        log_every=1,
-        eval_tokens=256,
-        precision="fp32",
-        warmup_steps=2,
-        lr_schedule="cosine",
-        block_size=32,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """8 steps of 256 tokens with a cosine schedule, evaluated and saved every 4."""
+    steps = dict(batch_tokens=256, max_steps=8, eval_every=4, save_every=4, eval_tokens=256)
+    return factories.train_config(warmup_steps=2, lr_schedule="cosine", **{**steps, **kw})
 
 
 def train_ae(data_dir, out, resume=False, **kw):
     torch.manual_seed(0)
-    stage = AutoencoderStage(data_dir, ae_config(), train_config(**kw))
+    stage = AutoencoderStage(data_dir, factories.autoencoder_config(), train_config(**kw))
     return stage, run_training(stage, stage.train_config, out, progress=False, resume=resume)
 
 
@@ -140,7 +125,7 @@ def test_replaced_tokenizer_is_reported(ae_run, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_step_and_stage(tiny_data_dir, tmp_path, monkeypatch):
-    stage = AutoencoderStage(tiny_data_dir, ae_config(), train_config(max_steps=6, save_every=2))
+    stage = AutoencoderStage(tiny_data_dir, factories.autoencoder_config(), train_config(max_steps=6, save_every=2))
     real = stage.loss
     calls = {"n": 0}
 
@@ -160,17 +145,8 @@ def test_nonfinite_loss_stops_with_step_and_stage(tiny_data_dir, tmp_path, monke
 
 def test_calm_and_gpt_stages_train_and_reload(tiny_data_dir, ae_run, tmp_path):
     _, ae_dir = ae_run
-    cfg = CALMConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        max_seq_len=16,
-        num_samples=4,
-        num_target_samples=8,
-    )
     torch.manual_seed(0)
-    stage = CALMStage(tiny_data_dir, cfg, train_config(max_steps=4, batch_tokens=64), ae_dir)
+    stage = CALMStage(tiny_data_dir, factories.calm_config(), train_config(max_steps=4, batch_tokens=64), ae_dir)
     run_training(stage, stage.train_config, tmp_path / "calm", progress=False)
     model, tok, config = ckpt.load_model(tmp_path / "calm", kind="calm")
     assert config["autoencoder"]["chunk_size"] == 4  # the autoencoder travels inside the checkpoint
@@ -179,8 +155,7 @@ def test_calm_and_gpt_stages_train_and_reload(tiny_data_dir, ae_run, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "calm" / "metrics.jsonl").read_text().splitlines()]
     assert any("brierlm" in r for r in records if r["split"] == "val")
 
-    gcfg = GPTConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=32)
-    gstage = GPTStage(tiny_data_dir, gcfg, train_config(max_steps=4, batch_tokens=64, block_size=16))
+    gstage = GPTStage(tiny_data_dir, factories.gpt_config(), train_config(max_steps=4, batch_tokens=64, block_size=16))
     run_training(gstage, gstage.train_config, tmp_path / "gpt", progress=False)
     records = [json.loads(x) for x in (tmp_path / "gpt" / "metrics.jsonl").read_text().splitlines()]
     assert {"brierlm", "perplexity"} <= set(next(r for r in records if r["split"] == "val"))
@@ -195,6 +170,6 @@ def test_calm_refuses_an_autoencoder_with_another_tokenizer(tiny_data_dir, ae_ru
     texts = tmp_path / "t.txt"
     texts.write_text("entirely other words for another tokenizer " * 200)
     prepare(other, [str(texts)], tokenizer="train", vocab_size=300, val_fraction=0.0, progress=False)
-    cfg = CALMConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, max_seq_len=16)
+    cfg = factories.calm_config(num_samples=8, num_target_samples=100)  # N and M: the config's defaults
     with pytest.raises((ConfigError, ValueError), match="tokenizer"):
         CALMStage(other, cfg, train_config(), ae_dir)

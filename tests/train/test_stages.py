@@ -6,25 +6,23 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import factories
 import pytest
 
-from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TrainConfig
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
-
-TINY_LM = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
 
 
 @pytest.mark.parametrize("kind", ["autoencoder", "calm", "gpt"])
 def test_building_a_stage_leaves_the_callers_configs_unchanged(
     kind: str, data_dir: Path, tiny_lm_checkpoints: dict[str, Path]
 ) -> None:
-    train = TrainConfig(batch_tokens=64, eval_tokens=64, precision="fp32", block_size=32, max_steps=2)
+    train = factories.train_config()
     if kind == "autoencoder":
-        model = AutoencoderConfig(vocab_size=99, hidden_size=32, intermediate_size=64, latent_size=8)
+        model = factories.autoencoder_config(vocab_size=99)
     elif kind == "calm":  # the autoencoder has K = 4 and 8 latent dimensions
-        model = CALMConfig(**TINY_LM, vocab_size=99, chunk_size=8, latent_size=16, max_seq_len=16, num_samples=4)
+        model = factories.calm_config(vocab_size=99, chunk_size=8, latent_size=16, num_target_samples=100)
     else:
-        model = GPTConfig(**TINY_LM, vocab_size=99, max_seq_len=32)
+        model = factories.gpt_config(vocab_size=99)
     model_before, train_before = copy.deepcopy(model), copy.deepcopy(train)
     if kind == "autoencoder":
         stage = AutoencoderStage(data_dir, model, train)
