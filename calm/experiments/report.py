@@ -54,8 +54,9 @@ def _model_flops(run: Path) -> dict[str, Any] | None:
     return None
 
 
-def _summary_row(run: Path, kind: str, evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    records = read_metrics(run / "metrics.jsonl")
+def _summary_row(
+    run: Path, kind: str, records: list[dict[str, Any]], evaluation: dict[str, Any] | None
+) -> dict[str, Any]:
     train = [r for r in records if r.get("split") == "train"]
     flops = _model_flops(run) or {}
     tokens = train[-1]["tokens"] if train else 0
@@ -85,7 +86,7 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return str(x)
 
 
-def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
+def _plots(run: Path, rows: list[dict[str, Any]], metrics: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Write the run's PNG plots; return their file names ([] without matplotlib)."""
     try:
         import matplotlib
@@ -95,8 +96,8 @@ def _plots(run: Path, rows: list[dict[str, Any]]) -> list[str]:
     except ImportError:
         return []
     made = []
-    ae = read_metrics(run / "autoencoder" / "metrics.jsonl")
-    lm = {k: read_metrics(run / k / "metrics.jsonl") for k in ("calm", "gpt")}
+    ae = metrics["autoencoder"]
+    lm = {k: metrics[k] for k in ("calm", "gpt")}
     _training_curves_plot(run, ae, lm, plt)
     made.append("training_curves.png")
     _brierlm_vs_flops_plot(run, lm, rows, plt)
@@ -286,9 +287,9 @@ def _diagnostics_plot(run: Path, records: list[dict[str, Any]], plt: Any) -> boo
     return True
 
 
-def _diagnostics_lines(run: Path, evaluation: dict[str, Any] | None) -> list[str]:
+def _diagnostics_lines(records: list[dict[str, Any]], evaluation: dict[str, Any] | None) -> list[str]:
     """Markdown for CALM's head diagnostics: the last validation record and the evaluation set."""
-    val = [r for r in read_metrics(run / "calm" / "metrics.jsonl") if r.get("split") == "val" and "cond_gap" in r]
+    val = [r for r in records if r.get("split") == "val" and "cond_gap" in r]
     sources = [("validation (end of training)", val[-1] if val else None)]
     sources.append(("evaluation set", (evaluation or {}).get("head_diagnostics")))
     rows = [(name, d) for name, d in sources if d]
@@ -361,10 +362,12 @@ def write_report(run: str | Path) -> Path:
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {run} does not exist")
     evals = {k: _read_json(run / f"eval_{k}.json") for k in ("calm", "gpt")}
-    rows = [_summary_row(run / k, k, evals[k]) for k in ("calm", "gpt") if (run / k).exists()]
+    # Each metrics.jsonl is read once, so a torn last line is reported once.
+    metrics = {k: read_metrics(run / k / "metrics.jsonl") for k in ("autoencoder", "calm", "gpt")}
+    rows = [_summary_row(run / k, k, metrics[k], evals[k]) for k in ("calm", "gpt") if (run / k).exists()]
     if not rows and not (run / "autoencoder").exists():
         raise FileNotFoundError(f"{run} has no autoencoder/, calm/ or gpt/ training run to report on")
-    plots = _plots(run, rows)
+    plots = _plots(run, rows, metrics)
     lines = ["# CALM vs GPT: run report", "", f"Run directory: `{run}`", "", *_options_lines(run)]
     ae_eval = _read_json(run / "autoencoder_eval.json")
     if ae_eval:
@@ -411,7 +414,7 @@ def write_report(run: str | Path) -> Path:
         ]
     lines += _precision_lines(run)
 
-    lines += _diagnostics_lines(run, evals.get("calm"))
+    lines += _diagnostics_lines(metrics["calm"], evals.get("calm"))
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     if not plots:

@@ -138,7 +138,7 @@ def test_report_on_a_run_whose_metrics_end_in_a_torn_line_warns_and_writes(
     assert report.replace(str(run), str(demo_run[0])) == original  # the cut line is skipped: the same report
     assert f"wrote {run / 'report.md'}" in printed.out
     warnings = [line for line in printed.err.splitlines() if line.startswith("warning: ")]
-    assert warnings and all(f"warning: {metrics}: skipped its last line" in line for line in warnings), printed.err
+    assert len(warnings) == 1 and f"warning: {metrics}: skipped its last line" in warnings[0], printed.err
 
 
 def test_report_on_a_damaged_metrics_line_names_it(
