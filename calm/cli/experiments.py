@@ -13,23 +13,25 @@ from typing import Any
 from calm.bench import SIZES
 from calm.bench.generate import cmd_bench_generate
 from calm.bench.train import cmd_bench_train
-from calm.config import MODEL_CONFIGS, ConfigError, parse_override
-from calm.experiments.demo import DEMO_LM_FLOPS, DEMO_VOCAB_SIZE, run_demo
+from calm.config import ConfigError, parse_override
+from calm.experiments.demo import DEMO_LM_FLOPS, DEMO_VOCAB_SIZE, LM_RUNS, run_demo
 from calm.experiments.report import write_report
 from calm.experiments.studies import run_study
 from calm.experiments.sweep import run_sweep, spec_from_cli
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: data, autoencoder, CALM + GPT, BrierLM, report, samples (``run_demo``)."""
+    """The main job (``run_demo``): data, autoencoder, the paper's CALM, CALM-anchored (ours), the GPT,
+    BrierLM on the same blocks for all three, report, samples."""
     overrides: dict[str, dict[str, Any]] = {}
     for text in args.set or []:
         key, value = parse_override(text)
         kind, _, rest = key.partition(":")
-        if kind not in MODEL_CONFIGS or not rest:
+        runs = ("autoencoder", *LM_RUNS)
+        if kind not in runs or not rest:
             raise ConfigError(
-                f"demo override {text!r} must look like KIND:section.key=value with KIND one of "
-                f"{', '.join(MODEL_CONFIGS)}, e.g. calm:train.max_steps=100"
+                f"demo override {text!r} must look like RUN:section.key=value with RUN one of "
+                f"{', '.join(runs)} (calm: reaches both CALMs), e.g. calm:train.max_steps=100"
             )
         overrides.setdefault(kind, {})[rest] = value
     run_demo(
@@ -41,6 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lm_preset=args.lm_preset,
         eval_data=args.eval_data,
         eval_max_tokens=args.eval_max_tokens or None,
+        eval_context_tokens=args.eval_context_tokens,
         overrides=overrides,
         lm_flops=args.lm_flops or None,
         progress=not args.no_progress,
@@ -112,12 +115,25 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-max-tokens", type=int, default=65536, help="score the first N tokens of the eval set (0: all)"
     )
-    p.add_argument("--set", action="append", metavar="KIND:KEY=VALUE", help="e.g. calm:train.max_steps=100")
+    p.add_argument(
+        "--eval-context-tokens",
+        type=int,
+        help="context in tokens every model is scored with (default: the longest every model has)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="RUN:KEY=VALUE",
+        help="RUN: autoencoder, calm (both CALMs), calm_anchored or gpt; e.g. calm:train.max_steps=100",
+    )
     p.add_argument(
         "--lm-flops",
         type=float,
         default=DEMO_LM_FLOPS,
-        help=f"training FLOPs for each of CALM and the GPT (default {DEMO_LM_FLOPS:.2g}; 0: the presets' max_steps)",
+        help=(
+            f"language-model training FLOPs for each of the three language models (default {DEMO_LM_FLOPS:.2g}; "
+            "0: the presets' max_steps)"
+        ),
     )
     p.add_argument("--no-progress", action="store_true")
 

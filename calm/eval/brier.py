@@ -233,25 +233,32 @@ def evaluate_brier(
 ) -> dict[str, Any]:
     """BrierLM over ``blocks`` (n, T) of token ids, one generator seeded with ``seed`` for all of them.
 
-    Returns the Brier-n and BrierLM means with standard errors (``BrierAccumulator.summary``). A
-    token LM adds its cross-entropy ``ce`` (nats per predicted token), ``perplexity`` and
+    Returns the Brier-n and BrierLM means with standard errors (``BrierAccumulator.summary``) and
+    ``per_block``: each block's sum of per-position Brier-1..4 estimates (fractions) and its number of
+    scored positions, so that two models scored on the same blocks can be compared with a paired
+    standard error (``calm.eval.brierlm.ratio_of_means``). A token LM adds its cross-entropy ``ce`` (nats per predicted token), ``perplexity`` and
     ``estimator`` (``mode``), and with ``decode`` (ids -> text) ``bits_per_byte`` of the text after
     each block's first token.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     acc = BrierAccumulator()
     nll, n_pred, n_bytes = 0.0, 0, 0
+    block_sums: list[list[float]] = []
+    block_positions: list[int] = []
     lm.model.eval()
     for row in tqdm(blocks, desc=f"BrierLM {lm.kind}", disable=not progress):
         block = torch.as_tensor(row, dtype=torch.long, device=device)[None]
         est, logp = score_block(lm, block, mode=mode, generator=gen)
         acc.add(est)
+        block_sums.append(est.double().sum(0).tolist())
+        block_positions.append(int(est.shape[0]))
         if logp is not None:
             nll -= float(logp.sum())
             n_pred += logp.numel()
             if decode is not None:
                 n_bytes += len(decode(row[1:].tolist()).encode("utf-8"))
     out: dict[str, Any] = dict(acc.summary())
+    out["per_block"] = {"sums": block_sums, "positions": block_positions}
     if lm.has_likelihood:
         out["ce"] = nll / max(n_pred, 1)
         out["perplexity"] = math.exp(out["ce"])

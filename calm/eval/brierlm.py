@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -434,3 +435,47 @@ class BrierAccumulator:
         self.group_count_sq += float(state["group_count_sq"])
         for key in ("sum", "sum_outer", "group_sum_outer", "group_weighted_sum"):
             getattr(self, key).add_(torch.as_tensor(state[key], dtype=torch.float64))
+
+
+def ratio_of_means(
+    a_sums: Sequence[float],
+    a_counts: Sequence[int],
+    b_sums: Sequence[float],
+    b_counts: Sequence[int],
+    *,
+    paired: bool = True,
+) -> tuple[float, float]:
+    """(ratio, standard error) of two models' mean Brier-n, mean_a / mean_b, from per-block totals.
+
+    ``a_sums[g]`` is model a's sum of per-position estimates in evaluation block g and ``a_counts[g]``
+    its number of scored positions; likewise for b. ``paired``: both models scored the same blocks
+    (same tokens, same context), so block g of a and of b share their text. The SE is then the
+    cluster-robust (sandwich) delta-method one over blocks, which keeps the covariance between the
+    two models on the same text: Var(R) ≈ G/(G−1) · Σ_g ((e_a,g / N_a − R e_b,g / N_b) / m_b)², with
+    e_x,g = S_x,g − m_x n_x,g. Unpaired, each mean's clustered variance is taken on its own blocks and
+    the two are added as independent. Ours (the paper reports no ratios). Units: the ratio has none;
+    the SE is NaN when a model has fewer than 2 blocks. Raises ValueError when b's mean is 0 (no ratio
+    exists) or when paired blocks differ in number.
+    """
+    a, na = np.asarray(a_sums, np.float64), np.asarray(a_counts, np.float64)
+    b, nb = np.asarray(b_sums, np.float64), np.asarray(b_counts, np.float64)
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired blocks must match: {len(a)} blocks against {len(b)}")
+    Na, Nb = na.sum(), nb.sum()
+    if Na == 0 or Nb == 0:
+        raise ValueError("each model needs scored positions for a ratio of means")
+    ma, mb = a.sum() / Na, b.sum() / Nb
+    if mb == 0:
+        raise ValueError("the denominator's mean is 0: the ratio is undefined")
+    r = ma / mb
+    ea, eb = (a - ma * na) / Na, (b - mb * nb) / Nb
+    if paired:
+        G = len(a)
+        var = G / (G - 1) * float(((ea - r * eb) ** 2).sum()) / mb**2 if G > 1 else math.nan
+    else:
+        Ga, Gb = len(a), len(b)
+        if min(Ga, Gb) < 2:
+            var = math.nan
+        else:
+            var = (Ga / (Ga - 1) * float((ea**2).sum()) + r**2 * Gb / (Gb - 1) * float((eb**2).sum())) / mb**2
+    return float(r), math.sqrt(var) if math.isfinite(var) else math.nan

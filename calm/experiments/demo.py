@@ -17,6 +17,7 @@ scale the same pipeline up without code changes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from calm.checkpoint import load_model
-from calm.config import Preset, check_overrides, load_preset
+from calm.config import ConfigError, Preset, check_overrides, load_preset
 from calm.data import shards
 from calm.data.evalsets import WIKITEXT103_TEST, load_eval_documents, pack_documents_for_ae, resolve_eval_data
 from calm.eval.autoencoder import evaluate_autoencoder
@@ -34,8 +35,7 @@ from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
 from calm.experiments.report import write_report
 from calm.experiments.sweep import Budget
-from calm.generate.engine import generate
-from calm.generate.lm import generate_text
+from calm.generate.lm import as_language_model, generate_text
 from calm.io import read_json, write_json
 from calm.train.loop import Stage, run_training
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
@@ -45,35 +45,43 @@ PROMPTS = ["The history of the city", "In 1905 , the company"]
 DEMO_VOCAB_SIZE = 4096
 """Vocabulary of the BPE the demo trains on its default corpus (``calm demo --vocab-size``)."""
 DEMO_LM_FLOPS = 1.6e13
-"""Training FLOPs each language model gets in the demo (CALM and the GPT alike: the paper compares at
-equal compute). With the tiny presets and the demo recipe that is 136 GPT steps (0.56M tokens) and
-237 CALM steps (0.97M tokens); sized so that the whole demo fits 20 minutes on a 2-core CPU without
-native bf16 (docs/research/cpu-results.md#the-demo)."""
+"""Language-model training FLOPs each of the three language models gets in the demo (the paper compares
+at equal compute; the autoencoder's training, shared by both CALMs, is counted apart and shown in the
+report). With the tiny presets that is 136 GPT steps (0.56M tokens), 262 steps of the paper's CALM and
+237 of the anchored one (its readout costs FLOPs); sized so that the demo fits about 20 minutes on a
+2-core CPU without native bf16 (docs/research/cpu-results.md#the-demo)."""
 
+
+LM_RUNS: dict[str, str] = {"calm": "calm", "calm_anchored": "calm", "gpt": "gpt"}
+"""The demo's language models, run name -> config kind: the paper's CALM, ours with the anchored head
+(named for what it adds), and the GPT baseline. Names in the report: ``calm.experiments.report.LM_NAMES``."""
 
 DEMO_RECIPE: dict[str, dict[str, Any]] = {
-    "autoencoder": {"model.context_weight": 2.0},
-    "calm": {"model.token_aux_weight": 1.0, "model.energy_diversity_weight": 0.6, "model.token_anchor": True},
+    "autoencoder": {},
+    "calm": {},
+    "calm_anchored": {
+        "model.token_aux_weight": 1.0,
+        "model.energy_diversity_weight": 0.6,
+        "model.token_anchor": True,
+    },
     "gpt": {"train.lr": 3.0e-3, "train.eval_tokens": 16384},
 }
-"""Overrides the demo applies on top of the tiny presets, under any the user passes (``--set`` wins);
-all come from a study at the demo's budget (docs/research/small-calm.md), and all CALM-side options are
-ours, not the paper's (docs/guides/extensions.md):
+"""Overrides the demo applies on top of the tiny presets, under any the user passes (``--set`` wins).
 
-- autoencoder ``context_weight`` 2: an InfoNCE term pulls neighbouring chunks' latents together, so
-  that the energy score can reward a head for the topic and register of its context;
-- CALM ``token_anchor`` with ``token_aux_weight`` 1: a softmax readout of h draws each chunk's first
-  token and the head draws the latent given it; ``energy_diversity_weight`` 0.6: the energy score's
-  diversity term weakened, so the head is trained toward a sharper distribution.
+- ``calm``: the paper's recipe, unchanged: the reference.
+- ``calm_anchored``: ours, beyond the paper (docs/guides/extensions.md): ``token_anchor`` with
+  ``token_aux_weight`` 1, a softmax readout of h draws each chunk's first token and the head draws the
+  latent given it; ``energy_diversity_weight`` 0.6 weakens the energy score's diversity term, so the
+  head is trained toward a sharper distribution. A user's ``calm:`` settings apply to it as well
+  (it is a CALM), under its own ``calm_anchored:`` ones.
+- ``gpt``: the learning rate tuned with the same effort as CALM's (1e-3, 3e-3, 6e-3 on validation
+  data), validated during training on as many tokens as CALM (16,384; the preset has 8,192).
+- ``autoencoder``: the paper's recipe. Both CALMs share it, so they differ only in the language
+  model's options; ``--set autoencoder:model.context_weight=2`` gives both the context-shaped
+  autoencoder of ours.
 
-At 1.6e13 FLOPs (bf16, first 131k validation tokens) the paper's recipe reached Brier-1 0.75-1.68%
-(three seeds), the weakened diversity term with an auxiliary token loss alone (aux 0.3 + λ 0.6)
-4.44-4.48% and this recipe 7.01%, against 6.99% for the GPT; prompt retrieval AUC (``calm follow``)
-0.57 against 0.51 for aux 0.3 + λ 0.6 and 0.66 for the GPT. ``--set autoencoder:model.context_weight=0
---set calm:model.token_anchor=false --set calm:model.token_aux_weight=0 --set
-calm:model.energy_diversity_weight=1`` gives the paper's recipe. GPT: the learning rate tuned with the
-same effort as CALM's (1e-3, 3e-3, 6e-3: Brier-1 6.63 / 6.88 / 6.79%, perplexity 295 / 209 / 210),
-validated on as many tokens as CALM (16,384; the preset has 8,192)."""
+All were chosen on the corpus's validation split (docs/research/small-calm.md); the demo reports on
+WikiText-103 test, which no choice saw."""
 
 
 def steps_for_budget(budget_flops: float, flops_per_token: float, batch_tokens: int) -> int:
@@ -125,65 +133,96 @@ def run_demo(
     lm_preset: str = "tiny",
     eval_data: str | Path | None = None,
     eval_max_tokens: int | None = 65536,
+    eval_context_tokens: int | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     lm_flops: float | None = DEMO_LM_FLOPS,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or finish) the whole pipeline under ``out``; return a summary of every stage.
 
-    ``lm_flops``: training FLOPs for each of CALM and the GPT; their step counts (and evaluation
-    and checkpoint intervals, four per run) follow from it unless ``train.max_steps`` is overridden.
-    None: the presets' step counts. ``overrides`` maps a kind (autoencoder | calm | gpt) to
-    ``section.key`` overrides; all of them are checked before any work starts.
+    ``lm_flops``: language-model training FLOPs for each of the three language models (``LM_RUNS``);
+    their step counts (and evaluation and checkpoint intervals, four per run) follow from it unless
+    ``train.max_steps`` is overridden. None: the presets' step counts. ``overrides`` maps a run
+    (autoencoder | calm | calm_anchored | gpt) to ``section.key`` overrides; ``calm`` ones apply to
+    both CALMs; all are checked before any work starts. ``eval_context_tokens``: the context, in
+    tokens, every model is scored with (None: the longest that every model has).
     """
     out = Path(out)
     eval_data = resolve_eval_data(eval_data or DEFAULT_EVAL)
     overrides = _checked_overrides(overrides or {}, ae_preset, lm_preset)
     summary: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
-    data_dir, ae_dir, calm_dir, gpt_dir = out / "data", out / "autoencoder", out / "calm", out / "gpt"
+    data_dir, ae_dir = out / "data", out / "autoencoder"
+    lm_dirs = {name: out / name for name in LM_RUNS}
 
-    _banner("1/6 prepare data")
+    _banner("1/7 prepare data")
     if (data_dir / "meta.json").exists():
         print(f"reusing {data_dir}")
     else:
         prepare_demo_data(data_dir, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
     summary["data"] = read_json(data_dir / "meta.json")
 
-    def train(kind: str, run_dir: Path, make_stage: Callable[[Preset], Stage], preset_name: str) -> dict[str, Any]:
-        return _train(kind, run_dir, make_stage, preset_name, overrides.get(kind), lm_flops, progress)
+    def train(name: str, make_stage: Callable[[Preset], Stage], preset_name: str) -> dict[str, Any]:
+        kind = LM_RUNS.get(name, name)
+        return _train(kind, out / name, make_stage, preset_name, overrides.get(name), lm_flops, progress)
 
-    _banner("2/6 train the autoencoder")
-    summary["autoencoder"] = train(
-        "autoencoder", ae_dir, lambda p: AutoencoderStage(data_dir, p.model, p.train), ae_preset
-    )
+    _banner("2/7 train the autoencoder (shared by both CALMs)")
+    summary["autoencoder"] = train("autoencoder", lambda p: AutoencoderStage(data_dir, p.model, p.train), ae_preset)
     summary["autoencoder_eval"] = _eval_ae(ae_dir, eval_data, out / "autoencoder_eval.json", progress)
 
-    _banner("3/6 train CALM")
-    summary["calm"] = train("calm", calm_dir, lambda p: CALMStage(data_dir, p.model, p.train, ae_dir), lm_preset)
-    _banner("4/6 train the GPT baseline")
-    summary["gpt"] = train("gpt", gpt_dir, lambda p: GPTStage(data_dir, p.model, p.train), lm_preset)
+    _banner("3/7 train CALM (the paper's recipe)")
+    summary["calm"] = train("calm", lambda p: CALMStage(data_dir, p.model, p.train, ae_dir), lm_preset)
+    _banner("4/7 train CALM-anchored (ours)")
+    summary["calm_anchored"] = train(
+        "calm_anchored", lambda p: CALMStage(data_dir, p.model, p.train, ae_dir), lm_preset
+    )
+    _banner("5/7 train the GPT baseline")
+    summary["gpt"] = train("gpt", lambda p: GPTStage(data_dir, p.model, p.train), lm_preset)
 
-    _banner("5/6 evaluate on WikiText-103 test")
+    context = eval_context_tokens or common_context_tokens(list(lm_dirs.values()))
+    _banner(f"6/7 evaluate on WikiText-103 test, {context} tokens of context for every model")
     summary["eval"] = {
-        kind: _eval_lm(run_dir, eval_data, out / f"eval_{kind}.json", eval_max_tokens, progress)
-        for kind, run_dir in (("calm", calm_dir), ("gpt", gpt_dir))
+        name: _eval_lm(run_dir, eval_data, out / f"eval_{name}.json", eval_max_tokens, context, progress)
+        for name, run_dir in lm_dirs.items()
     }
 
-    _banner("6/6 report and generations")
-    summary.update(_report_and_generations(out, data_dir, calm_dir, gpt_dir))
+    _banner("7/7 report and generations")
+    summary.update(_report_and_generations(out, data_dir, lm_dirs))
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print(f"\nreport: {summary['report']}  (pipeline wall time this invocation: {summary['wall_s'] / 60:.1f} min)")
     return summary
 
 
+def common_context_tokens(run_dirs: list[Path]) -> int:
+    """The longest context, in tokens, that every language model of ``run_dirs`` can be scored with:
+    the smallest of their ``max_seq_len`` × tokens per step, rounded down to a multiple of every chunk
+    size (a CALM block is whole chunks). Read from each run's ``run_config.json``."""
+    lengths, steps = [], [1]
+    for run_dir in run_dirs:
+        config = read_json(run_dir / "run_config.json")
+        per_step = int(config["model"]["chunk_size"]) if config["kind"] == "calm" else 1
+        lengths.append(int(config["model"]["max_seq_len"]) * per_step)
+        steps.append(per_step)
+    multiple = math.lcm(*steps)
+    return min(lengths) // multiple * multiple
+
+
 def _checked_overrides(user: dict[str, dict[str, Any]], ae_preset: str, lm_preset: str) -> dict[str, dict[str, Any]]:
-    """``DEMO_RECIPE`` under the user's overrides (theirs win), per kind; every one checked up front."""
-    kinds = ("autoencoder", "calm", "gpt")
-    overrides = {kind: {**DEMO_RECIPE.get(kind, {}), **(user.get(kind) or {})} for kind in kinds}
-    for kind, preset_name in (("autoencoder", ae_preset), ("calm", lm_preset), ("gpt", lm_preset)):
-        check_overrides(kind, overrides.get(kind))
-        preset = load_preset(kind, preset_name, overrides.get(kind))  # types and values, up front
+    """``DEMO_RECIPE`` under the user's overrides (theirs win), per run; ``calm:`` ones reach both CALMs
+    (the anchored one's own ``calm_anchored:`` ones last). Every one is checked up front."""
+    unknown = set(user) - {"autoencoder", *LM_RUNS}
+    if unknown:
+        raise ConfigError(
+            f"demo overrides for {sorted(unknown)}: the demo's runs are autoencoder, {', '.join(LM_RUNS)}"
+        )
+    overrides = {"autoencoder": {**DEMO_RECIPE["autoencoder"], **(user.get("autoencoder") or {})}}
+    for name, kind in LM_RUNS.items():
+        shared = user.get(kind) or {} if name != kind else {}
+        overrides[name] = {**DEMO_RECIPE.get(name, {}), **shared, **(user.get(name) or {})}
+    for name in overrides:
+        kind = LM_RUNS.get(name, name)
+        check_overrides(kind, overrides[name])
+        preset = load_preset(kind, ae_preset if kind == "autoencoder" else lm_preset, overrides[name])
         preset.model.validate()
         preset.train.validate()
     return overrides
@@ -218,14 +257,16 @@ def _train(
     return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
 
 
-def _report_and_generations(out: Path, data_dir: Path, calm_dir: Path, gpt_dir: Path) -> dict[str, Any]:
-    """Samples, prompt following and generation speed of both trained models, then ``report.md``."""
-    calm_model, tok, _ = load_model(calm_dir, kind="calm")
-    gpt_model, gpt_tok, _ = load_model(gpt_dir, kind="gpt")
-    summary: dict[str, Any] = {"samples": _samples(calm_model, gpt_model, tok, gpt_tok)}
+def _report_and_generations(out: Path, data_dir: Path, lm_dirs: dict[str, Path]) -> dict[str, Any]:
+    """Samples, prompt following and sampling speed of every trained language model, then ``report.md``."""
+    models, tok = {}, None
+    for name, run_dir in lm_dirs.items():
+        models[name], run_tok, _ = load_model(run_dir, kind=LM_RUNS[name])
+        tok = tok or run_tok
+    summary: dict[str, Any] = {"samples": _samples(models, tok)}
     write_json(out / "samples.json", summary["samples"])
-    summary["prompt_following"] = _prompt_following(calm_model, gpt_model, tok, data_dir, out / "prompt_following.json")
-    summary["speed"] = _generation_speed(calm_model, gpt_model, tok)
+    summary["prompt_following"] = _prompt_following(models, tok, data_dir, out / "prompt_following.json")
+    summary["speed"] = _generation_speed(models, tok)
     write_json(out / "generation_speed.json", summary["speed"])
     summary["report"] = str(write_report(out))
     return summary
@@ -245,46 +286,48 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path, progress: bool = Tru
     return result
 
 
-def _eval_lm(run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | None, progress: bool) -> dict[str, Any]:
-    """BrierLM on the first ``max_tokens`` tokens of the evaluation set (the same text for both models)."""
+def _eval_lm(
+    run_dir: Path, eval_data: Path, out_json: Path, max_tokens: int | None, context_tokens: int, progress: bool
+) -> dict[str, Any]:
+    """BrierLM on the blocks of ``context_tokens`` tokens within the first ``max_tokens`` tokens of the
+    evaluation set: the same blocks, so the same text and context, for every model."""
     if out_json.exists():
         return read_json(out_json)
-    result = evaluate_checkpoint(str(run_dir), str(eval_data), max_tokens=max_tokens, progress=progress)
+    result = evaluate_checkpoint(
+        str(run_dir), str(eval_data), max_tokens=max_tokens, context_tokens=context_tokens, progress=progress
+    )
     se = "n/a" if result["brierlm_se"] is None else f"{result['brierlm_se']:.3f}"
-    print(f"{result['kind']}: BrierLM {result['brierlm']:.3f} ± {se} over {result['tokens']:,} tokens")
+    print(
+        f"{run_dir.name}: BrierLM {result['brierlm']:.3f} ± {se}, Brier-1 {result['brier1']:.2f}% over "
+        f"{result['tokens']:,} tokens ({context_tokens}-token blocks)"
+    )
     write_json(out_json, result)
     return result
 
 
-def _samples(
-    calm_model: Any, gpt_model: Any, tok: Any, gtok: Any, max_new_tokens: int = 48, seed: int = 0
-) -> list[dict[str, Any]]:
-    """Both models' continuations of ``PROMPTS`` at T = 1 and 1/2, one seed."""
+def _samples(models: dict[str, Any], tok: Any, max_new_tokens: int = 48, seed: int = 0) -> list[dict[str, Any]]:
+    """Every model's continuation of ``PROMPTS`` at T = 1 and 1/2, one seed."""
     rows = []
     for temperature in (1.0, 0.5):
         for prompt in PROMPTS:
-            calm_text = generate_text(calm_model, tok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
-            gpt_text = generate_text(gpt_model, gtok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
-            rows.append({"temperature": temperature, "prompt": prompt, "calm": calm_text, "gpt": gpt_text})
-            print(f"[T={temperature:g}] CALM: {prompt}{calm_text}")
-            print(f"[T={temperature:g}] GPT:  {prompt}{gpt_text}")
+            row: dict[str, Any] = {"temperature": temperature, "prompt": prompt}
+            for name, model in models.items():
+                row[name] = generate_text(model, tok, [prompt], max_new_tokens, temperature=temperature, seed=seed)[0]
+                print(f"[T={temperature:g}] {name}: {prompt}{row[name]}")
+            rows.append(row)
     return rows
 
 
-def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path, out_json: Path) -> dict[str, Any]:
-    """Prompt retrieval AUC of both models and the real text on validation prompts (``calm follow``)."""
+def _prompt_following(models: dict[str, Any], tok: Any, data_dir: Path, out_json: Path) -> dict[str, Any]:
+    """Prompt retrieval AUC of every model and of the real text on validation prompts (``calm follow``)."""
     if out_json.exists():
         return read_json(out_json)
-    K = calm_model.chunk_size  # room for BOS, CALM's left pad and the last partial chunk
-    room = min(gpt_model.config.max_seq_len, calm_model.config.max_seq_len * K) - 2 * K
+    lms = [as_language_model(model, tok) for model in models.values()]
+    room = min(lm.context_tokens for lm in lms) - 2 * max(lm.tokens_per_step for lm in lms)  # BOS, pad, last chunk
     prompt_tokens = min(64, room * 2 // 3)
     try:
         result = prompt_following(
-            {"calm": calm_model, "gpt": gpt_model},
-            tok,
-            data_dir,
-            prompt_tokens=prompt_tokens,
-            new_tokens=min(32, room - prompt_tokens),
+            models, tok, data_dir, prompt_tokens=prompt_tokens, new_tokens=min(32, room - prompt_tokens)
         )
     except ValueError as e:  # a small corpus whose validation documents are too short
         print(f"prompt following skipped: {e}")
@@ -294,33 +337,38 @@ def _prompt_following(calm_model: Any, gpt_model: Any, tok: Any, data_dir: Path,
     return result
 
 
-def _generation_speed(
-    calm_model: Any, gpt_model: Any, tok: Any, new_tokens: int = 256, repeats: int = 3
-) -> dict[str, Any]:
-    """Greedy generation tokens/s of both models (batch 1, KV cache, 32-token prompt), median of
-    ``repeats`` interleaved runs. ``calm bench generate`` is the full benchmark."""
-    prompt = torch.tensor([[tok.bos_id] + tok.encode("The history of the city of London began") * 4])[:, :32]
-    K = calm_model.chunk_size
-    steps = min(new_tokens // K, calm_model.config.max_seq_len - prompt.shape[1] // K)
-    n_calm = steps * K
-    n_gpt = min(new_tokens, gpt_model.config.max_seq_len - prompt.shape[1])
-    times: dict[str, list[float]] = {"calm": [], "gpt": []}
+def _generation_speed(models: dict[str, Any], tok: Any, new_tokens: int = 256, repeats: int = 3) -> dict[str, Any]:
+    """Sampling speed at T = 1 of every model (batch 1, KV cache, 32-token prompt, no stop token): new
+    tokens per second, median of ``repeats`` interleaved runs. CALM draws one head sample per step and
+    decodes it (the paper's T = 1 sampler); the GPT draws from its softmax. ``calm bench generate`` is the
+    full benchmark."""
+    prompt = ([tok.bos_id] + tok.encode("The history of the city of London began") * 4)[:32]
+    lms = {name: as_language_model(model, tok) for name, model in models.items()}
+    counts = {}
+    for name, lm in lms.items():
+        K = lm.tokens_per_step
+        counts[name] = min(new_tokens, lm.max_new_tokens(len(prompt))) // K * K
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first round warms up
-            t0 = time.perf_counter()
-            generate(calm_model, prompt, n_calm, generator=torch.Generator().manual_seed(0))
-            t1 = time.perf_counter()
-            gpt_model.generate(prompt, n_gpt, temperature=0.0)
-            t2 = time.perf_counter()
-            times["calm"].append(t1 - t0)
-            times["gpt"].append(t2 - t1)
-    calm_tps = n_calm / statistics.median(times["calm"][1:])
-    gpt_tps = n_gpt / statistics.median(times["gpt"][1:])
-    print(f"greedy generation: CALM {calm_tps:,.0f} tokens/s, GPT {gpt_tps:,.0f} tokens/s ({calm_tps / gpt_tps:.2f}x)")
+            for name, lm in lms.items():
+                gen = torch.Generator().manual_seed(0)
+                t0 = time.perf_counter()
+                lm.generate_ids(
+                    [prompt],
+                    counts[name],
+                    temperature=1.0,
+                    num_samples=1,
+                    sampler="batch",
+                    generator=gen,
+                    stop_ids=frozenset(),
+                )
+                times[name].append(time.perf_counter() - t0)
+    speed = {name: counts[name] / statistics.median(times[name][1:]) for name in models}
+    print("sampling at T = 1: " + ", ".join(f"{name} {tps:,.0f} tokens/s" for name, tps in speed.items()))
     return {
-        "calm_tokens_per_s": calm_tps,
-        "gpt_tokens_per_s": gpt_tps,
-        "ratio": calm_tps / gpt_tps,
-        "new_tokens": {"calm": n_calm, "gpt": n_gpt},
+        "what": "new tokens per second, sampling at T = 1, batch 1, KV cache, 32-token prompt",
+        "tokens_per_s": speed,
+        "new_tokens": counts,
         "repeats": repeats,
     }

@@ -53,62 +53,103 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, tiny_d
     return out, summary, kwargs
 
 
-def test_demo_gives_both_models_the_same_training_flops(demo_run) -> None:
+LM_RUNS = ("calm", "calm_anchored", "gpt")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_demo_gives_every_language_model_the_same_training_flops(demo_run) -> None:
     out, _, _ = demo_run
     steps, flops = {}, {}
-    for kind in ("calm", "gpt"):
-        train = [json.loads(line) for line in (out / kind / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in train if r["split"] == "train"]
-        steps[kind], flops[kind] = train[-1]["step"], train[-1]["train_flops"]
-        config = json.loads((out / kind / "run_config.json").read_text())["train"]
-        assert config["eval_every"] == config["save_every"] == -(-steps[kind] // 4)
+    for name in LM_RUNS:
+        train = [r for r in _records(out / name / "metrics.jsonl") if r["split"] == "train"]
+        steps[name], flops[name] = train[-1]["step"], train[-1]["train_flops"]
+        config = json.loads((out / name / "run_config.json").read_text())["train"]
+        assert config["eval_every"] == config["save_every"] == -(-steps[name] // 4)
         assert config["precision"] in ("fp32", "bf16") and config["precision_requested"] == "auto"
-    for kind in ("calm", "gpt"):  # the most whole steps that fit the budget
-        per_step = flops[kind] / steps[kind]
-        assert 0 <= 1e9 - flops[kind] < per_step
+    for name in LM_RUNS:  # the most whole steps that fit the budget
+        per_step = flops[name] / steps[name]
+        assert 0 <= 1e9 - flops[name] < per_step
     assert steps["calm"] != steps["gpt"]  # equal FLOPs, not equal steps
+    assert steps["calm_anchored"] < steps["calm"]  # the anchored head's readout costs FLOPs
 
 
-def test_demo_report_names_precisions_and_models(demo_run) -> None:
+def test_demo_scores_every_model_on_the_same_blocks_and_context(demo_run) -> None:
+    out, summary, _ = demo_run
+    evals = {name: json.loads((out / f"eval_{name}.json").read_text()) for name in LM_RUNS}
+    contexts = {e["context"]["tokens"] for e in evals.values()}
+    assert contexts == {72} and {e["context"]["unit"] for e in evals.values()} == {"tokens"}  # GPT: 72 tokens
+    assert len({(e["tokens"], e["blocks"]) for e in evals.values()}) == 1
+    for e in evals.values():
+        assert len(e["per_block"]["sums"]) == len(e["per_block"]["positions"]) == e["blocks"]
+        assert sum(e["per_block"]["positions"]) == e["positions"]
+        mean = sum(s[0] for s in e["per_block"]["sums"]) / e["positions"]
+        assert abs(100 * mean - e["brier1"]) < 1e-9  # the per-block totals are the scores' own
+    assert evals["calm"]["positions"] * 4 <= evals["gpt"]["positions"]  # CALM scores chunk starts only
+
+
+def test_demo_report_names_precisions_models_flops_and_verdict(demo_run) -> None:
     out, summary, _ = demo_run
     report = (out / "report.md").read_text()
-    assert "Training precision: autoencoder" in report and "calm " in report and "gpt " in report
-    assert "| CALM |" in report and "| GPT |" in report
+    assert "Training precision: autoencoder" in report and "calm_anchored " in report and "gpt " in report
+    for name in ("CALM", "CALM-anchored (ours)", "GPT"):
+        assert f"| {name} |" in report, name
+    assert "| LM training FLOPs | + autoencoder training |" in report
+    assert "## Verdict" in report and "one seed" in report and "every model with 72 tokens of context" in report
+    assert "**CALM**: Brier-1" in report or "**CALM**: no ratios" in report
+    assert "orders of magnitude smaller" in report and "Speeds time sampling at T = 1" in report
     assert (out / "brier_n_vs_flops.png").exists() and "brier_n_vs_flops.png" in report
     assert "## Do continuations follow their prompts?" in report and "| real text |" in report
-    assert "Options beyond the paper" in report and "token_anchor=True" in report and "context_weight=2.0" in report
+    assert "calm_anchored energy_diversity_weight=0.6, token_aux_weight=1.0, token_anchor=True" in report
+    assert "context_weight" not in report  # the shared autoencoder is the paper's
     following = json.loads((out / "prompt_following.json").read_text())
-    assert set(following["results"]) == {"reference", "calm", "gpt"}
+    assert set(following["results"]) == {"reference", *LM_RUNS}
     assert all(0.0 <= r["auc"] <= 1.0 for r in following["results"].values())
-    for name in ("samples.json", "generation_speed.json", "eval_calm.json", "eval_gpt.json"):
-        assert (out / name).exists(), name
+    speed = json.loads((out / "generation_speed.json").read_text())
+    assert set(speed["tokens_per_s"]) == set(LM_RUNS) and "T = 1" in speed["what"]
+    samples = json.loads((out / "samples.json").read_text())
+    assert all(set(LM_RUNS) <= set(row) for row in samples)
     assert summary["eval"]["calm"]["precision"] in ("fp32", "bf16")
 
 
 def test_demo_rerun_reuses_finished_stages(demo_run, capsys: pytest.CaptureFixture[str]) -> None:
     out, _, kwargs = demo_run
-    before = {kind: (out / kind / "metrics.jsonl").read_text() for kind in ("autoencoder", "calm", "gpt")}
+    before = {name: (out / name / "metrics.jsonl").read_text() for name in ("autoencoder", *LM_RUNS)}
     run_demo(out, **kwargs)
     printed = capsys.readouterr().out
-    for kind in ("autoencoder", "calm", "gpt"):
-        assert f"reusing {out / kind} (finished)" in printed
-        assert (out / kind / "metrics.jsonl").read_text() == before[kind]
+    for name in ("autoencoder", *LM_RUNS):
+        assert f"reusing {out / name} (finished)" in printed
+        assert (out / name / "metrics.jsonl").read_text() == before[name]
 
 
 def test_demo_applies_its_recipe_under_the_users_overrides(demo_run) -> None:
     from calm.experiments.demo import DEMO_RECIPE
 
     out, _, _ = demo_run
-    model = json.loads((out / "calm" / "run_config.json").read_text())["model"]
-    assert model["token_aux_weight"] == DEMO_RECIPE["calm"]["model.token_aux_weight"] > 0
-    assert model["energy_diversity_weight"] == DEMO_RECIPE["calm"]["model.energy_diversity_weight"] < 1
-    assert model["token_anchor"] is DEMO_RECIPE["calm"]["model.token_anchor"] is True
+    ours = DEMO_RECIPE["calm_anchored"]
+    model = json.loads((out / "calm_anchored" / "run_config.json").read_text())["model"]
+    assert model["token_aux_weight"] == ours["model.token_aux_weight"] > 0
+    assert model["energy_diversity_weight"] == ours["model.energy_diversity_weight"] < 1
+    assert model["token_anchor"] is ours["model.token_anchor"] is True
+    paper = json.loads((out / "calm" / "run_config.json").read_text())["model"]
+    defaults = {"token_aux_weight": 0.0, "energy_diversity_weight": 1.0, "token_anchor": False}
+    assert {k: paper[k] for k in defaults} == defaults
     ae = json.loads((out / "autoencoder" / "run_config.json").read_text())["model"]
-    assert ae["context_weight"] == DEMO_RECIPE["autoencoder"]["model.context_weight"] > 0
-    train = json.loads((out / "calm" / "run_config.json").read_text())["train"]
-    assert train["block_size"] == 64
-    records = [json.loads(line) for line in (out / "calm" / "metrics.jsonl").read_text().splitlines()]
+    assert ae["context_weight"] == 0.0  # both CALMs share the paper's autoencoder
+    for name in ("calm", "calm_anchored"):  # the user's calm: settings reach both CALMs
+        assert json.loads((out / name / "run_config.json").read_text())["train"]["block_size"] == 64
+    records = _records(out / "calm_anchored" / "metrics.jsonl")
     assert any("token_aux_loss" in r for r in records if r["split"] == "train")
+
+
+def test_demo_refuses_an_unknown_run_before_any_work(tmp_path: Path) -> None:
+    from calm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="calm_anchored"):
+        run_demo(tmp_path / "x", overrides={"calm_ours": {"train.max_steps": 1}}, progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def _report_run(demo_run, tmp_path: Path) -> Path:
