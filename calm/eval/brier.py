@@ -236,9 +236,9 @@ def evaluate_brier(
     Returns the Brier-n and BrierLM means with standard errors (``BrierAccumulator.summary``) and
     ``per_block``: each block's sum of per-position Brier-1..4 estimates (fractions) and its number of
     scored positions, so that two models scored on the same blocks can be compared with a paired
-    standard error (``calm.eval.brierlm.ratio_of_means``). A token LM adds its cross-entropy ``ce`` (nats per predicted token), ``perplexity`` and
-    ``estimator`` (``mode``), and with ``decode`` (ids -> text) ``bits_per_byte`` of the text after
-    each block's first token.
+    standard error (``calm.eval.brierlm.ratio_of_means``). A token LM adds its cross-entropy ``ce``
+    (nats per predicted token), ``perplexity`` and ``estimator`` (``mode``), and with ``decode``
+    (ids -> text) ``bits_per_byte`` of the text after each block's first token.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     acc = BrierAccumulator()
