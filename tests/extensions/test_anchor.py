@@ -11,7 +11,9 @@ temperature samplers, BrierLM rollouts, checkpoints, FLOPs) runs in ``tests/mode
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import Counter
 
 import factories
 import pytest
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from calm.config import ConfigError
 from calm.eval.brier import calm_block_brier
 from calm.extensions.anchor import AnchoredEnergyHead
-from calm.generate.engine import generate
+from calm.generate.engine import generate, sample_chunks
 from calm.models.flops import calm_flops
 
 VOCAB, D = 50, 32
@@ -101,6 +103,61 @@ def test_brier_of_an_anchored_model_scores_its_chunks_first_tokens():
     block[0, ::4] = 7  # every chunk starts with 7: certain and right, so Brier-1 = 2·1 − 1 = 1 everywhere
     est = calm_block_brier(model, block, generator=torch.Generator().manual_seed(0))
     assert torch.all(est[:, 0] == 1)
+
+
+def test_brier_of_an_anchored_model_does_not_see_the_target_it_scores():
+    """The leak test: the readout is certain of a token no target chunk starts with. A correct evaluator draws
+    both samples from the model: Brier-1 = 2·P(y) − Σ P(x)² = 2·0 − 1 = −1 at every position. One that copies
+    the target's first token into the samples scores 1 + 1 − 1 = 1 there, one that draws a single sample and
+    compares it with the target 0; neither passes."""
+    model = anchored()
+    model.head.token_readout = Certain(7)
+    block = torch.randint(8, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))  # 7 appears nowhere
+    est = calm_block_brier(model, block, generator=torch.Generator().manual_seed(0))
+    assert est.shape == (9, 4) and torch.all(est[:, 0] == -1)
+    assert torch.all(est[:, 1:] <= 0)  # no longer n-gram can match a target whose first token it misses
+
+
+def _alg2_first_token_marginal(probs: dict[int, float], num_samples: int) -> dict[int, float]:
+    """Algorithm 2 at T = 1/2 by enumeration: over every sequence of ``num_samples`` candidate first tokens,
+    the chosen tuple has weight C(c, 2) among tuples seen at least twice (weight c among all if none is)."""
+    marginal = dict.fromkeys(probs, 0.0)
+    for draws in itertools.product(probs, repeat=num_samples):
+        p = math.prod(probs[t] for t in draws)
+        counts = Counter(draws)
+        weights = {t: math.comb(c, 2) for t, c in counts.items()}
+        if not any(weights.values()):
+            weights = dict(counts)
+        total = sum(weights.values())
+        for t, w in weights.items():
+            marginal[t] += p * w / total
+    return marginal
+
+
+@pytest.mark.parametrize("sampler", ["exact", "batch"])
+def test_temperature_tempers_the_anchored_first_token_with_the_rest_of_the_chunk(sampler):
+    """The exact first-token marginal at T = 1/2 (paper §6) of an anchored model whose latent, and so the rest
+    of its chunk, is the same whatever the first token: the chunk's probability is the readout's p(t₁), so
+    Alg. 1 must give p(t₁)² / Σ p², and Alg. 2 with N = 4 candidates its enumerated marginal (above). A
+    sampler that tempers only the latent and draws t₁ at T = 1 gives p(t₁) = (0.5, 0.3, 0.2) and fails."""
+    probs = {7: 0.5, 11: 0.3, 13: 0.2}
+    model = factories.tiny_calm(vocab=VOCAB, token_anchor=True, token_aux_weight=0.3).eval()  # z = 0: zero init
+    h = _readout_with_probs(model.head, probs)
+    rows = 3000
+    gen = torch.Generator().manual_seed(0)
+    chunks = sample_chunks(model, h.expand(rows, D), temperature=0.5, num_samples=4, sampler=sampler, generator=gen)
+    assert (chunks[:, 1:] == chunks[0, 1:]).all()  # the rest of the chunk does not depend on t₁
+    if sampler == "exact":
+        norm = sum(p * p for p in probs.values())
+        expected = {t: p * p / norm for t, p in probs.items()}  # 0.658, 0.237, 0.105
+    else:
+        expected = _alg2_first_token_marginal(probs, num_samples=4)
+    assert abs(sum(expected.values()) - 1) < 1e-12
+    for token, q in expected.items():
+        seen = (chunks[:, 0] == token).float().mean().item()
+        se = math.sqrt(q * (1 - q) / rows)
+        assert abs(seen - q) < 4 * se, (token, seen, q)  # 3000 rows: 4 SE <= 0.035, tempering only the latent: 0.16
+    assert set(chunks[:, 0].tolist()) <= set(probs)
 
 
 def test_a_token_of_probability_zero_is_never_drawn_even_from_bf16_noise():
