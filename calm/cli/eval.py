@@ -19,7 +19,7 @@ from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
 from calm.generate.lm import load_language_model
 from calm.io import to_json, write_json
-from calm.models.flops import calm_flops, format_flops, gpt_flops
+from calm.models.flops import PAPER_AE_TRAIN_TOKENS, PAPER_TRAIN_TOKENS, calm_flops, format_flops, gpt_flops
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -136,13 +136,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
         raise ConfigError(f"calm flops --set takes model.KEY=VALUE only, got {sorted(model_overrides)}")
     if args.model == "gpt":
         cfg = load_preset("gpt", args.preset, {**model_overrides, **overrides}).model
-        result = gpt_flops(cfg, context=args.context or cfg.max_seq_len)
+        result = gpt_flops(cfg, context=args.context or cfg.max_seq_len, train_tokens=args.train_tokens)
     else:
         cfg = load_preset("calm", args.preset, {**model_overrides, **overrides}).model
         cfg.validate()
         ae = load_preset("autoencoder", args.autoencoder_preset, overrides).model
         cfg = dataclasses.replace(cfg, chunk_size=ae.chunk_size, latent_size=ae.latent_size)
-        result = calm_flops(cfg, ae, context=args.context or cfg.max_seq_len, num_samples_inference=args.num_samples)
+        result = calm_flops(
+            cfg,
+            ae,
+            context=args.context or cfg.max_seq_len,
+            num_samples_inference=args.num_samples,
+            train_tokens=args.train_tokens,
+            ae_train_tokens=args.ae_train_tokens,
+        )
     result = {"model": args.model, "preset": args.preset, **result}
     if args.json:
         print(to_json(result, indent=2))
@@ -151,7 +158,12 @@ def cmd_flops(args: argparse.Namespace) -> int:
             if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) >= 1e4:
                 value = format_flops(value) if "flops" in key else f"{value / 1e6:.1f}M"
             if not isinstance(value, dict):
-                print(f"{key:<32} {value}")
+                print(f"{key:<36} {value}")
+        if args.model == "calm":
+            print(
+                "train_flops_total is the language model's training (the paper's accounting, held equal when CALM "
+                "is compared with a Transformer); train_flops_total_with_autoencoder adds the autoencoder's."
+            )
     return 0
 
 
@@ -216,6 +228,18 @@ def _flops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, help="context in steps (default: the preset's max_seq_len)")
     p.add_argument("--vocab-size", type=int, help="default: the preset's (128,257, Llama-3 + PAD)")
     p.add_argument("--num-samples", type=int, default=1, help="head samples per step at inference")
+    p.add_argument(
+        "--train-tokens",
+        type=float,
+        default=PAPER_TRAIN_TOKENS,
+        help=f"language-model training tokens for the totals (default: the paper's {PAPER_TRAIN_TOKENS:.3g})",
+    )
+    p.add_argument(
+        "--ae-train-tokens",
+        type=float,
+        default=PAPER_AE_TRAIN_TOKENS,
+        help=f"CALM: the autoencoder's training tokens (default: the paper's {PAPER_AE_TRAIN_TOKENS:.3g})",
+    )
     p.add_argument(
         "--set", action="append", metavar="model.KEY=VALUE", help="override, e.g. model.head=flow or model.input=both"
     )

@@ -7,6 +7,7 @@ errors of that mean; with fixed seeds they are deterministic.
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from factories import N_MAX, assert_unbiased, brier_gpt, enumerate_exact_brier
@@ -17,6 +18,7 @@ from calm.eval.brierlm import (
     brier_two_sample,
     brierlm,
     exact_brier,
+    ratio_of_means,
     token_lm_brier,
 )
 
@@ -226,3 +228,37 @@ def test_brierlm_is_zero_when_any_brier_n_is_not_positive() -> None:
     assert brierlm([-0.1, -0.05, -0.02, -0.01]) == 0.0
     assert brierlm([0.2, -0.05, 0.02, 0.01]) == 0.0
     assert brierlm([0.2181, 0.0688, 0.0259, 0.0125]) == pytest.approx(4.70, abs=0.01)
+
+
+def test_ratio_of_means_and_its_paired_standard_error() -> None:
+    # a scaled copy of the reference: the ratio is the scale, exactly, and pairing leaves no error
+    sums, positions = [3.0, 5.0, 1.0, 7.0], [10, 10, 10, 10]
+    ratio, se = ratio_of_means([2 * s for s in sums], positions, sums, positions)
+    assert ratio == pytest.approx(2.0) and se == pytest.approx(0.0, abs=1e-12)
+    unpaired_ratio, unpaired_se = ratio_of_means([2 * s for s in sums], positions, sums, positions, paired=False)
+    assert unpaired_ratio == pytest.approx(2.0) and unpaired_se > 0.1  # the blocks' spread counts twice
+
+
+def test_ratio_of_means_standard_error_matches_the_spread_over_resampled_blocks() -> None:
+    # paired blocks whose difficulty both models share: the delta-method SE is the bootstrap's
+    gen = np.random.default_rng(0)
+    difficulty = gen.uniform(0.2, 1.0, 400)
+    a = difficulty * 0.5 + gen.normal(0, 0.05, 400)
+    b = difficulty + gen.normal(0, 0.05, 400)
+    n = np.full(400, 1)
+    ratio, se = ratio_of_means(a, n, b, n)
+    boot = []
+    for _ in range(2000):
+        idx = gen.integers(0, 400, 400)
+        boot.append(a[idx].sum() / b[idx].sum())
+    assert ratio == pytest.approx(a.sum() / b.sum())
+    assert se == pytest.approx(float(np.std(boot)), rel=0.1)
+    assert ratio_of_means(a, n, b, n, paired=False)[1] > 2 * se  # pairing removes the shared difficulty
+
+
+def test_ratio_of_means_refuses_what_has_no_ratio() -> None:
+    with pytest.raises(ValueError, match="paired blocks must match"):
+        ratio_of_means([1.0, 2.0], [1, 1], [1.0], [1])
+    with pytest.raises(ValueError, match="denominator's mean is 0"):
+        ratio_of_means([1.0], [1], [0.0], [1])
+    assert math.isnan(ratio_of_means([1.0], [1], [2.0], [1])[1])  # one block: no standard error

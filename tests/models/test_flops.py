@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from calm.config import AutoencoderConfig, CALMConfig, GPTConfig
 from calm.models.flops import (
+    PAPER_AE_TRAIN_TOKENS,
     PAPER_TABLE1,
     PAPER_TRAIN_TOKENS,
     ae_flops,
@@ -92,6 +93,18 @@ def test_headline_savings() -> None:
     s, m = rows["Transformer-S"], rows["CALM-M"]
     assert 1 - m["train_flops_total"] / s["train_flops_total"] == pytest.approx(0.44, abs=0.03)
     assert 1 - m["inference_flops_per_token"] / s["inference_flops_per_token"] == pytest.approx(0.34, abs=0.02)
+
+
+def test_training_totals_with_and_without_the_autoencoder() -> None:
+    # the paper's accounting leaves stage 1 out; with it, CALM-M costs ~2% more (15.7B autoencoder tokens)
+    calm, ae = paper_configs()["CALM-M"]
+    paper = calm_flops(calm, ae)
+    assert paper["train_flops_total_with_autoencoder"] == paper["train_flops_total"] + paper["ae_train_flops_total"]
+    assert paper["ae_train_flops_total"] == ae_flops(ae)["train_flops_per_token"] * PAPER_AE_TRAIN_TOKENS
+    assert 0.01 < paper["ae_train_flops_total"] / paper["train_flops_total"] < 0.05
+    small = calm_flops(calm, ae, train_tokens=1e6, ae_train_tokens=2e6)
+    assert small["train_flops_total"] == pytest.approx(small["train_flops_per_token"] * 1e6)
+    assert small["ae_train_flops_total"] == pytest.approx(ae_flops(ae)["train_flops_per_token"] * 2e6)
 
 
 def test_inference_samples_and_errors() -> None:
