@@ -109,8 +109,9 @@ def _brierlm_vs_flops_plot(
     for (run_name, records), marker in zip(lm.items(), MARKERS):
         x, val = _val_series(records, flops.get(run_name), "brier1")
         if val:
-            axes[0].plot(x, [r["brier1"] for r in val], marker + "-", label=f"{names[run_name]} (validation)")
-            axes[2].plot(x, [r.get("brierlm", 0.0) for r in val], marker + "-", label=f"{names[run_name]} (validation)")
+            label = f"{names[run_name]} (validation, own context)"
+            axes[0].plot(x, [r["brier1"] for r in val], marker + "-", label=label)
+            axes[2].plot(x, [r.get("brierlm", 0.0) for r in val], marker + "-", label=label)
     for row, marker in zip(rows, MARKERS):
         b1 = (row["brier_n"] or [None])[0]
         if b1 is not None and row["train_flops"]:
@@ -137,7 +138,9 @@ def _brierlm_vs_flops_plot(
 def _brier_n_plot(
     run: Path, lm: dict[str, Records], names: dict[str, str], flops: dict[str, dict[str, Any] | None], plt: Any
 ) -> bool:
-    """Validation Brier-1..4 of every language model against training FLOPs (the paper compares at equal compute)."""
+    """Validation Brier-1..4 of every language model against training FLOPs (the paper compares at equal compute).
+    The validation during training scores each model with its own training blocks (a CALM's are K times as many
+    tokens as a token model's at the same steps): curves, not the equal-context comparison of the report's table."""
     series = {k: _val_series(records, flops.get(k), "brier1") for k, records in lm.items()}
     series = {k: v for k, v in series.items() if v[1]}
     if not series:
@@ -147,7 +150,8 @@ def _brier_n_plot(
         for (run_name, (x, val)), marker in zip(series.items(), MARKERS):
             ax.plot(x, [r[f"brier{n}"] for r in val], marker + "-", label=names[run_name])
         ax.axhline(0.0, color="gray", lw=0.8)
-        ax.set(xscale="log", xlabel="LM training FLOPs", ylabel=f"Brier-{n} (%)", title=f"Brier-{n} (validation)")
+        title = f"Brier-{n} (validation, own context)"
+        ax.set(xscale="log", xlabel="LM training FLOPs", ylabel=f"Brier-{n} (%)", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
