@@ -254,7 +254,8 @@ def _train(
         steps = steps_for_budget(lm_flops, stage.flops_per_token, preset.train.batch_tokens)
         intervals = {key: max(1, -(-steps // 4)) for key in ("eval_every", "save_every") if f"train.{key}" not in given}
         train_config = dataclasses.replace(preset.train, max_steps=steps, **intervals)
-        print(f"{kind}: {steps} steps for {lm_flops:.3g} training FLOPs ({stage.flops_per_token:.3g} per token)")
+        per_token = stage.flops_per_token
+        print(f"{run_dir.name}: {steps} steps for {lm_flops:.3g} LM training FLOPs ({per_token:.3g} per token)")
     start = time.perf_counter()
     result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
     return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
