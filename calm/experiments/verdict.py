@@ -41,7 +41,7 @@ def brier_ratios(model: dict[str, Any], reference: dict[str, Any], n_max: int = 
             continue
         if ref is None or ref_se is None or not ref > 2 * ref_se:
             se_text = "n/a" if ref_se is None else f"{ref_se:.2f}"
-            out.append({"n": n, "none": f"the reference's Brier-{n} is {ref:.2f} ± {se_text}%, not clearly above 0"})
+            out.append({"n": n, "none": "the GPT's Brier-n is not clearly above 0", "reference": f"{ref:.2f} ± {se_text}%"})
             continue
         ratio, se = ratio_of_means(
             [s[n - 1] for s in a["sums"]],
@@ -80,16 +80,18 @@ def _scoring_sentence(rows: list[dict[str, Any]], evals: dict[str, dict[str, Any
 
 
 def _ratios_text(ratios: list[dict[str, Any]]) -> str:
-    """The ratios of one model, with a reason given once when every Brier-n lacks a ratio for it."""
-    reasons = {r.get("none") for r in ratios}
-    if len(reasons) == 1 and None not in reasons:
-        return f"no ratios ({reasons.pop()})"
-    return "; ".join(_ratio_text(r) for r in ratios)
+    """The ratios of one model; the Brier-n without one are named together, with their reason(s) once."""
+    parts = [_ratio_text(r) for r in ratios if "none" not in r]
+    missing = [r for r in ratios if "none" in r]
+    for reason in dict.fromkeys(r["none"] for r in missing):
+        group = [r for r in missing if r["none"] == reason]
+        names = ", ".join(f"Brier-{r['n']}" for r in group)
+        values = ", ".join(r["reference"] for r in group if "reference" in r)
+        parts.append(f"no ratio for {names} ({reason}{': ' + values if values else ''})")
+    return "; ".join(parts)
 
 
 def _ratio_text(r: dict[str, Any]) -> str:
-    if "none" in r:
-        return f"Brier-{r['n']}: no ratio ({r['none']})"
     se = "n/a" if math.isnan(r["se"]) else f"{r['se']:.2f}"
     return f"Brier-{r['n']} {r['ratio']:.2f}× ± {se}"
 
