@@ -41,7 +41,8 @@ def brier_ratios(model: dict[str, Any], reference: dict[str, Any], n_max: int = 
             continue
         if ref is None or ref_se is None or not ref > 2 * ref_se:
             se_text = "n/a" if ref_se is None else f"{ref_se:.2f}"
-            out.append({"n": n, "none": "the GPT's Brier-n is not clearly above 0", "reference": f"{ref:.2f} ± {se_text}%"})
+            reason = "the GPT's Brier-n is not clearly above 0"
+            out.append({"n": n, "none": reason, "reference": f"{ref:.2f} ± {se_text}%"})
             continue
         ratio, se = ratio_of_means(
             [s[n - 1] for s in a["sums"]],
