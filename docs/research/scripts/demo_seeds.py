@@ -30,7 +30,7 @@ def runs_by_seed(demo: Path, seeds_dir: Path) -> dict[int, dict[str, Path]]:
     """seed -> model -> run directory."""
     out: dict[int, dict[str, Path]] = {1: {name: demo / name for name in MODELS}}
     for run in sorted(seeds_dir.iterdir()):
-        name, _, seed = run.name.partition("-train.seed=")
+        name, _, seed = run.name.partition("-seed=")
         if name in MODELS and seed and (run / "DONE.json").exists():
             out.setdefault(int(seed), {})[name] = run
     return out
