@@ -51,8 +51,8 @@ DEMO_LM_FLOPS = 1.6e13
 """Language-model training FLOPs each of the three language models gets in the demo (the paper compares
 at equal compute; the autoencoder's training, shared by both CALMs, is counted apart and shown in the
 report). With the tiny presets that is 136 GPT steps (0.56M tokens), 262 steps of the paper's CALM and
-237 of the anchored one (its readout costs FLOPs); sized so that the demo fits about 20 minutes on a
-2-core CPU without native bf16 (docs/research/cpu-results.md#the-demo)."""
+237 of the anchored one (its readout costs FLOPs). The whole demo took 28.5 minutes on a 2-core CPU
+without native bf16 (docs/research/cpu-results.md#the-demo); ``--lm-flops`` trades quality for time."""
 
 
 LM_RUNS: dict[str, str] = {"calm": "calm", "calm_anchored": "calm", "gpt": "gpt"}
