@@ -89,7 +89,7 @@ def test_common_mistakes_are_named(tmp_path, capsys):
         code, err = _run(_train_argv("calm", tmp_path, override), capsys)
         assert code == 2 and "autoencoder" in err, err
     code, err = _run(["demo", "--out", str(tmp_path / "d"), "--set", "ae:train.precision=fp32"], capsys)
-    assert code == 2 and "autoencoder, calm, gpt" in err, err
+    assert code == 2 and "autoencoder, calm, calm_anchored, gpt" in err, err
 
 
 def test_values_are_coerced_only_where_lossless() -> None:
