@@ -41,7 +41,12 @@ def score(run: Path) -> dict[str, Any]:
     if cached.exists():
         return read_json(cached)
     result = evaluate_checkpoint(
-        str(run), "wikitext103", context_tokens=CONTEXT_TOKENS, max_tokens=MAX_TOKENS, diagnostic_positions=0
+        str(run),
+        "wikitext103",
+        context_tokens=CONTEXT_TOKENS,
+        max_tokens=MAX_TOKENS,
+        diagnostic_positions=0,
+        progress=False,
     )
     write_json(cached, result)
     return result
