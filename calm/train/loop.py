@@ -5,7 +5,8 @@ item indices, the loss and the periodic evaluation. This loop owns everything el
 paper's recipe (β = (0.9, 0.95), weight decay 0.1 on matrices only, grad clip 1.0; paper §7.1),
 warm-up and decay, gradient accumulation derived from a global batch in tokens, bf16
 autocast, progress bars, ``metrics.jsonl`` logging, periodic checkpoints, exact resume (model,
-optimizer, RNG and data position), SIGTERM handling and non-finite guards.
+optimizer, RNG and data position), SIGTERM and Ctrl-C handling (a checkpoint after the current step,
+then exit; a second Ctrl-C exits at once) and non-finite guards.
 
 Under ``torchrun`` every rank runs this loop on its slice of each global batch (``calm.train.distributed``
 wraps the model in DDP or FSDP2); rank 0 logs and writes. Each micro-batch's noise is seeded by its
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -97,14 +99,15 @@ def resolve_run_precision(cfg: TrainConfig, device: torch.device, saved: dict[st
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT so the loop can write a final checkpoint before exiting."""
+    """Set by SIGTERM or a first Ctrl-C (SIGINT) so the loop writes a checkpoint after the current step and
+    exits; a second Ctrl-C interrupts at once (KeyboardInterrupt, nothing saved)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM,):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not in the main thread
@@ -112,7 +115,15 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signum = signum
+        if signum == signal.SIGINT:
+            print(
+                "\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

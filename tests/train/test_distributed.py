@@ -267,7 +267,37 @@ def test_a_checkpoint_moved_aside_during_a_replace_is_restored(one_rank_runs: Pa
     ckpt.read_config(final)
 
 
-def test_sigterm_saves_a_final_checkpoint_and_exits(data_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_final_checkpoint_and_exits(
+    signame: str, data_dir: Path, ae_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM and a first Ctrl-C (SIGINT) finish the current step, save it and exit."""
+    import signal
+
+    from calm import checkpoint as ckpt
+    from calm.train.loop import run_training
+
+    sig = getattr(signal, signame)
+    before = signal.getsignal(sig)
+    stage = _stage("gpt", data_dir, ae_dir)
+    real, calls = stage.loss, {"n": 0}
+
+    def loss_then_signal(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:  # step 4's first micro-batch (two per step)
+            os.kill(os.getpid(), sig)
+        return real(model, batch)
+
+    stage.loss = loss_then_signal
+    with pytest.raises(SystemExit, match="stopped by signal at step 4; checkpoint saved"):
+        run_training(stage, stage.train_config, tmp_path / "run", progress=False)
+    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "step_00000004"
+    assert signal.getsignal(sig) is before  # the handler is removed again
+    if signame == "SIGINT":
+        assert "Ctrl-C again to quit at once" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_stops_at_once(data_dir: Path, ae_dir: Path, tmp_path: Path) -> None:
     import signal
 
     from calm import checkpoint as ckpt
@@ -276,17 +306,18 @@ def test_sigterm_saves_a_final_checkpoint_and_exits(data_dir: Path, ae_dir: Path
     stage = _stage("gpt", data_dir, ae_dir)
     real, calls = stage.loss, {"n": 0}
 
-    def loss_then_sigterm(model, batch):
+    def loss_then_two_interrupts(model, batch):
         calls["n"] += 1
-        if calls["n"] == 7:  # step 4's first micro-batch (two per step)
-            os.kill(os.getpid(), signal.SIGTERM)
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         return real(model, batch)
 
-    stage.loss = loss_then_sigterm
-    with pytest.raises(SystemExit, match="stopped by signal at step 4; checkpoint saved"):
+    stage.loss = loss_then_two_interrupts
+    with pytest.raises(KeyboardInterrupt):
         run_training(stage, stage.train_config, tmp_path / "run", progress=False)
-    assert ckpt.resolve_checkpoint(tmp_path / "run").name == "step_00000004"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    assert calls["n"] == 7  # not a step further
+    assert ckpt.list_checkpoints(tmp_path / "run") == []  # nothing was due yet, and nothing was saved
 
 
 if __name__ == "__main__":  # one rank of the 2-rank run (see ``two_rank_runs``)
