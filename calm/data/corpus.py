@@ -142,18 +142,27 @@ def _decode(data: bytes, path: Path, base_offset: int = 0) -> str:
         ) from None
 
 
-def _json_text(item: object, path: Path, where: str) -> str:
+DEFAULT_TEXT_FIELDS = ("text", "extract")
+"""JSON fields read as a document's text when no ``text_field`` is named: the first that holds a string."""
+
+
+def normalise_newlines(text: str) -> str:
+    """CRLF and lone CR line endings as LF, so that Windows files do not put ``\\r`` into the tokens."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _json_text(item: object, path: Path, where: str, text_field: str | None = None) -> str:
     if isinstance(item, str):
         return item
+    fields = (text_field,) if text_field else DEFAULT_TEXT_FIELDS
     if isinstance(item, dict):
-        for field in ("text", "extract"):
+        for field in fields:
             if isinstance(item.get(field), str):
                 return item[field]
-        raise CorpusError(
-            f"{path}: {where} has no string field 'text' or 'extract' (fields: {sorted(item)[:8]}); "
-            'store each document as {"text": ...}'
-        )
-    raise CorpusError(f"{path}: {where} is a {type(item).__name__}; expected a string or an object with 'text'")
+        named = " or ".join(repr(f) for f in fields)
+        hint = "" if text_field else "; pass --text-field NAME to read another field"
+        raise CorpusError(f"{path}: {where} has no string field {named} (fields: {sorted(item)[:8]}){hint}")
+    raise CorpusError(f"{path}: {where} is a {type(item).__name__}; expected a string or an object with a text field")
 
 
 def text_suffix(path: Path) -> str:
@@ -175,8 +184,9 @@ def _is_text_file(path: Path) -> bool:
     return path.name.lower().endswith(TEXT_SUFFIXES)
 
 
-def _iter_file(path: Path) -> Iterator[str]:
-    """Raw documents of one file, unsplit, in file order."""
+def _iter_file(path: Path, text_field: str | None = None) -> Iterator[str]:
+    """Raw documents of one file, unsplit, in file order; JSON objects give their ``text_field``
+    (default: ``DEFAULT_TEXT_FIELDS``)."""
     suffix = text_suffix(path)
     if suffix == ".txt":
         yield _decode(_read_bytes(path), path)
@@ -192,7 +202,7 @@ def _iter_file(path: Path) -> Iterator[str]:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise CorpusError(f"{path}:{lineno} is not valid JSON ({e.msg}); one object a line") from None
-                yield _json_text(item, path, f"line {lineno}")
+                yield _json_text(item, path, f"line {lineno}", text_field)
     elif suffix == ".json":
         try:
             data = json.loads(_decode(_read_bytes(path), path))
@@ -205,7 +215,7 @@ def _iter_file(path: Path) -> Iterator[str]:
         else:
             raise CorpusError(f"{path} holds a JSON {type(data).__name__}; expected a list or an object")
         for where, item in items:
-            yield _json_text(item, path, where)
+            yield _json_text(item, path, where, text_field)
     else:
         raise CorpusError(
             f"{path}: unknown suffix {path.suffix!r}; corpus files must end in {', '.join(TEXT_SUFFIXES)}"
@@ -236,6 +246,7 @@ class FileSource:
 
     paths: tuple[str, ...]
     max_words: int | None = MAX_DOC_WORDS
+    text_field: str | None = None
 
     @property
     def name(self) -> str:
@@ -243,7 +254,8 @@ class FileSource:
 
     def documents(self) -> Iterator[Document]:
         for path in _expand_paths(self.paths):
-            for text in _iter_file(path):
+            for text in _iter_file(path, self.text_field):
+                text = normalise_newlines(text)
                 yield from _pieces(text, _text_key(text), self.max_words)
 
 
@@ -515,14 +527,14 @@ class HFSource:
         if self.text_field not in ds.column_names:
             raise CorpusError(
                 f"{self.name} has no column {self.text_field!r} (columns: {ds.column_names}); "
-                "use a dataset with a 'text' column"
+                "pass --text-field NAME to read another column"
             )
         for row in ds:
-            text = row[self.text_field]
+            text = normalise_newlines(row[self.text_field])
             yield from _pieces(text, _text_key(text), MAX_DOC_WORDS)
 
 
-def parse_hf_spec(spec: str) -> HFSource:
+def parse_hf_spec(spec: str, text_field: str | None = None) -> HFSource:
     """``hf:NAME[:CONFIG][:SPLIT]`` -> HFSource; empty fields take their defaults."""
     parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
@@ -531,13 +543,17 @@ def parse_hf_spec(spec: str) -> HFSource:
         )
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    return HFSource(parts[0], config, split)
+    return HFSource(parts[0], config, split, text_field or "text")
 
 
 def resolve_sources(
-    specs: Sequence[str | Path] | None, cache: Path | str | None = None, wikitext: bool = True
+    specs: Sequence[str | Path] | None,
+    cache: Path | str | None = None,
+    wikitext: bool = True,
+    text_field: str | None = None,
 ) -> list[Source]:
-    """Turn ``--corpus`` values into sources: ``default``, ``hf:...``, or files/folders."""
+    """Turn ``--corpus`` values into sources: ``default``, ``hf:...``, or files/folders. ``text_field``
+    names the JSON field (or dataset column) of the text in the user's own data (``--text-field``)."""
     if not specs:
         specs = ["default"]
     sources: list[Source] = []
@@ -545,8 +561,8 @@ def resolve_sources(
         if spec == "default":
             sources.extend(default_corpus(cache, wikitext))
         elif spec.startswith("hf:"):
-            sources.append(parse_hf_spec(spec))
+            sources.append(parse_hf_spec(spec, text_field))
         else:
             _expand_paths([spec])  # fail early on a missing path or a wrong suffix
-            sources.append(FileSource((spec,)))
+            sources.append(FileSource((spec,), text_field=text_field))
     return sources

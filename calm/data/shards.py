@@ -133,6 +133,7 @@ def prepare(
     cache: str | Path | None = None,
     batch_documents: int = 256,
     min_val_bytes: int = MIN_VAL_BYTES,
+    text_field: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` into ``out_dir`` (see the module docstring) and return its meta.
 
@@ -150,6 +151,9 @@ def prepare(
         ``meta["validation"]["description"]`` says what was done. A corpus too small for any split
         raises ``DataError`` here, before anything is written.
     wikitext: include the WikiText-style rendering of the Wikipedia leads (default corpus only).
+    text_field: the JSON field (or dataset column) holding the text of one's own ``.jsonl``/``.json``
+        files or ``hf:`` dataset (default: ``text``, then ``extract``). Line endings of one's own
+        text are normalised to LF (``calm.data.corpus.normalise_newlines``).
 
     Streaming: documents are read once to plan the split (sizes only), once to train the tokenizer
     and once to tokenize; the corpus is never held in memory. Everything is written into a
@@ -157,11 +161,15 @@ def prepare(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise DataError(f"{out_dir} already exists and is not empty; choose another folder or pass overwrite=True")
+        raise DataError(
+            f"{out_dir} already exists and is not empty; choose another folder or pass --overwrite "
+            "(overwrite=True from Python)"
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     specs = [str(s) for s in sources] if sources else ["default"]
-    corpus = _SplitCorpus(resolve_sources(sources, cache, wikitext), specs, seed, val_fraction, min_val_bytes)
+    resolved = resolve_sources(sources, cache, wikitext, text_field)
+    corpus = _SplitCorpus(resolved, specs, seed, val_fraction, min_val_bytes)
     with atomic_directory(out_dir) as tmp:
         tok = _train_or_load_tokenizer(tokenizer, corpus, vocab_size, cache)
         tok.save(tmp / "tokenizer.json")

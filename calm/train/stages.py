@@ -43,6 +43,12 @@ from calm.models.gpt import GPT
 
 def _open_data(data_dir: str | Path) -> tuple[TokenShard, TokenShard, Tokenizer]:
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        prepared = data_dir.with_name(data_dir.name.split(".")[0] + "-data")
+        raise FileNotFoundError(
+            f"{data_dir} is a text file; --data takes a prepared data directory. Prepare it first with "
+            f"`calm prepare --corpus {data_dir} --out {prepared}`, then pass --data {prepared}"
+        )
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist; run `calm prepare --out {data_dir}` first")
     train, val = TokenShard(data_dir, "train"), TokenShard(data_dir, "val")

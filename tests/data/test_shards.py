@@ -86,6 +86,36 @@ def test_corpus_errors_name_the_problem(tmp_path: Path) -> None:
         list(iter_documents([wrong]))
 
 
+def test_ones_own_text_field_and_line_endings(tmp_path: Path) -> None:
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"id": 1, "content": "first\\r\\nline"}\n{"id": 2, "content": "second"}\n')
+    with pytest.raises(CorpusError, match=r"no string field 'text' or 'extract' .*pass --text-field NAME"):
+        list(resolve_sources([str(own)])[0].documents())
+    docs = [d.text for d in resolve_sources([str(own)], text_field="content")[0].documents()]
+    assert docs == ["first\nline", "second"]  # CRLF inside the text normalised too
+    with pytest.raises(CorpusError, match=r"no string field 'body' \(fields"):
+        list(resolve_sources([str(own)], text_field="body")[0].documents())
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(b"one\r\ntwo\rthree\n")
+    assert list(iter_documents([windows])) == ["one\ntwo\nthree\n"]
+
+
+def test_a_text_file_given_as_data_is_answered_with_the_command_that_prepares_it(
+    tmp_path: Path, tiny_texts: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from calm.cli import main
+
+    text = tmp_path / "mytext.txt"
+    text.write_text("\n\n".join(tiny_texts))
+    out = tmp_path / "run"
+    assert main(["train-gpt", "--data", str(text), "--out", str(out), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"{text} is a text file" in err and not out.exists()
+    hint = err[err.index("`calm prepare") + 1 : err.index("`, then")]
+    assert main([*hint.split()[1:], "--vocab-size", "320", "--no-progress"]) == 0  # the hinted command works
+    assert (tmp_path / "mytext-data" / "meta.json").exists() and f"--data {tmp_path / 'mytext-data'}" in err
+
+
 def test_hf_source_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     (source,) = resolve_sources(["hf:wikitext:wikitext-103-raw-v1:train"])
