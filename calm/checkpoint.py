@@ -344,7 +344,11 @@ def load_model(
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     config = read_config(ckpt_dir)
     if kind is not None and config["kind"] != kind:
-        raise CheckpointError(f"{ckpt_dir} is a {config['kind']} checkpoint but a {kind} checkpoint is needed here")
+        found = config["kind"]
+        needed = f"{indefinite_article(kind)} {kind}"
+        raise CheckpointError(
+            f"{ckpt_dir} is {indefinite_article(found)} {found} checkpoint but {needed} checkpoint is needed here"
+        )
     tokenizer = Tokenizer.from_str(read_tokenizer_json(ckpt_dir, config.get("tokenizer_sha256")))
     try:
         if config["kind"] == "autoencoder":
@@ -367,3 +371,8 @@ def load_model(
     model.to(device).eval()
     use_fast_argmax(model)
     return model, tokenizer, config
+
+
+def indefinite_article(word: str) -> str:
+    """The indefinite article for ``word`` ("an autoencoder", "a calm")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"

@@ -63,3 +63,9 @@ def pack_documents_for_ae(docs: list[np.ndarray], chunk_size: int, eos_id: int, 
     if not rows:
         raise ValueError("no documents to evaluate; the evaluation file is empty")
     return np.concatenate(rows).reshape(-1, chunk_size)
+
+
+def eval_set_name(path: str | Path) -> str:
+    """How reports name an evaluation text: "WikiText-103 test" for the shipped set, else the file's name."""
+    path = Path(path)
+    return "WikiText-103 test" if path.resolve() == WIKITEXT103_TEST.resolve() else path.name

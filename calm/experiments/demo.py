@@ -32,7 +32,13 @@ import torch
 from calm.checkpoint import load_model
 from calm.config import ConfigError, Preset, check_overrides, load_preset
 from calm.data import shards
-from calm.data.evalsets import WIKITEXT103_TEST, load_eval_documents, pack_documents_for_ae, resolve_eval_data
+from calm.data.evalsets import (
+    WIKITEXT103_TEST,
+    eval_set_name,
+    load_eval_documents,
+    pack_documents_for_ae,
+    resolve_eval_data,
+)
 from calm.eval.autoencoder import evaluate_autoencoder
 from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
@@ -183,7 +189,7 @@ def run_demo(
     summary["gpt"] = train("gpt", lambda p: GPTStage(data_dir, p.model, p.train), lm_preset)
 
     context = eval_context_tokens or common_context_tokens(list(lm_dirs.values()))
-    _banner(f"6/7 evaluate on WikiText-103 test, {context} tokens of context for every model")
+    _banner(f"6/7 evaluate on {eval_set_name(eval_data)}, {context} tokens of context for every model")
     summary["eval"] = {
         name: _eval_lm(run_dir, eval_data, out / f"eval_{name}.json", eval_max_tokens, context, progress)
         for name, run_dir in lm_dirs.items()
@@ -283,10 +289,10 @@ def _eval_ae(ae_dir: Path, eval_data: Path, out_json: Path, progress: bool = Tru
     chunks = pack_documents_for_ae(load_eval_documents(eval_data, tok), model.chunk_size, tok.eos_id, tok.pad_id)
     result = evaluate_autoencoder(model, chunks, special_ids=(tok.bos_id, tok.eos_id, tok.pad_id), progress=progress)
     print(
-        f"autoencoder on {eval_data.name}: token accuracy {result['token_accuracy']:.4%} (μ), "
+        f"autoencoder on {eval_set_name(eval_data)}: token accuracy {result['token_accuracy']:.4%} (μ), "
         f"{result['token_accuracy_sampled']:.4%} (z ~ q), chunk exact match {result['chunk_exact_match']:.4%}"
     )
-    write_json(out_json, result)
+    write_json(out_json, {**result, "data": str(eval_data)})
     return result
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, config_from_dict, extensions_in_use
+from calm.data.evalsets import eval_set_name
 from calm.experiments.report_plots import make_plots
 from calm.experiments.verdict import verdict_lines
 from calm.io import atomic_write_text, read_json, read_jsonl
@@ -277,8 +278,9 @@ def _speeds(speed: dict[str, Any]) -> dict[str, float]:
 def _autoencoder_lines(ae_eval: dict[str, Any] | None) -> list[str]:
     if not ae_eval:
         return []
+    data = eval_set_name(ae_eval["data"]) if "data" in ae_eval else "WikiText-103 test"
     return [
-        "## Autoencoder (WikiText-103 test)",
+        f"## Autoencoder ({data})",
         "",
         "| token accuracy (decode μ) | token accuracy (decode z ~ q) | chunk exact match | text tokens |",
         "|---|---|---|---|",
@@ -324,7 +326,8 @@ def _table_lines(rows: list[dict[str, Any]], evals: dict[str, dict[str, Any] | N
     same = "every model with the same blocks" if len(contexts) == 1 else "NOT the same context for every model"
     lines += [
         "",
-        f"Scored on `{Path(str(first.get('data', 'n/a'))).name}`, the first {_fmt(first.get('tokens'), ',')} tokens, "
+        f"Scored on {eval_set_name(first['data']) if first.get('data') else 'the evaluation set'}, the first "
+        f"{_fmt(first.get('tokens'), ',')} tokens, "
         f"{same}. BrierLM is ×100 (paper convention); ± is one standard error clustered by block. BrierLM is 0 "
         "when any Brier-n is <= 0 (a model worse than chance on n-grams), so Brier-1..4 are shown too. Perplexity "
         "exists for token models only: CALM has no likelihood. FLOPs are analytic (`calm flops`): LM training "

@@ -448,7 +448,7 @@ def load_language_model(
 def complete(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: str | list[str],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -466,10 +466,11 @@ def complete(
     receives decoded text of the first prompt as it is produced. ``stop_at_document_end`` ends a
     continuation when the model emits BOS or EOS (the end of a document); False keeps going across
     documents (the boundary tokens are still not in the text). Raises :class:`LanguageModelError` for
-    a request the model cannot serve (the rules: module docstring).
+    a request the model cannot serve (the rules: module docstring). A single string is one prompt (a
+    list of one completion comes back).
     """
     return as_language_model(model, tokenizer).complete(
-        prompts,
+        [prompts] if isinstance(prompts, str) else prompts,
         max_new_tokens,
         temperature=temperature,
         num_samples=num_samples,
@@ -483,7 +484,7 @@ def complete(
 def generate_text(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: str | list[str],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -497,7 +498,7 @@ def generate_text(
 
     ``generate_text(model, tokenizer, ["The history of the city"], 64, temperature=0.5)`` with the
     ``model, tokenizer`` of ``calm.checkpoint.load_model``. Takes the arguments of :func:`complete`
-    and returns only the texts.
+    (a single string is one prompt) and returns only the texts.
     """
     completions = complete(
         model,

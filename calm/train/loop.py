@@ -183,8 +183,9 @@ def _check_resumable(resume_from: Path, saved: dict[str, Any], stage: Stage) -> 
     current = stage.checkpoint_config()
     if saved["kind"] != stage.kind:
         raise ckpt.CheckpointError(
-            f"{resume_from} is a {saved['kind']} checkpoint but this is a {stage.kind} run; "
-            f"pick the run directory of a {stage.kind} run or start a new one"
+            f"{resume_from} is {ckpt.indefinite_article(saved['kind'])} {saved['kind']} checkpoint but this is "
+            f"{ckpt.indefinite_article(stage.kind)} {stage.kind} run; "
+            f"pick the run directory of {ckpt.indefinite_article(stage.kind)} {stage.kind} run or start a new one"
         )
     if saved.get("tokenizer_sha256") != current.get("tokenizer_sha256"):
         raise ckpt.CheckpointError(

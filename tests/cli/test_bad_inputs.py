@@ -230,7 +230,7 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         (
             "autoencoder is a GPT checkpoint",
             ["train-calm", "--data", data, "--autoencoder", gpt, "--out", new, *CALM, *FAST],
-            "is a gpt checkpoint but a autoencoder checkpoint is needed",
+            "is a gpt checkpoint but an autoencoder checkpoint is needed",
         ),
         (
             "autoencoder of another tokenizer",

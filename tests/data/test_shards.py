@@ -478,3 +478,10 @@ def test_read_text_file_tokens_keeps_documents_whole(tmp_path: Path, tiny_tokeni
     docs = read_text_file_tokens(path, tiny_tokenizer)
     assert len(docs) == 2 and all(d.dtype == np.uint32 and d[0] == tiny_tokenizer.bos_id for d in docs)
     assert tiny_tokenizer.decode(docs[1][1:]) == long
+
+
+def test_eval_set_names() -> None:
+    from calm.data.evalsets import WIKITEXT103_TEST, eval_set_name
+
+    assert eval_set_name(WIKITEXT103_TEST) == "WikiText-103 test"
+    assert eval_set_name("other/mytext.txt") == "mytext.txt"

@@ -104,6 +104,7 @@ def test_demo_report_names_precisions_models_flops_and_verdict(demo_run) -> None
     assert "## Do continuations follow their prompts?" in report and "| real text |" in report
     assert "calm_anchored energy_diversity_weight=0.6, token_aux_weight=1.0, token_anchor=True" in report
     assert "context_weight" not in report  # the shared autoencoder is the paper's
+    assert "## Autoencoder (a.jsonl)" in report and "Scored on a.jsonl" in report  # the evaluation text it used
     following = json.loads((out / "prompt_following.json").read_text())
     assert set(following["results"]) == {"reference", *LM_RUNS}
     assert all(0.0 <= r["auc"] <= 1.0 for r in following["results"].values())

@@ -160,3 +160,11 @@ def test_head_steps_apply_to_calm_only(gpt_lm, calm_lm) -> None:
         gpt_lm.set_head_steps(4)
     with pytest.raises(ValueError, match="sampling steps apply to flow and diffusion heads"):
         calm_lm.set_head_steps(4)  # the energy head draws in one pass
+
+
+def test_a_single_string_is_one_prompt(gpt_lm) -> None:
+    from calm.generate.lm import generate_text
+
+    one = generate_text(gpt_lm.model, gpt_lm.tokenizer, "hello", 4, temperature=0.0)
+    assert one == generate_text(gpt_lm.model, gpt_lm.tokenizer, ["hello"], 4, temperature=0.0)
+    assert len(one) == 1  # not one completion per character
