@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from calm.checkpoint import load_model, resolve_checkpoint
@@ -58,6 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             rows.append((f"next-chunk acc ({what})", f"first token {first:.4f}, chunk {chunk:.4f}"))
     rows += [("tokens evaluated", f"{result['tokens']:,}"), ("context", result["context"]["description"])]
     rows.append(("precision", result["precision"]))
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -437,10 +437,13 @@ def evaluate_checkpoint(
     block, context = _context_blocks(K, lm.context_steps, context_steps, context_tokens)
     steps_needed = block // K - 1  # the last step (chunk or token) of a block is only predicted
     if steps_needed > lm.context_steps:
-        raise ValueError(f"context of {block} tokens needs {steps_needed} steps but the model has {lm.context_steps}")
+        raise ValueError(_context_error(lm.context_steps, K, context_steps, context_tokens))
     blocks = make_blocks(docs, block)
+    notes = []
     if max_tokens:
         blocks = blocks[: max(1, max_tokens // block)]
+        if blocks.size != max_tokens:
+            notes.append(f"--max-tokens {max_tokens:,} scores {blocks.size:,} tokens: whole blocks of {block:,} tokens")
     if max_blocks:
         blocks = blocks[:max_blocks]
     with autocast(device, precision):
@@ -460,6 +463,16 @@ def evaluate_checkpoint(
             **({"head": lm.model.config.head, "head_steps": head_steps} if head_steps is not None else {}),
             "blocks": int(len(blocks)),
             "tokens": int(blocks.size),
+            **({"notes": notes} if notes else {}),
         }
     )
     return result
+
+
+def _context_error(model_steps: int, tokens_per_step: int, steps: int | None, tokens: int | None) -> str:
+    """What to pass instead of a context longer than the model's, in the units the user gave it."""
+    longest = (model_steps + 1) * tokens_per_step  # the last step of a block is only predicted
+    model = f"the model attends over {model_steps:,} steps of {tokens_per_step} token(s)"
+    if tokens is not None:
+        return f"--context-tokens {tokens:,} is more than {model}; pass --context-tokens {longest:,} or less"
+    return f"--context-steps {steps:,} is more than {model}; pass --context-steps {model_steps:,} or less"

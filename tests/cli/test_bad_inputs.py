@@ -294,6 +294,18 @@ def cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             "exceeds the context of 32",
         ),
         (
+            "evaluation context longer than the model's, in steps",
+            ["eval", "--checkpoint", calm, "--data", data, "--context-steps", "1000"],
+            r"--context-steps 1,000 is more than the model attends over 16 steps of 4 token\(s\); "
+            "pass --context-steps 16 or less",
+        ),
+        (
+            "evaluation context longer than the model's, in tokens",
+            ["eval", "--checkpoint", gpt, "--data", data, "--context-tokens", "1000"],
+            r"--context-tokens 1,000 is more than the model attends over 32 steps of 1 token\(s\); "
+            "pass --context-tokens 33 or less",
+        ),
+        (
             "evaluate a missing checkpoint",
             ["eval-ae", "--checkpoint", str(p["root"] / "nope"), "--data", data],
             "does not exist",

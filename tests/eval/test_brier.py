@@ -160,3 +160,14 @@ def test_evaluate_checkpoint_refuses_an_autoencoder(tiny_lm_checkpoints) -> None
     message = re.escape(ae) + " is an autoencoder; pass a CALM or GPT .*calm eval-ae"
     with pytest.raises(LanguageModelError, match=message):
         evaluate_checkpoint(ae, "unused.txt", device="cpu", progress=False)
+
+
+def test_max_tokens_is_whole_blocks_and_says_so(tiny_lm_checkpoints, tiny_data_dir, capsys) -> None:
+    from calm.cli import main
+
+    gpt = str(tiny_lm_checkpoints["gpt"])
+    argv = ["eval", "--checkpoint", gpt, "--data", str(tiny_data_dir), "--no-progress", "--diagnostic-positions", "0"]
+    assert main([*argv, "--max-tokens", "50"]) == 0
+    assert "note: --max-tokens 50 scores 32 tokens: whole blocks of 32 tokens" in capsys.readouterr().err
+    assert main([*argv, "--max-tokens", "64"]) == 0
+    assert "note:" not in capsys.readouterr().err  # two whole blocks: nothing to say
