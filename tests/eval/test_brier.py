@@ -171,3 +171,15 @@ def test_max_tokens_is_whole_blocks_and_says_so(tiny_lm_checkpoints, tiny_data_d
     assert "note: --max-tokens 50 scores 32 tokens: whole blocks of 32 tokens" in capsys.readouterr().err
     assert main([*argv, "--max-tokens", "64"]) == 0
     assert "note:" not in capsys.readouterr().err  # two whole blocks: nothing to say
+
+
+@pytest.mark.parametrize(
+    ("kind", "flag", "too_long"), [("calm", "--context-steps", "1000"), ("gpt", "--context-tokens", "1000")]
+)
+def test_the_context_a_refusal_suggests_works(kind, flag, too_long, tiny_lm_checkpoints, tiny_data_dir, capsys) -> None:
+    from calm.cli import main
+
+    argv = ["eval", "--checkpoint", str(tiny_lm_checkpoints[kind]), "--data", str(tiny_data_dir), "--no-progress"]
+    assert main([*argv, flag, too_long, "--max-blocks", "1"]) == 2
+    suggested = re.search(rf"pass {flag} (\d+) or less", capsys.readouterr().err).group(1)
+    assert main([*argv, flag, suggested, "--max-blocks", "1", "--diagnostic-positions", "0"]) == 0
