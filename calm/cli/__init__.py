@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -101,9 +102,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_in(argv)
     args = build_parser([command] if command in _BY_NAME else []).parse_args(argv)
+    progress_for_logs(sys.stderr)
     with warnings.catch_warnings():  # restores the default display when main returns
         warnings.showwarning = _show_warning
         return _dispatch(args)
+
+
+LOG_PROGRESS_INTERVAL_S = 30
+"""Seconds between progress-bar updates when the output is not a terminal (a log file)."""
+
+
+def progress_for_logs(stream: TextIO) -> None:
+    """Progress bars update every ``LOG_PROGRESS_INTERVAL_S`` seconds when ``stream`` is not a terminal,
+    so that a log file gets a line now and then rather than hundreds of carriage-return updates. tqdm
+    reads ``TQDM_MININTERVAL`` when it is first imported, which the commands do after this; a value the
+    user set wins."""
+    if not stream.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOG_PROGRESS_INTERVAL_S))
 
 
 def _show_warning(

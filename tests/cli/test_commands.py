@@ -113,3 +113,19 @@ def test_generate_from_an_autoencoder_names_the_checkpoint(tiny_lm_checkpoints, 
     model, tok, _ = load_model(ae)
     with pytest.raises(LanguageModelError, match="is an autoencoder"):
         as_language_model(model, tok)
+
+
+def test_progress_bars_update_rarely_in_a_log_file(tmp_path) -> None:
+    """Not a terminal: a bar writes a line every 30 s, not an update every 0.1 s (a run into a log file)."""
+    script = (
+        "import io, sys, time\n"
+        "from calm.cli import progress_for_logs\n"
+        "progress_for_logs(io.StringIO())\n"
+        "from tqdm.auto import tqdm\n"
+        "log = io.StringIO()\n"
+        "for _ in tqdm(range(40), file=log): time.sleep(0.02)\n"
+        "print(log.getvalue().count(chr(13)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    updates = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert int(updates.stdout) <= 3  # the first and the last; 0.8 s at the default 0.1 s interval gives ~9
