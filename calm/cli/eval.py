@@ -11,15 +11,24 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
-from calm.checkpoint import load_model, resolve_checkpoint
-from calm.config import ConfigError, load_preset, parse_override
+from calm.checkpoint import load_model, read_config, resolve_checkpoint
+from calm.config import (
+    AutoencoderConfig,
+    CALMConfig,
+    ConfigError,
+    GPTConfig,
+    config_from_dict,
+    load_preset,
+    parse_override,
+)
 from calm.data.evalsets import load_eval_documents, pack_documents_for_ae
 from calm.eval.autoencoder import evaluate_autoencoder
 from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
 from calm.generate.lm import load_language_model
-from calm.io import to_json, write_json
+from calm.io import read_json, to_json, write_json
 from calm.models.flops import PAPER_AE_TRAIN_TOKENS, PAPER_TRAIN_TOKENS, calm_flops, format_flops, gpt_flops
 
 
@@ -132,42 +141,99 @@ def cmd_follow(args: argparse.Namespace) -> int:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
-    """Analytic FLOPs per token of a preset (paper Table 1 accounting)."""
+    """Analytic FLOPs per token of a preset or a trained checkpoint (paper Table 1 accounting)."""
+    if args.checkpoint:
+        if args.model or args.preset or args.set:
+            raise ConfigError("calm flops takes --checkpoint DIR, or --model and --preset, not both")
+        result, assumptions = _checkpoint_flops(args)
+    elif not (args.model and args.preset):
+        raise ConfigError("calm flops needs --checkpoint DIR, or --model gpt|calm and --preset NAME")
+    else:
+        result, assumptions = _preset_flops(args)
+    if args.json:
+        print(to_json({**result, "assumptions": assumptions}, indent=2))
+        return 0
+    for key, value in result.items():
+        if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) >= 1e4:
+            value = format_flops(value) if "flops" in key else f"{value / 1e6:.1f}M"
+        if not isinstance(value, dict):
+            print(f"{key:<36} {value}")
+    print(f"assumptions: {assumptions}")
+    if result["model"] == "calm":
+        print(
+            "train_flops_total is the language model's training (the paper's accounting, held equal when CALM "
+            "is compared with a Transformer); train_flops_total_with_autoencoder adds the autoencoder's."
+        )
+    return 0
+
+
+def _preset_flops(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     overrides = {"model.vocab_size": args.vocab_size} if args.vocab_size else {}
     model_overrides = dict(parse_override(text) for text in args.set or [])
     if any(not key.startswith("model.") for key in model_overrides):
         raise ConfigError(f"calm flops --set takes model.KEY=VALUE only, got {sorted(model_overrides)}")
+    train_tokens = args.train_tokens or PAPER_TRAIN_TOKENS
     if args.model == "gpt":
         cfg = load_preset("gpt", args.preset, {**model_overrides, **overrides}).model
-        result = gpt_flops(cfg, context=args.context or cfg.max_seq_len, train_tokens=args.train_tokens)
+        context = args.context or cfg.max_seq_len
+        result = gpt_flops(cfg, context=context, train_tokens=train_tokens)
+        ae_text = ""
     else:
         cfg = load_preset("calm", args.preset, {**model_overrides, **overrides}).model
         cfg.validate()
         ae = load_preset("autoencoder", args.autoencoder_preset, overrides).model
         cfg = dataclasses.replace(cfg, chunk_size=ae.chunk_size, latent_size=ae.latent_size)
+        context = args.context or cfg.max_seq_len
+        ae_tokens = args.ae_train_tokens or PAPER_AE_TRAIN_TOKENS
         result = calm_flops(
-            cfg,
-            ae,
-            context=args.context or cfg.max_seq_len,
-            num_samples_inference=args.num_samples,
-            train_tokens=args.train_tokens,
-            ae_train_tokens=args.ae_train_tokens,
+            cfg, ae, context=context, num_samples_inference=args.num_samples, train_tokens=train_tokens,
+            ae_train_tokens=ae_tokens,
+        )  # fmt: skip
+        preset = args.autoencoder_preset
+        ae_text = f", autoencoder preset {preset!r} trained on {ae_tokens:.3g} tokens (--ae-train-tokens)"
+    assumptions = (
+        f"vocabulary {cfg.vocab_size:,} (--vocab-size), context {context:,} steps (--context), "
+        f"{train_tokens:.3g} training tokens (--train-tokens){ae_text}"
+    )
+    return {"model": args.model, "preset": args.preset, **result}, assumptions
+
+
+def _checkpoint_flops(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """A trained model's FLOPs: its own config, its training context, the tokens it has seen."""
+    path = resolve_checkpoint(args.checkpoint)
+    config = read_config(path)
+    state = read_json(path / "training_state.json") if (path / "training_state.json").exists() else {}
+    tokens = args.train_tokens or float(state.get("tokens_seen", 0))
+    block = int(config.get("train", {}).get("block_size", 0))
+    if config["kind"] == "gpt":
+        cfg = config_from_dict(GPTConfig, config["model"])
+        context = args.context or block or cfg.max_seq_len
+        result = gpt_flops(cfg, context=context, train_tokens=tokens)
+        ae_text = ""
+    elif config["kind"] == "calm":
+        cfg = config_from_dict(CALMConfig, config["model"])
+        ae = config_from_dict(AutoencoderConfig, config["autoencoder"])
+        context = args.context or (block // cfg.chunk_size if block else cfg.max_seq_len)
+        ae_tokens = args.ae_train_tokens or 0.0
+        result = calm_flops(
+            cfg, ae, context=context, num_samples_inference=args.num_samples, train_tokens=tokens,
+            ae_train_tokens=ae_tokens,
+        )  # fmt: skip
+        if not args.ae_train_tokens:  # a CALM checkpoint does not know how long its autoencoder trained
+            for key in ("ae_train_flops_total", "train_flops_total_with_autoencoder"):
+                result.pop(key)
+        ae_text = (
+            f", its autoencoder trained on {ae_tokens:.3g} tokens (--ae-train-tokens)"
+            if args.ae_train_tokens
+            else "; pass --ae-train-tokens N for the autoencoder's training"
         )
-    result = {"model": args.model, "preset": args.preset, **result}
-    if args.json:
-        print(to_json(result, indent=2))
     else:
-        for key, value in result.items():
-            if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) >= 1e4:
-                value = format_flops(value) if "flops" in key else f"{value / 1e6:.1f}M"
-            if not isinstance(value, dict):
-                print(f"{key:<36} {value}")
-        if args.model == "calm":
-            print(
-                "train_flops_total is the language model's training (the paper's accounting, held equal when CALM "
-                "is compared with a Transformer); train_flops_total_with_autoencoder adds the autoencoder's."
-            )
-    return 0
+        raise ConfigError(f"{path} is an autoencoder checkpoint; calm flops takes a CALM or GPT checkpoint")
+    assumptions = (
+        f"{path}: its vocabulary {cfg.vocab_size:,}, context {context:,} steps (its training blocks), "
+        f"{tokens:,.0f} training tokens (step {state.get('step', '?')}){ae_text}"
+    )
+    return {"model": config["kind"], "checkpoint": str(path), **result}, assumptions
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -225,8 +291,9 @@ def _follow_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _flops_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["gpt", "calm"], required=True)
-    p.add_argument("--preset", required=True)
+    p.add_argument("--checkpoint", help="a trained CALM or GPT (checkpoint or run directory): its own config")
+    p.add_argument("--model", choices=["gpt", "calm"], help="with --preset: a preset's FLOPs")
+    p.add_argument("--preset")
     p.add_argument("--autoencoder-preset", default="paper")
     p.add_argument("--context", type=int, help="context in steps (default: the preset's max_seq_len)")
     p.add_argument("--vocab-size", type=int, help="default: the preset's (128,257, Llama-3 + PAD)")
@@ -234,14 +301,12 @@ def _flops_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-tokens",
         type=float,
-        default=PAPER_TRAIN_TOKENS,
-        help=f"language-model training tokens for the totals (default: the paper's {PAPER_TRAIN_TOKENS:.3g})",
+        help="training tokens of the totals (default: a checkpoint's own; a preset: the paper's 5.24e11)",
     )
     p.add_argument(
         "--ae-train-tokens",
         type=float,
-        default=PAPER_AE_TRAIN_TOKENS,
-        help=f"CALM: the autoencoder's training tokens (default: the paper's {PAPER_AE_TRAIN_TOKENS:.3g})",
+        help=f"CALM: the autoencoder's training tokens (presets: default the paper's {PAPER_AE_TRAIN_TOKENS:.3g})",
     )
     p.add_argument(
         "--set", action="append", metavar="model.KEY=VALUE", help="override, e.g. model.head=flow or model.input=both"

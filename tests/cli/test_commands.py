@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import calm.cli
-from calm.checkpoint import load_model
+from calm.checkpoint import load_model, resolve_checkpoint
 from calm.cli import COMMANDS, build_parser, main
 from calm.generate.lm import LanguageModelError, as_language_model, generate_text
 
@@ -129,3 +129,29 @@ def test_progress_bars_update_rarely_in_a_log_file(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     updates = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert int(updates.stdout) <= 3  # the first and the last; 0.8 s at the default 0.1 s interval gives ~9
+
+
+def test_flops_of_a_checkpoint_and_the_assumptions_of_a_preset(tiny_lm_checkpoints, capsys) -> None:
+    import json
+
+    calm_run = tiny_lm_checkpoints["calm"]
+    assert main(["flops", "--checkpoint", str(calm_run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    state = json.loads((resolve_checkpoint(calm_run) / "training_state.json").read_text())
+    assert (
+        result["model"] == "calm"
+        and result["train_flops_total"] == result["train_flops_per_token"] * state["tokens_seen"]
+    )
+    assert "ae_train_flops_total" not in result and "--ae-train-tokens" in result["assumptions"]  # not known to it
+    assert main(["flops", "--checkpoint", str(calm_run), "--ae-train-tokens", "1000", "--json"]) == 0
+    with_ae = json.loads(capsys.readouterr().out)
+    assert with_ae["train_flops_total_with_autoencoder"] > with_ae["train_flops_total"]
+    assert main(["flops", "--model", "calm", "--preset", "tiny"]) == 0
+    assumptions = capsys.readouterr().out
+    assert (
+        "assumptions: vocabulary 128,257 (--vocab-size)" in assumptions and "autoencoder preset 'paper'" in assumptions
+    )
+    assert main(["flops", "--checkpoint", str(calm_run), "--model", "gpt"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["flops", "--checkpoint", str(tiny_lm_checkpoints["ae"])]) == 2
+    assert "autoencoder checkpoint" in capsys.readouterr().err
