@@ -48,6 +48,7 @@ def _train(args: argparse.Namespace, kind: str, make_stage: Callable[[Any], Any]
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        allow_changes=args.allow_changes,
     )
     if distributed.is_main():
         print(f"{kind} training done: {to_json(result)}; checkpoints in {args.out}/checkpoints")
@@ -89,6 +90,11 @@ def _train_arguments(kind: str) -> Callable[[argparse.ArgumentParser], None]:
         p.add_argument("--save-every", type=int)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. model.hidden_size=512")
         p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+        p.add_argument(
+            "--allow-changes",
+            action="store_true",
+            help="on --resume, apply changed training options (lr, batch, seed, ...) from the checkpoint's step on",
+        )
         p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
         p.add_argument("--skip-nonfinite", action="store_true", help="skip steps with NaN/inf instead of stopping")
         p.add_argument(

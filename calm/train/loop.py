@@ -178,6 +178,44 @@ def micro_batch_seed(seed: int, step: int, slot: int, purpose: int = _TRAIN_RNG)
     return int(words[0]) << 31 | int(words[1]) >> 1
 
 
+TRAJECTORY_FIELDS = (
+    "lr",
+    "lr_schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "eps",
+    "grad_clip",
+    "batch_tokens",
+    "block_size",
+    "seed",
+)
+"""Training options whose change on resume changes what the run computes from then on (``max_steps``,
+evaluation and checkpoint intervals do not): refused unless ``allow_changes``, then recorded."""
+
+
+def train_changes(saved_train: dict[str, Any], cfg: TrainConfig, step: int) -> list[dict[str, Any]]:
+    """The ``TRAJECTORY_FIELDS`` that ``cfg`` changes against the checkpoint's train config, each as
+    ``{"step", "field", "from", "to"}`` (in effect from the step after ``step``)."""
+    current = asdict(cfg)
+    return [
+        {"step": step, "field": f, "from": saved_train[f], "to": current[f]}
+        for f in TRAJECTORY_FIELDS
+        if f in saved_train and saved_train[f] != current[f]
+    ]
+
+
+def _refuse_changes(resume_from: Path, changes: list[dict[str, Any]]) -> None:
+    listed = ", ".join(f"train.{c['field']} {c['from']!r} -> {c['to']!r}" for c in changes)
+    raise ConfigError(
+        f"resuming {resume_from} with other training options would change the run from step {changes[0]['step']} "
+        f"on ({listed}); resume with the options it was trained with, or pass --allow-changes to apply them "
+        "(recorded with their step in run_config.json as train_changes)"
+    )
+
+
 def _check_resumable(resume_from: Path, saved: dict[str, Any], stage: Stage) -> None:
     """The checkpoint (``saved``: its config.json) must belong to this stage, tokenizer and model configuration."""
     current = stage.checkpoint_config()
@@ -211,12 +249,16 @@ def run_training(
     overwrite: bool = False,
     progress: bool = True,
     device: torch.device | None = None,
+    allow_changes: bool = False,
 ) -> dict[str, Any]:
     """Train ``stage`` under ``cfg`` into the run directory ``out``; return the final metrics.
 
     Under ``torchrun`` every rank calls this; rank 0 logs and writes. Resuming (``resume=True``)
     restores weights, optimizer moments, data position and RNG from the newest complete checkpoint,
-    and the continuation is bit-identical to an unbroken run on CPU.
+    and the continuation is bit-identical to an unbroken run on CPU. A resume whose ``cfg`` changes a
+    ``TRAJECTORY_FIELDS`` option is refused (ConfigError, before any file is touched) unless
+    ``allow_changes``; then each change is recorded with its step in ``run_config.json``
+    (``train_changes``, kept across later resumes).
     """
     out = Path(out)
     ctx = dist.context()
@@ -226,6 +268,9 @@ def run_training(
     sampler = _batch_sampler(stage, cfg, ctx, accum)
     resume_from = prepare_run_dir(out, resume, overwrite)
     saved, meta, state_tensors, weights = _read_resume_point(resume_from, out, stage, device)
+    changes = train_changes(saved.get("train", {}), cfg, meta["step"]) if saved is not None else []
+    if changes and not allow_changes:
+        _refuse_changes(resume_from, changes)
     precision = resolve_run_precision(cfg, device, saved.get("train") if saved is not None else None)
     if dist.is_main():
         print(f"{stage.kind}: {describe(precision, device)} (requested: {cfg.precision})", flush=True)
@@ -240,6 +285,12 @@ def run_training(
     params = stage.trainable_parameters()  # after wrapping: FSDP2 replaces them with sharded ones
     optimizer = build_optimizer(params, cfg)
     run = _Run(stage, cfg, out, ctx, device, precision, accum, sampler, model, train_model, params, optimizer)
+    previous = (saved or {}).get("train_changes", [])
+    if previous or changes:
+        run.config_record["train_changes"] = previous + changes
+        for c in changes:
+            if dist.is_main():
+                print(f"train.{c['field']}: {c['from']!r} -> {c['to']!r} from step {c['step'] + 1} (--allow-changes)")
     if resume_from is not None:
         run.restore(meta, state_tensors)
     del state_tensors

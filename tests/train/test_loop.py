@@ -91,6 +91,29 @@ def test_resume_refuses_a_damaged_metrics_line_naming_it(tiny_data_dir, tmp_path
     assert metrics.read_text() == "\n".join(lines) + "\n"
 
 
+def test_resume_refuses_a_changed_learning_rate_unless_allowed_and_records_it(tiny_data_dir, tmp_path, ae_run):
+    _, out = ae_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    shutil.rmtree(ckpt.checkpoint_step_dir(run, 8))  # stopped after step 4
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(
+        ConfigError, match=r"from step 4 on \(train\.lr 0\.003 -> 0\.01, train\.seed 1 -> 7\).*--allow-changes"
+    ):
+        train_ae(tiny_data_dir, run, resume=True, lr=1e-2, seed=7)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    torch.manual_seed(0)
+    stage = AutoencoderStage(tiny_data_dir, factories.autoencoder_config(), train_config(lr=1e-2, max_steps=6))
+    run_training(stage, stage.train_config, run, progress=False, resume=True, allow_changes=True)
+    recorded = json.loads((run / "run_config.json").read_text())
+    assert recorded["train"]["lr"] == 1e-2
+    assert recorded["train_changes"] == [{"step": 4, "field": "lr", "from": 3e-3, "to": 1e-2}]  # max_steps: not one
+    assert losses(run)[:1] == losses(out)[:1] and losses(run)[-1] != losses(out)[5]  # the same start, then lr 1e-2
+    stage = AutoencoderStage(tiny_data_dir, factories.autoencoder_config(), train_config(lr=1e-2, max_steps=8))
+    run_training(stage, stage.train_config, run, progress=False, resume=True)  # same options as the checkpoint
+    assert json.loads((run / "run_config.json").read_text())["train_changes"] == recorded["train_changes"]  # kept
+
+
 def test_existing_run_dir_is_not_overwritten(tiny_data_dir, ae_run):
     _, out = ae_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
