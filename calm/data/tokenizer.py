@@ -330,12 +330,14 @@ def llama3_tokenizer(cache: Path | str | None = None) -> Tokenizer:
 
 
 def load_tokenizer(spec: str | Path, cache: Path | str | None = None) -> Tokenizer:
-    """``llama3``, a tokenizer.json, or a folder holding one (a prepared data dir, a checkpoint)."""
+    """``llama3``, a tokenizer.json, or a folder holding one (a prepared data dir, a checkpoint), or a
+    training run directory (the tokenizer of its newest checkpoint)."""
     if str(spec) == "llama3":
         return llama3_tokenizer(cache)
     path = Path(spec)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        in_run = sorted((path / "checkpoints").glob("step_*/tokenizer.json"))
+        path = path / "tokenizer.json" if (path / "tokenizer.json").exists() or not in_run else in_run[-1]
     if not path.is_file():
         raise TokenizerError(
             f"no tokenizer at {path}; pass 'llama3' or the path of a tokenizer.json (or a folder holding one)"

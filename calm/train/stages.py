@@ -36,6 +36,7 @@ from calm.eval.brierlm import BrierAccumulator
 from calm.eval.diagnostics import head_diagnostics
 from calm.extensions import build_calm
 from calm.extensions.context import context_term, neighbour_rows
+from calm.io import read_json
 from calm.models.autoencoder import Autoencoder
 from calm.models.flops import calm_flops, gpt_flops
 from calm.models.gpt import GPT
@@ -177,10 +178,13 @@ class CALMStage(_BlockStage):
 
         def check(data_tokenizer: Tokenizer) -> None:
             if ae_tokenizer.sha256 != data_tokenizer.sha256:
+                sources = " ".join(read_json(Path(data_dir) / "meta.json").get("sources") or ["default"])
+                again = f"{str(data_dir).rstrip('/')}-{Path(autoencoder_dir).name}-tokenizer"
                 raise ConfigError(
                     f"the autoencoder in {autoencoder_dir} was trained with a different tokenizer than the data "
-                    f"in {data_dir}; prepare the data with the autoencoder's tokenizer (`calm prepare --tokenizer "
-                    f"{autoencoder_dir}/tokenizer.json`) or train a new autoencoder on this data"
+                    f"in {data_dir}; prepare the data with the autoencoder's tokenizer (`calm prepare --corpus "
+                    f"{sources} --tokenizer {autoencoder_dir} --out {again}`, then --data {again}) or train a new "
+                    "autoencoder on this data"
                 )
 
         self._init_blocks(data_dir, train, check)

@@ -361,6 +361,21 @@ def test_each_bad_input_gets_its_own_message(runs: dict[str, Path], capsys: pyte
     assert not repeated, repeated
 
 
+def test_the_tokenizer_hint_is_a_command_that_works(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """The autoencoder-of-another-tokenizer refusal names a `calm prepare` command; it runs, and the data
+    it makes has the autoencoder's tokenizer."""
+    from calm.data.tokenizer import load_tokenizer
+
+    argv = ["train-calm", "--data", str(runs["other_data"]), "--autoencoder", str(runs["ae"])]
+    code, err = run_cli([*argv, "--out", str(runs["root"] / "never"), *CALM, *FAST], capsys)
+    assert code == 2
+    hint = re.search(r"`(calm prepare [^`]+)`, then --data (\S+)\)", err)
+    assert hint, err
+    assert main([*hint.group(1).split()[1:], "--no-progress"]) == 0
+    capsys.readouterr()
+    assert load_tokenizer(hint.group(2)).sha256 == load_tokenizer(runs["ae"]).sha256  # a run directory works too
+
+
 def test_disk_full_before_any_write_changes_nothing(runs, capsys, monkeypatch, tmp_path) -> None:
     """ENOSPC on the first write of a resumed run: the run directory is left exactly as it was."""
     run = tmp_path / "gpt"
