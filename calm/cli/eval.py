@@ -91,17 +91,20 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
         chunks,
         special_ids=(tok.bos_id, tok.eos_id, tok.pad_id),
         seed=args.seed,
-        progress=not args.json,
+        progress=args.json != "-",
     )
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
-    if args.json:
+    if args.json == "-":  # `--json` alone: the JSON object is the output
         print(to_json(result))
-    else:
-        print(f"token accuracy (decode μ):       {result['token_accuracy']:.5f}")
-        print(f"token accuracy (decode z ~ q):   {result['token_accuracy_sampled']:.5f}")
-        print(f"chunk exact match (decode μ):    {result['chunk_exact_match']:.5f}")
-        print(f"cross-entropy (decode μ):        {result['ce']:.5f}")
-        print(f"text tokens evaluated:           {result['tokens']:,}")
+        return 0
+    print(f"token accuracy (decode μ):       {result['token_accuracy']:.5f}")
+    print(f"token accuracy (decode z ~ q):   {result['token_accuracy_sampled']:.5f}")
+    print(f"chunk exact match (decode μ):    {result['chunk_exact_match']:.5f}")
+    print(f"cross-entropy (decode μ):        {result['ce']:.5f}")
+    print(f"text tokens evaluated:           {result['tokens']:,}")
+    if args.json:
+        write_json(Path(args.json), result)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -272,7 +275,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def _eval_ae_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--data", required=True, help="text/jsonl/json file, or a prepared data dir (val split)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="write the result as JSON to PATH, as `calm eval --json PATH` does; `--json` alone prints it instead",
+    )
     p.add_argument("--max-chunks", type=int, help="evaluate only the first N chunks")
     p.add_argument("--seed", type=int, default=0, help="seed for the posterior samples")
 

@@ -155,3 +155,22 @@ def test_flops_of_a_checkpoint_and_the_assumptions_of_a_preset(tiny_lm_checkpoin
     assert "not both" in capsys.readouterr().err
     assert main(["flops", "--checkpoint", str(tiny_lm_checkpoints["ae"])]) == 2
     assert "autoencoder checkpoint" in capsys.readouterr().err
+
+
+def test_eval_ae_json_takes_a_path_as_eval_does(tiny_lm_checkpoints, tiny_data_dir, tmp_path, capsys) -> None:
+    import json
+
+    argv = [
+        "eval-ae",
+        "--checkpoint",
+        str(tiny_lm_checkpoints["ae"]),
+        "--data",
+        str(tiny_data_dir),
+        "--max-chunks",
+        "8",
+    ]
+    out = tmp_path / "ae.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text())["tokens"] > 0
+    assert main([*argv, "--json"]) == 0  # alone: the JSON object is printed
+    assert json.loads(capsys.readouterr().out)["tokens"] == json.loads(out.read_text())["tokens"]
