@@ -46,7 +46,7 @@ from calm.experiments.report import write_report
 from calm.experiments.sweep import Budget
 from calm.generate.lm import as_language_model, generate_text
 from calm.io import read_json, write_json
-from calm.train.loop import Stage, run_training
+from calm.train.loop import ResumeChangesError, Stage, run_training
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
 DEFAULT_EVAL = WIKITEXT103_TEST
@@ -263,7 +263,13 @@ def _train(
         per_token = stage.flops_per_token
         print(f"{run_dir.name}: {steps} steps for {lm_flops:.3g} LM training FLOPs ({per_token:.3g} per token)")
     start = time.perf_counter()
-    result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
+    try:
+        result = run_training(stage, train_config, run_dir, resume=True, progress=progress)
+    except ResumeChangesError as e:  # the demo has no --allow-changes: say what works here
+        raise ConfigError(
+            f"{run_dir} was started with other training options ({e.listed}); rerun the demo with the "
+            f"--set values it began with to finish it, or pass another --out to start afresh"
+        ) from e
     return _mark(run_dir, {**result, "wall_s": round(time.perf_counter() - start, 1), "preset": preset_name})
 
 

@@ -547,6 +547,11 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
         result, status = train_loop.run_training(stage, preset.train, run_dir, resume=True, progress=progress), "done"
     except train_loop.NonFiniteError as e:
         result, status = {}, f"failed: {e}"
+    except train_loop.ResumeChangesError as e:  # a sweep has no --allow-changes: say what works here
+        raise ConfigError(
+            f"run {run.name} in {run_dir.parent} was started with other training options ({e.listed}); sweep "
+            "with the spec it began with to finish it, or pass another --out to start afresh"
+        ) from e
     record = {"status": status, "result": result, "wall_s": round(time.perf_counter() - start, 1), "plan": plan}
     write_json(run_dir / _DONE_FILE, record)
     return record

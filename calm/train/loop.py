@@ -207,12 +207,23 @@ def train_changes(saved_train: dict[str, Any], cfg: TrainConfig, step: int) -> l
     ]
 
 
+class ResumeChangesError(ConfigError):
+    """A resume whose training options differ from the checkpoint's in ``TRAJECTORY_FIELDS``; ``changes``
+    lists them (``train_changes`` entries), ``listed`` says them in words."""
+
+    def __init__(self, message: str, changes: list[dict[str, Any]], listed: str) -> None:
+        super().__init__(message)
+        self.changes, self.listed = changes, listed
+
+
 def _refuse_changes(resume_from: Path, changes: list[dict[str, Any]]) -> None:
     listed = ", ".join(f"train.{c['field']} {c['from']!r} -> {c['to']!r}" for c in changes)
-    raise ConfigError(
+    raise ResumeChangesError(
         f"resuming {resume_from} with other training options would change the run from step {changes[0]['step']} "
         f"on ({listed}); resume with the options it was trained with, or pass --allow-changes to apply them "
-        "(recorded with their step in run_config.json as train_changes)"
+        "(recorded with their step in run_config.json as train_changes)",
+        changes,
+        listed,
     )
 
 

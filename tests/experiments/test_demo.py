@@ -198,3 +198,23 @@ def test_report_on_a_damaged_metrics_line_names_it(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {metrics}:2 is not valid JSON") and "repair or delete that line" in err, err
     assert not (run / "report.md").exists()
+
+
+def test_an_unfinished_stage_rerun_with_other_options_is_refused_with_a_hint_that_works_here(
+    demo_run, tmp_path: Path
+) -> None:
+    from calm import checkpoint as ckpt
+    from calm.config import ConfigError
+
+    out, _, kwargs = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "gpt" / "DONE.json").unlink()  # the GPT stage was stopped after an earlier checkpoint
+    shutil.rmtree(ckpt.list_checkpoints(run / "gpt")[-1])
+    before = (run / "gpt" / "metrics.jsonl").read_text()
+    overrides = {**kwargs["overrides"], "gpt": {**kwargs["overrides"]["gpt"], "train.lr": 0.01}}
+    with pytest.raises(
+        ConfigError, match=r"started with other training options \(train\.lr .* -> 0\.01\); rerun the demo"
+    ):
+        run_demo(run, **{**kwargs, "overrides": overrides})
+    assert (run / "gpt" / "metrics.jsonl").read_text() == before  # nothing resumed, nothing cut

@@ -9,7 +9,7 @@ import torch
 
 from calm import checkpoint as ckpt
 from calm.config import ConfigError, TrainConfig
-from calm.train.loop import NonFiniteError, run_training
+from calm.train.loop import NonFiniteError, ResumeChangesError, run_training
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
 
@@ -98,7 +98,7 @@ def test_resume_refuses_a_changed_learning_rate_unless_allowed_and_records_it(ti
     shutil.rmtree(ckpt.checkpoint_step_dir(run, 8))  # stopped after step 4
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(
-        ConfigError, match=r"from step 4 on \(train\.lr 0\.003 -> 0\.01, train\.seed 1 -> 7\).*--allow-changes"
+        ResumeChangesError, match=r"from step 4 on \(train\.lr 0\.003 -> 0\.01, train\.seed 1 -> 7\).*--allow-changes"
     ):
         train_ae(tiny_data_dir, run, resume=True, lr=1e-2, seed=7)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
