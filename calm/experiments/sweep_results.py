@@ -147,6 +147,7 @@ def write_results(out: Path, runs: list[Any], metrics: list[str], title: str | N
     keys = list(dict.fromkeys(k for r in rows for k in r))
     grid = [k for k in keys if k.startswith("grid:")]
     columns = ["run", "group", "kind"] + grid + [k for k in keys[3:] if k not in grid and k != "curves"]
+    columns = columns[:3] + [c for c in columns[3:] if any(_cell(r.get(c)) for r in rows)]  # none empty throughout
     table = [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
     md = ["| " + " | ".join(c.removeprefix("grid:") for c in columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(line) + " |" for line in table[1:]]

@@ -24,7 +24,7 @@ def spec_dict(data_dir, **kw):
         "data": str(data_dir),
         "budget": {"tokens": 256},
         "evals": 2,
-        "metrics": ["brier1", "cond_gap", "token_accuracy", "train/loss"],
+        "metrics": ["brier1", "cond_gap", "token_accuracy", "train/loss", "nonexistent_metric"],
         "groups": [
             {"kind": "autoencoder", "name": "ae", "set": SMALL_AE, "budget": {"tokens": 1024}},
             {"kind": "calm", "autoencoder": "@ae", "set": SMALL_CALM, "grid": {"model.num_head_blocks": [1, 2]}},
@@ -123,6 +123,10 @@ def test_sweep_trains_resumes_skips_and_writes_results(data_dir, tmp_path):
     for name in ("results.md", "results.csv", "results.json", "results.png", "sweep.yaml"):
         assert (out / name).exists(), name
     assert "| model.num_head_blocks |" in (out / "results.md").read_text()
+    header = next(line for line in (out / "results.csv").read_text().splitlines())
+    table = [line.split(",") for line in (out / "results.csv").read_text().splitlines()[1:]]
+    assert all(any(row[i] for row in table) for i in range(3, len(table[0]))), header  # no column empty throughout
+    assert "nonexistent_metric" not in header  # asked for, logged by no run
     assert (
         json.loads((out / "calm-num_head_blocks=2-ae=ae" / "run_config.json").read_text())["model"]["num_head_blocks"]
         == 2
