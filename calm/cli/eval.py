@@ -15,11 +15,7 @@ from typing import Any
 
 from calm.checkpoint import load_model, read_config, resolve_checkpoint
 from calm.config import (
-    AutoencoderConfig,
-    CALMConfig,
     ConfigError,
-    GPTConfig,
-    config_from_dict,
     load_preset,
     parse_override,
 )
@@ -29,7 +25,15 @@ from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
 from calm.generate.lm import load_language_model
 from calm.io import read_json, to_json, write_json
-from calm.models.flops import PAPER_AE_TRAIN_TOKENS, PAPER_TRAIN_TOKENS, calm_flops, format_flops, gpt_flops
+from calm.models.flops import (
+    PAPER_AE_TRAIN_TOKENS,
+    PAPER_TRAIN_TOKENS,
+    calm_flops,
+    format_flops,
+    gpt_flops,
+    run_flops,
+    training_context_steps,
+)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -207,21 +211,16 @@ def _checkpoint_flops(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     config = read_config(path)
     state = read_json(path / "training_state.json") if (path / "training_state.json").exists() else {}
     tokens = args.train_tokens or float(state.get("tokens_seen", 0))
-    block = int(config.get("train", {}).get("block_size", 0))
-    if config["kind"] == "gpt":
-        cfg = config_from_dict(GPTConfig, config["model"])
-        context = args.context or block or cfg.max_seq_len
-        result = gpt_flops(cfg, context=context, train_tokens=tokens)
-        ae_text = ""
-    elif config["kind"] == "calm":
-        cfg = config_from_dict(CALMConfig, config["model"])
-        ae = config_from_dict(AutoencoderConfig, config["autoencoder"])
-        context = args.context or (block // cfg.chunk_size if block else cfg.max_seq_len)
-        ae_tokens = args.ae_train_tokens or 0.0
-        result = calm_flops(
-            cfg, ae, context=context, num_samples_inference=args.num_samples, train_tokens=tokens,
-            ae_train_tokens=ae_tokens,
-        )  # fmt: skip
+    if config["kind"] not in ("calm", "gpt"):
+        raise ConfigError(f"{path} is an autoencoder checkpoint; calm flops takes a CALM or GPT checkpoint")
+    context = args.context or training_context_steps(config)
+    ae_tokens = args.ae_train_tokens or 0.0
+    result = run_flops(
+        config, context=context, train_tokens=tokens, ae_train_tokens=ae_tokens, num_samples_inference=args.num_samples
+    )
+    result.pop("kind")
+    ae_text = ""
+    if config["kind"] == "calm":
         if not args.ae_train_tokens:  # a CALM checkpoint does not know how long its autoencoder trained
             for key in ("ae_train_flops_total", "train_flops_total_with_autoencoder"):
                 result.pop(key)
@@ -230,10 +229,8 @@ def _checkpoint_flops(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             if args.ae_train_tokens
             else "; pass --ae-train-tokens N for the autoencoder's training"
         )
-    else:
-        raise ConfigError(f"{path} is an autoencoder checkpoint; calm flops takes a CALM or GPT checkpoint")
     assumptions = (
-        f"{path}: its vocabulary {cfg.vocab_size:,}, context {context:,} steps (its training blocks), "
+        f"{path}: its vocabulary {config['model']['vocab_size']:,}, context {context:,} steps (its training blocks), "
         f"{tokens:,.0f} training tokens (step {state.get('step', '?')}){ae_text}"
     )
     return {"model": config["kind"], "checkpoint": str(path), **result}, assumptions

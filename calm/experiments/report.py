@@ -18,12 +18,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, config_from_dict, extensions_in_use
+from calm.config import AutoencoderConfig, CALMConfig, config_from_dict, extensions_in_use
 from calm.data.evalsets import eval_set_name
 from calm.experiments.report_plots import make_plots
 from calm.experiments.verdict import verdict_lines
 from calm.io import atomic_write_text, read_json, read_jsonl
-from calm.models.flops import ae_flops, calm_flops, gpt_flops
+from calm.models.flops import ae_flops, run_flops
 
 LM_NAMES: dict[str, str] = {"calm": "CALM", "calm_anchored": "CALM-anchored (ours)", "gpt": "GPT"}
 """Language-model runs a report looks for, run directory -> name in the report: the paper's CALM, ours
@@ -43,16 +43,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _model_flops(run: Path) -> dict[str, Any] | None:
     """Analytic FLOPs for the model of a training run (from its run_config.json), with its ``kind``."""
     cfg = _read_json(run / "run_config.json")
-    if cfg is None:
-        return None
-    if cfg["kind"] == "calm":
-        model = config_from_dict(CALMConfig, cfg["model"])
-        ae = config_from_dict(AutoencoderConfig, cfg["autoencoder"])
-        return {"kind": "calm", **calm_flops(model, ae, context=cfg["train"]["block_size"] // model.chunk_size)}
-    if cfg["kind"] == "gpt":
-        gpt = config_from_dict(GPTConfig, cfg["model"])
-        return {"kind": "gpt", **gpt_flops(gpt, context=cfg["train"]["block_size"])}
-    return None
+    return run_flops(cfg) if cfg is not None else None
 
 
 def autoencoder_train_flops(run: Path, records: list[dict[str, Any]]) -> float | None:
@@ -74,10 +65,12 @@ def _summary_row(
     evaluation: dict[str, Any] | None,
     ae_train: float | None,
     speed: dict[str, float],
+    flops: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """One language model's row: its size, compute, scores on the evaluation set and speeds."""
+    """One language model's row: its size, compute (``flops``: :func:`_model_flops`), scores on the
+    evaluation set and speeds."""
     train = [r for r in records if r.get("split") == "train"]
-    flops = _model_flops(run / name) or {}
+    flops = flops or {}
     cfg = _read_json(run / name / "run_config.json") or {}
     tokens = train[-1]["tokens"] if train else 0
     rates = [r["tokens_per_s"] for r in train if "tokens_per_s" in r]
@@ -247,8 +240,8 @@ def write_report(run: str | Path) -> Path:
     metrics = {name: read_metrics(run / name / "metrics.jsonl") for name in ["autoencoder", *runs]}
     speed = _speeds(_read_json(run / "generation_speed.json") or {})
     ae_train = autoencoder_train_flops(run, metrics["autoencoder"])
-    rows = [_summary_row(run, name, metrics[name], evals[name], ae_train, speed) for name in runs]
     flops = {name: _model_flops(run / name) for name in runs}
+    rows = [_summary_row(run, name, metrics[name], evals[name], ae_train, speed, flops[name]) for name in runs]
     plots = make_plots(run, rows, metrics, {name: LM_NAMES[name] for name in runs}, flops)
     lines = ["# CALM vs GPT: run report", "", f"Run directory: `{run}`", "", *_options_lines(run, runs)]
     lines += _autoencoder_lines(_read_json(run / "autoencoder_eval.json"))

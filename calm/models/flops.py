@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TransformerConfig
+from calm.config import AutoencoderConfig, CALMConfig, GPTConfig, TransformerConfig, config_from_dict
 
 PAPER_TRAIN_TOKENS = 250_000 * 2_097_152
 """Tokens seen by CALM and the baseline: 250k steps × 2,097,152 tokens ≈ 524B (paper §7.1)."""
@@ -304,6 +304,43 @@ def calm_flops(
             "ae_encoder_per_step": ae["encoder_flops_per_chunk"],
         },
     }
+
+
+def training_context_steps(config: dict[str, Any]) -> int:
+    """The context, in backbone steps, a saved model trained with: its training block (``train.block_size``
+    tokens; a CALM's in chunks of K), or its ``max_seq_len`` when the config has no training section."""
+    model, block = config["model"], int(config.get("train", {}).get("block_size", 0))
+    if not block:
+        return int(model["max_seq_len"])
+    return block // int(model["chunk_size"]) if config["kind"] == "calm" else block
+
+
+def run_flops(
+    config: dict[str, Any],
+    *,
+    context: int | None = None,
+    train_tokens: float = PAPER_TRAIN_TOKENS,
+    ae_train_tokens: float = PAPER_AE_TRAIN_TOKENS,
+    num_samples_inference: int = 1,
+) -> dict[str, Any] | None:
+    """:func:`calm_flops` or :func:`gpt_flops` of a saved model config (a run's ``run_config.json`` or a
+    checkpoint's ``config.json``: ``kind``, ``model``, ``autoencoder``, ``train``), with its ``kind``.
+    ``context`` in steps defaults to :func:`training_context_steps`. None for an autoencoder."""
+    context = context or training_context_steps(config)
+    if config["kind"] == "calm":
+        model = config_from_dict(CALMConfig, config["model"])
+        ae = config_from_dict(AutoencoderConfig, config["autoencoder"])
+        flops = calm_flops(
+            model, ae, context=context, num_samples_inference=num_samples_inference, train_tokens=train_tokens,
+            ae_train_tokens=ae_train_tokens,
+        )  # fmt: skip
+        return {"kind": "calm", **flops}
+    if config["kind"] == "gpt":
+        return {
+            "kind": "gpt",
+            **gpt_flops(config_from_dict(GPTConfig, config["model"]), context, train_tokens=train_tokens),
+        }
+    return None
 
 
 # --------------------------------------------------------------------------------------------

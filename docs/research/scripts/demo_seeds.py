@@ -8,7 +8,7 @@ as the demo scores it: the first 65,536 tokens of WikiText-103 test (shipped wit
 blocks of 256 tokens, so every model has the same 256 tokens of context and the same blocks
 (``calm eval --context-tokens 256 --max-tokens 65536``; results cached as ``eval_wikitext_256.json``
 in each run). Ratios are to the GPT of the same seed, ± the paired, block-clustered standard error
-(``calm.eval.brierlm.ratio_of_means``).
+(``calm.experiments.verdict.brier_ratios``: none where the GPT's Brier-n is not 2 SE above 0).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.eval.brier import evaluate_checkpoint
-from calm.eval.brierlm import ratio_of_means
+from calm.experiments.verdict import brier_ratios
 from calm.io import read_json, write_json
 
 MODELS = {"calm": "CALM (paper's recipe)", "calm_anchored": "CALM-anchored (ours)", "gpt": "GPT"}
@@ -52,14 +52,6 @@ def score(run: Path) -> dict[str, Any]:
     return result
 
 
-def ratio(a: dict[str, Any], b: dict[str, Any], n: int) -> tuple[float, float] | None:
-    """Brier-n of a over b's, paired by block; None when b's Brier-n is not 2 SE above 0."""
-    if not b[f"brier{n}"] > 2 * (b[f"brier{n}_se"] or 0):
-        return None
-    pick = lambda e: [s[n - 1] for s in e["per_block"]["sums"]]  # noqa: E731
-    return ratio_of_means(pick(a), a["per_block"]["positions"], pick(b), b["per_block"]["positions"])
-
-
 def main(demo: str, seeds_dir: str) -> None:
     table = runs_by_seed(Path(demo), Path(seeds_dir))
     scores = {seed: {name: score(run) for name, run in runs.items()} for seed, runs in sorted(table.items())}
@@ -73,11 +65,11 @@ def main(demo: str, seeds_dir: str) -> None:
             e = by_model[name]
             cells = [f"{e[f'brier{n}']:.2f} ± {e[f'brier{n}_se']:.2f}" for n in range(1, 5)]
             ratios = []
-            for n in (1, 2):
-                r = ratio(e, by_model["gpt"], n) if name != "gpt" and "gpt" in by_model else None
-                ratios.append("–" if r is None else f"{r[0]:.2f} ± {r[1]:.2f}")
-                if r is not None:
-                    spread[name].setdefault(f"ratio{n}", []).append(r[0])
+            to_gpt = brier_ratios(e, by_model["gpt"], n_max=2) if name != "gpt" and "gpt" in by_model else []
+            for r in to_gpt or [{}, {}]:
+                ratios.append(f"{r['ratio']:.2f} ± {r['se']:.2f}" if "ratio" in r else "–")
+                if "ratio" in r:
+                    spread[name].setdefault(f"ratio{r['n']}", []).append(r["ratio"])
             for n in range(1, 5):
                 spread[name].setdefault(f"brier{n}", []).append(e[f"brier{n}"])
             print(f"| {label} | {seed} | {' | '.join(cells)} | {' | '.join(ratios)} |")
