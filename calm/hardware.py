@@ -13,11 +13,18 @@ auto`` (the default of every preset and command) resolves once per process and d
 
 ``fp32`` and ``bf16`` stay available as explicit choices. The paper trains in bf16 on GPUs
 (§7.1); on CPUs the choice is ours and only about speed: results agree to bf16 rounding.
+
+It also chooses the number of CPU threads (:func:`configure_threads`, ours). torch starts one thread
+per physical core; when another process keeps some of those cores busy, its threads wait for each
+other at every parallel region and a run can be ten times slower than with fewer threads. A short
+probe times the same matmul with one thread and with the default count; when the default falls
+far below what its cores should give, the fastest count probed is used and a warning says so.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -180,3 +187,94 @@ def autocast(device: torch.device | str, precision: str) -> AbstractContextManag
     if precision != "fp32":
         raise PrecisionError(f"resolve the precision first (got {precision!r}; expected fp32 or bf16)")
     return nullcontext()
+
+
+THREAD_EFFICIENCY_FLOOR = 0.5
+"""The default thread count is kept when its probe rate is at least this fraction of (threads ×
+the one-thread rate); below it the cores are taken to be shared with other busy processes."""
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many CPU threads a command uses, and why (:func:`configure_threads`)."""
+
+    threads: int
+    default: int
+    """torch's own choice (one per physical core), or ``OMP_NUM_THREADS`` where set."""
+    source: str
+    """``"--threads"``, ``"OMP_NUM_THREADS"``, ``"default"`` (one thread, nothing to probe) or ``"probe"``."""
+    rates: dict[int, float]
+    """fp32 matmul GFLOP/s per thread count probed; empty unless ``source`` is ``"probe"``."""
+
+    def warning(self) -> str | None:
+        """The line to print when the probe chose fewer threads than the default, else None."""
+        if self.source != "probe" or self.threads == self.default:
+            return None
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        single = self.rates[1]
+        return (
+            f"the CPU probe measured {self.rates[self.default]:.0f} GFLOP/s with {self.default} threads against "
+            f"{single:.0f} with 1 (an idle machine gives up to {self.default * single:.0f}): other processes are "
+            f"using these cores (load average {load:.1f}). Using {self.threads} thread"
+            f"{'s' if self.threads > 1 else ''}; pass --threads N to choose"
+        )
+
+
+def thread_counts_to_probe(default: int) -> list[int]:
+    """1, 2, 4, ... below ``default``, and ``default`` itself."""
+    counts, n = [], 1
+    while n < default:
+        counts.append(n)
+        n *= 2
+    return [*counts, default]
+
+
+def choose_threads(rates: dict[int, float], default: int) -> int:
+    """The thread count to use from probe rates (GFLOP/s per count, including 1 and ``default``).
+
+    ``default`` unless its rate is below ``THREAD_EFFICIENCY_FLOOR × default × rates[1]``; then the
+    count with the highest rate.
+    """
+    if default <= 1 or rates[default] >= THREAD_EFFICIENCY_FLOOR * default * rates[1]:
+        return default
+    return max(rates, key=lambda n: (rates[n], -n))
+
+
+def _probe_threads(default: int, repeats: int = 5) -> dict[int, float]:
+    """fp32 matmul GFLOP/s per thread count: one size for all counts (512, or 1024 past 4 threads, so
+    that many threads still have work), repetitions interleaved and the best of each kept."""
+    size = 512 if default <= 4 else 1024
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    counts = thread_counts_to_probe(default)
+    best = dict.fromkeys(counts, float("inf"))
+    for _ in range(repeats + 1):  # the first round warms up each count's thread pool
+        for n in counts:
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best[n] = min(best[n], time.perf_counter() - start)
+    torch.set_num_threads(default)
+    return {n: 2 * size**3 / t / 1e9 for n, t in best.items()}
+
+
+def configure_threads(requested: int | None = None) -> ThreadChoice:
+    """Set torch's CPU thread count for this process, with the machine's load in mind (ours).
+
+    ``requested`` (``--threads``) is used as given. Otherwise ``OMP_NUM_THREADS``, where set, is
+    respected; otherwise the probe (:func:`choose_threads`) picks between torch's default and fewer
+    threads. Costs about 0.1 s on a few cores. Raises ValueError for ``requested < 1``.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        torch.set_num_threads(requested)
+        return ThreadChoice(requested, requested, "--threads", {})
+    default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return ThreadChoice(default, default, "OMP_NUM_THREADS", {})
+    if default <= 1:
+        return ThreadChoice(default, default, "default", {})
+    rates = _probe_threads(default)
+    threads = choose_threads(rates, default)
+    torch.set_num_threads(threads)
+    return ThreadChoice(threads, default, "probe", rates)

@@ -32,6 +32,8 @@ class Command(NamedTuple):
     name: str
     help: str
     area: str
+    computes: bool = True
+    """Runs a model: the thread probe (``calm.hardware.configure_threads``) runs before it."""
 
     @property
     def function(self) -> str:
@@ -40,8 +42,8 @@ class Command(NamedTuple):
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("prepare", "tokenize text into uint32 shards (+ a BPE tokenizer)", "data"),
-    Command("convert", "convert the authors' CALM / autoencoder weights", "data"),
+    Command("prepare", "tokenize text into uint32 shards (+ a BPE tokenizer)", "data", computes=False),
+    Command("convert", "convert the authors' CALM / autoencoder weights", "data", computes=False),
     Command("train-ae", "train the chunk autoencoder (stage 1)", "train"),
     Command("train-calm", "train CALM on a frozen autoencoder (stage 2)", "train"),
     Command("train-gpt", "train the token-level Transformer baseline", "train"),
@@ -50,9 +52,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("eval", "BrierLM (+ perplexity for token LMs) on a text set", "eval"),
     Command("eval-ae", "reconstruction accuracy of an autoencoder", "eval"),
     Command("follow", "prompt following: retrieval AUC of continuations", "eval"),
-    Command("flops", "analytic FLOPs per token (paper Table 1 accounting)", "eval"),
+    Command("flops", "analytic FLOPs per token (paper Table 1 accounting)", "eval", computes=False),
     Command("demo", "the main job: data, models, BrierLM, report, samples", "experiments"),
-    Command("report", "rebuild report.md and plots from a run's metrics", "experiments"),
+    Command("report", "rebuild report.md and plots from a run's metrics", "experiments", computes=False),
     Command("sweep", "train a grid of runs at a fixed budget; table + plot", "experiments"),
     Command("bench", "speed of CALM vs the GPT baseline (same backbone)", "experiments"),
 )
@@ -90,7 +92,35 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         p = sub.add_parser(command.name, description=command.help)
         if command.name in wanted:
             _area(command).ARGUMENTS[command.name](p)
+            if not any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+                add_threads_option(p)  # a command with subcommands (bench) gives each of them the option
     return parser
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """``--threads N``, which every command takes (see :func:`set_threads`)."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: one per core, fewer when a short probe finds the cores busy)",
+    )
+
+
+def set_threads(command: Command, requested: int | None) -> None:
+    """Threads for this process: ``--threads`` as given (torch's pool, and the tokenizers library's),
+    else, for a command that runs a model, what ``calm.hardware.configure_threads`` finds best for the
+    machine's load, with a warning when that is fewer than one per core."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--threads must be >= 1, got {requested}")
+        os.environ["RAYON_NUM_THREADS"] = str(requested)  # tokenizers' pool, started on first use
+    elif not command.computes:
+        return
+    from calm.hardware import configure_threads
+
+    choice = configure_threads(requested)
+    if (warning := choice.warning()) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -146,8 +176,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    func: Any = getattr(sys.modules[__name__], _BY_NAME[args.command].function)
+    command = _BY_NAME[args.command]
+    func: Any = getattr(sys.modules[__name__], command.function)
     try:
+        set_threads(command, args.threads)
         return int(func(args) or 0)
     except Exception as e:
         if not isinstance(e, _known_errors()):

@@ -13,6 +13,7 @@ from typing import Any
 from calm.bench import SIZES
 from calm.bench.generate import cmd_bench_generate
 from calm.bench.train import cmd_bench_train
+from calm.cli import add_threads_option
 from calm.config import ConfigError, parse_override
 from calm.experiments.demo import DEMO_LM_FLOPS, DEMO_VOCAB_SIZE, LM_RUNS, run_demo
 from calm.experiments.report import write_report
@@ -198,7 +199,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
         default=16,
         help="T=1/2 tokens of the output check against the reference path (greedy: min(new tokens, 64))",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
 
@@ -214,7 +215,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
         help="precisions to time (default: fp32, plus bf16 where calm.hardware finds it fast)",
     )
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak-FLOP/s matmuls")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from calm.config import ConfigError
 from calm.generate.lm import SAMPLERS, load_language_model
+from calm.generate.sampling import SamplingStats
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -43,7 +45,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt + completion.text)
     else:
         print()
+    report_sampling(completion.sampling, args.num_samples)
     return 0
+
+
+def report_sampling(stats: SamplingStats | None, num_samples: int) -> None:
+    """After a CALM continuation at T < 1: how many steps fell back, on stderr, with a warning and the
+    remedy when most did (Alg. 2 samples a step at T = 1 when all N candidates differ)."""
+    if stats is None or stats.temperature == 1.0 or not stats.steps:
+        return
+    print(f"sampling: {stats.describe(num_samples)}", file=sys.stderr)
+    if stats.fallback_fraction > 0.5:
+        print(
+            f"warning: most steps were not sampled at temperature {stats.temperature:g}; {stats.remedy()}",
+            file=sys.stderr,
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from calm.generate.lm import LanguageModel
+from calm.generate.sampling import SamplingStats
 
 
 class _Halt(Exception):
@@ -34,6 +35,7 @@ class CompletionResult:
     finish_reason: str  # "stop" (end of document or a stop string) or "length" (max_tokens reached)
     prompt_tokens: int  # BOS included
     completion_tokens: int  # tokens generated; when cut at a stop string, the returned text's tokens
+    sampling: SamplingStats | None = None  # CALM: steps that fell back from the temperature asked
 
 
 class StopScanner:
@@ -115,6 +117,7 @@ class TextCompleter:
             if scanner.feed(piece) or (cancelled is not None and cancelled.is_set()):
                 raise _Halt
 
+        stats: list[SamplingStats] = []
         try:
             (result,) = self.lm.complete(
                 [prompt],
@@ -124,9 +127,11 @@ class TextCompleter:
                 sampler=sampler,
                 seed=seed,
                 stream=on_text,
+                stats=stats,
             )
         except _Halt:
             text = scanner.finish()
-            return CompletionResult(text, "stop", num_prompt_ids, len(self.lm.tokenizer.encode(text)))
+            sampling = stats[0] if stats else None
+            return CompletionResult(text, "stop", num_prompt_ids, len(self.lm.tokenizer.encode(text)), sampling)
         text = scanner.finish()
-        return CompletionResult(text, result.finish_reason, num_prompt_ids, len(result.token_ids))
+        return CompletionResult(text, result.finish_reason, num_prompt_ids, len(result.token_ids), result.sampling)

@@ -38,7 +38,7 @@ from calm.generate.lazy_decode import (
     reference_batch_sample,
     reference_decode_ids,
 )
-from calm.generate.sampling import exact_temperature_sample
+from calm.generate.sampling import SamplingStats, exact_temperature_sample
 
 
 def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
@@ -67,13 +67,44 @@ def sample_chunks(
     ``fast=False`` decodes every candidate in full, as the library did before the exact speed-ups
     (``calm.generate.lazy_decode``); the samples are the same for the same generator state.
     """
+    return sample_step(
+        model,
+        h,
+        temperature=temperature,
+        num_samples=num_samples,
+        sampler=sampler,
+        generator=generator,
+        max_attempts=max_attempts,
+        fast=fast,
+    )[0]
+
+
+@torch.no_grad()
+def sample_step(
+    model: Any,
+    h: torch.Tensor,
+    *,
+    temperature: float,
+    num_samples: int,
+    sampler: str,
+    generator: torch.Generator | None,
+    max_attempts: int = 100_000,
+    fast: bool = True,
+) -> tuple[torch.Tensor, list[float | None]]:
+    """:func:`sample_chunks`, also returning the temperature each row was effectively sampled at.
+
+    A row's entry is a float (see :func:`calm.generate.sampling.batch_effective_temperature`; T for
+    an exact sample) or None where the exact sampler ran out of draws and returned its most frequent
+    draw. The chunks are the same as :func:`sample_chunks` gives for the same generator state.
+    """
     ae = model.autoencoder
     decode_ids = ae.decode_ids if fast else lambda z: reference_decode_ids(ae, z)
     if temperature == 1.0:
-        return model.sample_next(h, 1, generator)[0].tokens(decode_ids)
+        return model.sample_next(h, 1, generator)[0].tokens(decode_ids), [1.0] * h.shape[0]
     if sampler == "batch":
         batch_sample = lazy_batch_sample if fast else reference_batch_sample
-        return batch_sample(ae, model.sample_next(h, num_samples, generator), temperature, generator)
+        chunks, effective = batch_sample(ae, model.sample_next(h, num_samples, generator), temperature, generator)
+        return chunks, effective.tolist()
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
@@ -92,14 +123,16 @@ def sample_chunks(
 
         return draw
 
-    rows = []
+    rows, effective = [], []
     for b in range(h.shape[0]):
         draw = make_draw(h[b : b + 1])
-
-        chunk, _ = exact_temperature_sample(draw, temperature, max_attempts=max_attempts, on_exhausted="fallback")
+        chunk, _, exhausted = exact_temperature_sample(
+            draw, temperature, max_attempts=max_attempts, on_exhausted="fallback"
+        )
         chunk = chunk.tokens() if isinstance(chunk, LazyChunk) else chunk
         rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
-    return torch.stack(rows)
+        effective.append(None if exhausted else temperature)
+    return torch.stack(rows), effective
 
 
 @torch.no_grad()
@@ -117,6 +150,7 @@ def generate(
     on_chunk: Callable[[int, list[int]], None] | None = None,
     stop_ids: Collection[int] | None = None,
     fast: bool = True,
+    stats: list[SamplingStats] | None = None,
 ) -> list[list[int]]:
     """Continue ``prompt`` (B, T), T a multiple of K, by up to ``max_new_tokens`` tokens per row.
 
@@ -125,7 +159,8 @@ def generate(
     are excluded. ``on_chunk(row, tokens)`` is called as each chunk is decoded, for streaming.
     ``use_cache=False`` recomputes the whole prefix each step (for testing cache equivalence).
     ``fast=False`` is the reference path of :func:`sample_chunks` (same samples, every candidate
-    decoded).
+    decoded). ``stats`` (one :class:`~calm.generate.sampling.SamplingStats` per row) is filled with
+    how often each row's steps fell back from the temperature asked.
     """
     return generate_rows(
         model,
@@ -139,6 +174,7 @@ def generate(
         use_cache=use_cache,
         on_chunk=on_chunk,
         fast=fast,
+        stats=stats,
     )[0]
 
 
@@ -159,13 +195,18 @@ def generate_rows(
     use_cache: bool,
     on_chunk: Callable[[int, list[int]], None] | None,
     fast: bool = True,
+    stats: list[SamplingStats] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
     """:func:`generate`, also returning per row whether it ended at a stop token (else at the length).
 
-    ``stop_ids`` is the full set of stop tokens; ``on_chunk`` as in :func:`generate`.
+    ``stop_ids`` is the full set of stop tokens; ``on_chunk`` as in :func:`generate`. ``stats``, one
+    :class:`~calm.generate.sampling.SamplingStats` per row, counts each chunk a row keeps (rows that
+    have finished are not counted), updated before ``on_chunk`` sees the chunk.
     """
     K = model.chunk_size
     B, T = prompt.shape
+    if stats is not None and len(stats) != B:
+        raise ValueError(f"stats needs one SamplingStats per prompt row ({B}); got {len(stats)}")
     if T % K != 0:
         raise ValueError(f"prompt length {T} is not a multiple of K={K}; use left_pad_to_chunks first")
     steps = -(-max_new_tokens // K)
@@ -183,12 +224,14 @@ def generate_rows(
     done = [False] * B
     stopped = [False] * B
     for step in range(steps):
-        nxt = sample_chunks(
+        nxt, effective = sample_step(
             model, h, temperature=temperature, num_samples=num_samples, sampler=sampler, generator=generator, fast=fast
         )
         for b, row in enumerate(nxt.tolist()):
             if done[b]:
                 continue
+            if stats is not None:
+                stats[b].record(effective[b])
             room = max_new_tokens - len(out[b])
             row = row[:room]
             cut = next((i for i, token in enumerate(row) if token in stop_ids), None)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from calm.generate.sampling import batch_temperature_sample, batch_temperature_select
+from calm.generate.sampling import batch_effective_temperature, batch_temperature_select
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import ChunkDraws
 from calm.models.vocab_search import vocab_argmax
@@ -86,12 +86,13 @@ def lazy_batch_sample(
     draws: ChunkDraws,
     temperature: float,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Alg. 2 over N candidate draws per row (latents (N, B, l)) -> the chosen chunks (B, K), decoding lazily.
 
     Positions the model drew itself (``draws.prefix``, (N, B, p)) are taken as they are, not decoded.
     Returns exactly what :func:`reference_batch_sample` returns for the same generator state (module
-    docstring), and leaves the generator in the same state.
+    docstring), and leaves the generator in the same state: the chunks and the temperature each row
+    was effectively sampled at ((B,) float64, :func:`~calm.generate.sampling.batch_effective_temperature`).
     """
     z = draws.latents
     num_candidates, batch = z.shape[:2]
@@ -121,14 +122,15 @@ def lazy_batch_sample(
             k_idx = torch.cat([k_idx, torch.arange(k + 1, K, device=z.device).repeat(batch)])
         tokens[n_idx, b_idx, k_idx] = ae.vocab_argmax(_token_hidden(ae, expanded[n_idx, b_idx, k_idx]))
         labels = _refine(labels, tokens[..., k])
-    choice = batch_temperature_select(labels.t().unsqueeze(-1), temperature, generator)  # (B,)
+    groups = labels.t().unsqueeze(-1)  # (B, N, 1): equal labels iff equal chunks
+    choice = batch_temperature_select(groups, temperature, generator)  # (B,)
     rows = torch.arange(batch, device=z.device)
     chosen = tokens[choice, rows]  # (B, K), -1 where not decoded yet
     b_idx, k_idx = (chosen < 0).nonzero(as_tuple=True)
     if b_idx.numel():
         hidden = _token_hidden(ae, expanded[choice[b_idx], b_idx, k_idx])
         chosen[b_idx, k_idx] = ae.vocab_argmax(hidden)
-    return chosen
+    return chosen, batch_effective_temperature(groups, temperature)
 
 
 @torch.no_grad()
@@ -144,10 +146,13 @@ def reference_batch_sample(
     draws: ChunkDraws,
     temperature: float,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Alg. 2 over draws (latents (N, B, l)) -> (B, K) after decoding all N·K tokens: the lazy path's reference."""
-    ids = draws.tokens(lambda z: reference_decode_ids(ae, z))
-    return batch_temperature_sample(ids.transpose(0, 1), temperature, generator=generator)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alg. 2 over draws (latents (N, B, l)) -> ((B, K) chunks, (B,) effective temperatures), decoding all N·K
+    tokens: the lazy path's reference."""
+    ids = draws.tokens(lambda z: reference_decode_ids(ae, z)).transpose(0, 1)  # (B, N, K)
+    index = batch_temperature_select(ids, temperature, generator)
+    chosen = ids[torch.arange(ids.shape[0], device=ids.device), index]
+    return chosen, batch_effective_temperature(ids, temperature)
 
 
 class LazyChunks:

@@ -40,6 +40,7 @@ import torch
 
 from calm.checkpoint import load_model
 from calm.generate.engine import generate_rows, left_pad_to_chunks
+from calm.generate.sampling import SamplingStats
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
@@ -77,6 +78,10 @@ class Completion:
     """The new token ids, the stop token (BOS/EOS) excluded."""
     finish_reason: str
     """``"stop"``: the model ended the document (BOS or EOS); ``"length"``: ``max_new_tokens`` ran out."""
+    sampling: SamplingStats | None = None
+    """CALM: how many steps fell back from the temperature asked, and the temperature effectively
+    sampled (:class:`~calm.generate.sampling.SamplingStats`); None for a token model, whose softmax
+    temperature is exact."""
 
 
 OnTokens = Callable[[int, list[int]], None]
@@ -210,11 +215,13 @@ class LanguageModel:
         generator: torch.Generator,
         stop_ids: frozenset[int],
         on_tokens: OnTokens | None = None,
+        stats: list[SamplingStats] | None = None,
     ) -> tuple[list[list[int]], list[bool]]:
         """Continue each prompt (ids, BOS first) by up to ``max_new_tokens`` tokens.
 
         Returns each row's new ids (the stop token and what follows it excluded) and whether the row
-        ended at a token of ``stop_ids``. The request is not checked here; see :meth:`check_request`.
+        ended at a token of ``stop_ids``. ``stats`` (CALM only: one per prompt) is filled as the rows
+        are sampled. The request is not checked here; see :meth:`check_request`.
         """
         raise NotImplementedError
 
@@ -229,14 +236,22 @@ class LanguageModel:
         seed: int | None = None,
         stream: Callable[[str], None] | None = None,
         stop_at_document_end: bool = True,
+        stats: list[SamplingStats] | None = None,
     ) -> list[Completion]:
-        """Text in, :class:`Completion` (text, token ids, finish reason) out; see :func:`complete`."""
+        """Text in, :class:`Completion` (text, token ids, finish reason, sampling stats) out; see :func:`complete`.
+
+        ``stats``: an empty list to receive each prompt's :class:`~calm.generate.sampling.SamplingStats`
+        (CALM) as generation runs, so they are there even when ``stream`` stops it by raising.
+        """
         ids = [self.encode_prompt(p) for p in prompts]
         for row in ids:
             self.check_request(
                 len(row), max_new_tokens, temperature=temperature, num_samples=num_samples, sampler=sampler
             )
         generator = self.new_generator(seed)
+        row_stats = [SamplingStats(temperature, sampler) for _ in ids] if self.kind == "calm" else None
+        if stats is not None and row_stats is not None:
+            stats.extend(row_stats)
         printed = [""]
         produced: list[int] = []
 
@@ -258,11 +273,16 @@ class LanguageModel:
             generator=generator,
             stop_ids=self.stop_ids(stop_at_document_end),
             on_tokens=on_tokens,
+            stats=row_stats,
         )
         texts = [self.decode_text(o) for o in out]
         if stream is not None and len(texts[0]) > len(printed[0]):
             stream(texts[0][len(printed[0]) :])
-        return [Completion(t, o, "stop" if s else "length") for t, o, s in zip(texts, out, stopped)]
+        sampling = row_stats or [None] * len(out)
+        return [
+            Completion(t, o, "stop" if s else "length", r)
+            for t, o, s, r in zip(texts, out, stopped, sampling, strict=True)
+        ]
 
 
 class CALMLanguageModel(LanguageModel):
@@ -314,6 +334,7 @@ class CALMLanguageModel(LanguageModel):
         generator: torch.Generator,
         stop_ids: frozenset[int],
         on_tokens: OnTokens | None = None,
+        stats: list[SamplingStats] | None = None,
     ) -> tuple[list[list[int]], list[bool]]:
         """All prompts in one batch, left-padded with BOS to one length, a multiple of K."""
         return generate_rows(
@@ -327,6 +348,7 @@ class CALMLanguageModel(LanguageModel):
             generator=generator,
             use_cache=True,
             on_chunk=on_tokens,
+            stats=stats,
         )
 
 
@@ -366,6 +388,7 @@ class TokenLanguageModel(LanguageModel):
         generator: torch.Generator,
         stop_ids: frozenset[int],
         on_tokens: OnTokens | None = None,
+        stats: list[SamplingStats] | None = None,
     ) -> tuple[list[list[int]], list[bool]]:
         """One prompt at a time (no padding), in order, sharing ``generator``; ``num_samples`` and
         ``sampler`` are CALM's and unused here."""

@@ -11,6 +11,10 @@ can be tested without a model.
 - :func:`batch_temperature_probs` / :func:`batch_temperature_select` /
   :func:`batch_temperature_sample`: Algorithm 2 (Theorem 3), the batch approximation that the
   official code uses for generation, extended to non-integer 1/T.
+- :func:`batch_effective_temperature` and :class:`SamplingStats`: the temperature each step was
+  actually sampled at (ours: the paper's algorithms, counted). Alg. 2 falls back towards T = 1
+  when its N candidates repeat too rarely, and with all N distinct a step is plain T = 1
+  sampling; the stats say how often that happened.
 
 Only T <= 1 is possible: draws can sharpen P but not flatten it without likelihoods.
 """
@@ -20,14 +24,18 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "ExactSample",
     "SamplingBudgetExceeded",
+    "SamplingStats",
+    "batch_effective_temperature",
     "exact_temperature_sample",
     "expected_draws",
     "batch_temperature_probs",
@@ -50,6 +58,17 @@ class SamplingBudgetExceeded(RuntimeError):
             f"accepting a sample; raise max_attempts, use a higher temperature, pass "
             f"on_exhausted='fallback', or use the batch approximation (batch_temperature_sample)"
         )
+
+
+class ExactSample(NamedTuple):
+    """What :func:`exact_temperature_sample` returns."""
+
+    sample: Hashable
+    """The accepted draw (or, when the budget ran out with ``on_exhausted="fallback"``, the most frequent one)."""
+    num_draws: int
+    """Calls of ``draw`` made."""
+    exhausted: bool
+    """True when the budget ran out and ``sample`` is the fallback, not an exact sample of P_T."""
 
 
 def _split_inverse_temperature(temperature: float) -> tuple[int, float]:
@@ -76,7 +95,7 @@ def exact_temperature_sample(
     rng: random.Random | None = None,
     on_exhausted: Literal["raise", "fallback"] = "raise",
     early_exit: bool = True,
-) -> tuple[Hashable, int]:
+) -> ExactSample:
     """Draw one exact sample of P^(1/T) / Z_T from a sampler of P (paper Algorithm 1).
 
     Write 1/T = n + alpha, n integer, alpha in [0, 1).
@@ -111,7 +130,7 @@ def exact_temperature_sample(
             False, stage 1 always makes n draws, as written in the paper (and in Theorem 2).
 
     Returns:
-        (sample, number of ``draw`` calls made).
+        :class:`ExactSample` (sample, number of ``draw`` calls made, whether the budget ran out).
     """
     whole, alpha = _split_inverse_temperature(temperature)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
@@ -124,10 +143,10 @@ def exact_temperature_sample(
     seen: list[Hashable] | None = [] if on_exhausted == "fallback" else None
     num_draws = 0
 
-    def exhausted() -> tuple[Hashable, int]:
+    def exhausted() -> ExactSample:
         if seen is None:
             raise SamplingBudgetExceeded(num_draws, temperature)
-        return Counter(seen).most_common(1)[0][0], num_draws  # Counter keeps first-seen order on ties
+        return ExactSample(Counter(seen).most_common(1)[0][0], num_draws, True)  # Counter: first seen wins ties
 
     while True:
         # Stage 1: n i.i.d. draws that must all agree.
@@ -149,7 +168,7 @@ def exact_temperature_sample(
         if not agreed:
             continue
         if alpha == 0.0:
-            return candidate, num_draws
+            return ExactSample(candidate, num_draws, False)
         # Stage 2: accept the candidate with probability P(candidate)^alpha.
         step = 1
         while True:
@@ -160,7 +179,7 @@ def exact_temperature_sample(
             if seen is not None:
                 seen.append(x)
             if x == candidate:
-                return candidate, num_draws
+                return ExactSample(candidate, num_draws, False)
             if rng.random() < alpha / step:
                 break
             step += 1
@@ -271,6 +290,123 @@ def batch_temperature_sample(
     """Like :func:`batch_temperature_select` but returns the chosen (B, K) chunks themselves."""
     index = batch_temperature_select(candidates, temperature, generator)  # (B,)
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), index]
+
+
+def batch_effective_temperature(candidates: Tensor, temperature: float) -> Tensor:
+    """The temperature :func:`batch_temperature_select` actually samples each row at (B,) float64.
+
+    With 1/T = n + alpha and c the largest number of equal candidates in the row (see
+    :func:`batch_temperature_probs`): T itself when c >= n; 1/(c + alpha) when 1 < c < n (the order
+    lowered to what the counts allow); 1 when c = 1, since with all N candidates distinct every
+    weight is equal and the choice is uniform, plain T = 1 sampling (the usual case for a model that
+    is not peaked when N is small). Ours, a description of paper Alg. 2, not part of it.
+
+    Args:
+        candidates: (B, N, K) integer tensor: B rows of N drawn K-token chunks.
+        temperature: T in (0, 1].
+    """
+    whole, alpha = _split_inverse_temperature(temperature)
+    _check_candidates(candidates)
+    max_count = _tuple_counts(candidates).max(dim=1).values.to(torch.float64)  # (B,)
+    lowered = 1.0 / (max_count + alpha)
+    effective = torch.where(max_count >= whole, torch.full_like(max_count, temperature), lowered)
+    return torch.where(max_count <= 1, torch.ones_like(max_count), effective)
+
+
+@dataclass
+class SamplingStats:
+    """How often likelihood-free sampling met the temperature asked, over one or more continuations.
+
+    Counted per generated chunk (a step of one continuation). A step *falls back* when it was not
+    sampled at the temperature asked for reasons of budget: for the batch approximation (Alg. 2),
+    when all N candidates differed, so the step was plain T = 1 sampling (more candidates,
+    ``num_samples``, or the exact sampler are the remedies); for the exact sampler (Alg. 1), when
+    its draw budget ran out and it returned the most frequent draw. ``effective_temperature`` is the
+    mean over steps of the temperature each was sampled at (:func:`batch_effective_temperature`; T
+    for an exact step), exhausted exact steps left out. At T = 1 nothing falls back. Ours: the paper
+    reports neither figure.
+    """
+
+    temperature: float
+    """The temperature asked for."""
+    sampler: str = "batch"
+    """``"batch"`` (Alg. 2) or ``"exact"`` (Alg. 1)."""
+    steps: int = 0
+    """Chunks generated."""
+    fallback_steps: int = 0
+    """Chunks that fell back (see the class docstring)."""
+    temperature_sum: float = 0.0
+    """Sum of the effective temperatures of the steps that have one."""
+    measured_steps: int = 0
+    """Steps with an effective temperature (all but the exact sampler's exhausted ones)."""
+
+    def record(self, effective: float | None) -> None:
+        """Count one step sampled at ``effective`` (None: an exact step whose budget ran out)."""
+        self.steps += 1
+        if effective is None:
+            self.fallback_steps += 1
+            return
+        self.temperature_sum += effective
+        self.measured_steps += 1
+        if self.temperature < 1.0 and effective == 1.0:
+            self.fallback_steps += 1
+
+    @property
+    def effective_temperature(self) -> float | None:
+        """Mean temperature actually sampled at; None before any measured step."""
+        return self.temperature_sum / self.measured_steps if self.measured_steps else None
+
+    @property
+    def fallback_fraction(self) -> float:
+        return self.fallback_steps / self.steps if self.steps else 0.0
+
+    @classmethod
+    def combine(cls, parts: Iterable[SamplingStats]) -> SamplingStats:
+        """One total over several continuations (which must share temperature and sampler)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("combine needs at least one SamplingStats")
+        keys = {(p.temperature, p.sampler) for p in parts}
+        if len(keys) != 1:
+            raise ValueError(f"cannot combine stats of different temperatures or samplers: {sorted(keys)}")
+        total = cls(parts[0].temperature, parts[0].sampler)
+        for p in parts:
+            total.steps += p.steps
+            total.fallback_steps += p.fallback_steps
+            total.temperature_sum += p.temperature_sum
+            total.measured_steps += p.measured_steps
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the server's ``usage.sampling``)."""
+        effective = self.effective_temperature
+        return {
+            "sampler": self.sampler,
+            "temperature": self.temperature,
+            "steps": self.steps,
+            "fallback_steps": self.fallback_steps,
+            "effective_temperature": None if effective is None else round(effective, 6),
+        }
+
+    def describe(self, num_samples: int | None = None) -> str:
+        """One line for a person, e.g. ``12 of 16 steps fell back to T = 1 ...``."""
+        effective = self.effective_temperature
+        mean = "n/a" if effective is None else f"{effective:.3g}"
+        if self.sampler == "exact":
+            what = "ran out of draws (most frequent draw returned)"
+        else:
+            what = "fell back to T = 1 (all candidates differed)"
+        n = f", N = {num_samples}" if num_samples is not None and self.sampler == "batch" else ""
+        return (
+            f"{self.fallback_steps} of {self.steps} steps {what}; effective temperature {mean} "
+            f"(asked {self.temperature:g}, sampler {self.sampler}{n})"
+        )
+
+    def remedy(self) -> str:
+        """What to change when most steps fell back."""
+        if self.sampler == "exact":
+            return "use a higher temperature (the exact sampler's cost grows as T falls) or the batch sampler"
+        return "draw more candidates (--num-samples, e.g. 4x as many) or use the exact sampler (--sampler exact)"
 
 
 def _check_candidates(candidates: Tensor) -> None:

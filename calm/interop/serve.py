@@ -8,7 +8,10 @@ client, ``curl``, lm-evaluation-harness's ``local-completions``):
   ``temperature``, ``n``, ``stop``, ``seed``, ``stream`` (server-sent events, one event per decoded
   chunk of K tokens for CALM, per token for the GPT), ``stream_options.include_usage``, and the CALM
   options ``num_samples`` (N candidates of the batch approximation, paper Alg. 2) and ``sampler``
-  (``batch`` | ``exact``, Alg. 1) as extra body fields. Responses carry ``usage`` counts.
+  (``batch`` | ``exact``, Alg. 1) as extra body fields. Responses carry ``usage`` counts; for CALM,
+  ``usage.sampling`` adds how many generated chunks fell back from the temperature asked (Alg. 2
+  samples a step at T = 1 when all N candidates differ) and the mean temperature effectively
+  sampled (``calm.generate.sampling.SamplingStats``).
 
 Completions run one at a time on a single worker thread, in arrival order: concurrent requests
 queue, and each completion has its own KV cache. Choice ``i`` of a request with ``seed`` s is
@@ -49,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calm.generate.completion import CompletionResult, TextCompleter
 from calm.generate.lm import LanguageModelError, load_language_model
+from calm.generate.sampling import SamplingStats
 from calm.io import to_json
 
 API_KEY_ENV = "CALM_API_KEY"
@@ -209,14 +213,18 @@ def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, int]:
+def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, Any]:
     prompt_tokens = sum(c.prompt_tokens for c in completions[:: job.n])  # each prompt counted once
     completion_tokens = sum(c.completion_tokens for c in completions)
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    sampling = [c.sampling for c in completions if c.sampling is not None]
+    if sampling:  # CALM: how often the likelihood-free sampler met the temperature asked
+        usage["sampling"] = SamplingStats.combine(sampling).to_dict()
+    return usage
 
 
 class CompletionService:

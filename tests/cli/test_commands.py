@@ -8,6 +8,7 @@ Runs the CLI in-process on the tiny checkpoints of ``tiny_lm_checkpoints``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -106,6 +107,28 @@ def test_generate_refuses_calm_outside_0_1_with_the_python_message(temperature, 
     assert str(info.value).startswith(f"temperature must be in (0, 1] for CALM, got {temperature}")
 
 
+def test_generate_says_how_many_calm_steps_fell_back_and_warns_when_most_did(tiny_lm_checkpoints, capsys) -> None:
+    """``--num-samples 1 --temperature 0.5`` is plain T = 1 sampling (one candidate never repeats): the
+    command says so and names the remedy; with the exact sampler nothing falls back and nothing warns."""
+    argv = ["generate", "--checkpoint", str(tiny_lm_checkpoints["calm"]), "--prompt", PROMPT, "--max-new-tokens", "8"]
+    argv += ["--no-stop-at-document-end", "--temperature", "0.5", "--seed", "0"]
+    code, _, err = run([*argv, "--num-samples", "1"], capsys)
+    assert code == 0
+    assert err.splitlines() == [
+        "sampling: 2 of 2 steps fell back to T = 1 (all candidates differed); effective temperature 1 "
+        "(asked 0.5, sampler batch, N = 1)",
+        "warning: most steps were not sampled at temperature 0.5; draw more candidates (--num-samples, e.g. 4x "
+        "as many) or use the exact sampler (--sampler exact)",
+    ]
+    code, _, err = run([*argv, "--sampler", "exact"], capsys)
+    assert code == 0 and err.splitlines() == [
+        "sampling: 0 of 2 steps ran out of draws (most frequent draw returned); effective temperature 0.5 "
+        "(asked 0.5, sampler exact)"
+    ]
+    code, _, err = run(argv[:-4], capsys)  # T = 1: nothing to report
+    assert code == 0 and err == ""
+
+
 def test_generate_from_an_autoencoder_names_the_checkpoint(tiny_lm_checkpoints, capsys) -> None:
     ae = str(tiny_lm_checkpoints["ae"])
     code, _, err = run(["generate", "--checkpoint", ae, "--prompt", PROMPT], capsys)
@@ -174,3 +197,15 @@ def test_eval_ae_json_takes_a_path_as_eval_does(tiny_lm_checkpoints, tiny_data_d
     assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text())["tokens"] > 0
     assert main([*argv, "--json"]) == 0  # alone: the JSON object is printed
     assert json.loads(capsys.readouterr().out)["tokens"] == json.loads(out.read_text())["tokens"]
+
+
+def test_every_command_takes_threads(capsys) -> None:
+    def options(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return sub.choices
+
+    for name, p in options(build_parser()).items():
+        for leaf in options(p).values() if name == "bench" else [p]:  # bench's subcommands take it
+            assert "--threads" in leaf._option_string_actions, leaf.prog
+    code, out, err = run(["flops", "--model", "gpt", "--preset", "tiny", "--threads", "0"], capsys)
+    assert code == 2 and err.splitlines() == ["error: --threads must be >= 1, got 0"] and out == ""

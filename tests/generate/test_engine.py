@@ -43,12 +43,12 @@ def _scripted(kind: str, script: list[int], vocab: int, monkeypatch: pytest.Monk
     chunks = [script[i : i + K] for i in range(0, len(script), K)]
     state = {"step": 0}
 
-    def sample_chunks(model, h, **kwargs):
+    def sample_step(model, h, **kwargs):
         chunk = chunks[min(state["step"], len(chunks) - 1)]
         state["step"] += 1
-        return torch.tensor([chunk] * h.shape[0])
+        return torch.tensor([chunk] * h.shape[0]), [1.0] * h.shape[0]
 
-    monkeypatch.setattr(gen_module, "sample_chunks", sample_chunks)
+    monkeypatch.setattr(gen_module, "sample_step", sample_step)
     return factories.tiny_calm(vocab=vocab, K=K, num_target_samples=8).eval()
 
 

@@ -18,8 +18,9 @@ def _both(
 ) -> tuple[torch.Tensor, ...]:
     g_lazy, g_ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     draws = ChunkDraws(z, None if first is None else first[..., None])
-    lazy = lazy_batch_sample(ae, draws, temperature, g_lazy)
-    ref = reference_batch_sample(ae, draws, temperature, g_ref)
+    lazy, lazy_temperature = lazy_batch_sample(ae, draws, temperature, g_lazy)
+    ref, ref_temperature = reference_batch_sample(ae, draws, temperature, g_ref)
+    assert torch.equal(lazy_temperature, ref_temperature)  # the lazy groups have the full tuples' counts
     return lazy, ref, torch.rand(3, generator=g_lazy), torch.rand(3, generator=g_ref)
 
 

@@ -168,3 +168,41 @@ def test_a_single_string_is_one_prompt(gpt_lm) -> None:
     one = generate_text(gpt_lm.model, gpt_lm.tokenizer, "hello", 4, temperature=0.0)
     assert one == generate_text(gpt_lm.model, gpt_lm.tokenizer, ["hello"], 4, temperature=0.0)
     assert len(one) == 1  # not one completion per character
+
+
+def test_calm_completions_say_how_many_steps_fell_back_to_t_1(calm_lm, gpt_lm) -> None:
+    """With one candidate (N = 1) Alg. 2 can never find a repeat, so every step is plain T = 1 sampling and
+    says so; the exact sampler samples every step at T; the GPT's softmax temperature needs no report."""
+    prompts = ["The city", "A river"]
+    kw = dict(temperature=0.5, seed=0, stop_at_document_end=False)
+    for completion in calm_lm.complete(prompts, 16, num_samples=1, **kw):
+        s = completion.sampling
+        assert (s.steps, s.fallback_steps, s.effective_temperature, s.sampler) == (4, 4, 1.0, "batch")
+    (exact,) = calm_lm.complete(prompts[:1], 8, sampler="exact", **kw)
+    assert (exact.sampling.steps, exact.sampling.fallback_steps, exact.sampling.effective_temperature) == (2, 0, 0.5)
+    (plain,) = calm_lm.complete(prompts[:1], 8, temperature=1.0, seed=0)
+    assert plain.sampling.fallback_steps == 0 and plain.sampling.effective_temperature == 1.0
+    assert gpt_lm.complete(prompts[:1], 4, temperature=0.5, seed=0)[0].sampling is None
+
+
+def test_stats_are_kept_when_a_stream_stops_generation(calm_lm) -> None:
+    class Stop(Exception):
+        pass
+
+    def stop_at_once(text: str) -> None:
+        raise Stop
+
+    stats: list = []
+    with pytest.raises(Stop):
+        calm_lm.complete(
+            ["The city"],
+            16,
+            temperature=0.5,
+            num_samples=1,
+            seed=0,
+            stream=stop_at_once,
+            stats=stats,
+            stop_at_document_end=False,
+        )
+    (s,) = stats
+    assert s.steps >= 1 and s.fallback_steps == s.steps

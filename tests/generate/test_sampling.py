@@ -11,6 +11,8 @@ import torch
 
 from calm.generate.sampling import (
     SamplingBudgetExceeded,
+    SamplingStats,
+    batch_effective_temperature,
     batch_temperature_probs,
     batch_temperature_sample,
     batch_temperature_select,
@@ -51,7 +53,8 @@ def test_exact_sampler_matches_tempered_distribution(temperature):
     counts = Counter()
     total_draws = 0
     for _ in range(num):
-        sample, num_draws = exact_temperature_sample(draw, temperature, rng=rng)
+        sample, num_draws, exhausted = exact_temperature_sample(draw, temperature, rng=rng)
+        assert not exhausted
         counts[sample] += 1
         total_draws += num_draws
     target = tempered(PROBS, temperature)
@@ -87,7 +90,7 @@ def test_expected_draws_by_hand():
 
 def test_temperature_one_returns_the_first_draw():
     outcomes = iter(["a", "b", "c"])
-    assert exact_temperature_sample(lambda: next(outcomes), 1.0) == ("a", 1)
+    assert exact_temperature_sample(lambda: next(outcomes), 1.0) == ("a", 1, False)
 
 
 def test_stage_two_acceptance_is_p_to_the_alpha():
@@ -110,8 +113,9 @@ def test_budget_exhausted_raises_with_count():
 
 def test_budget_exhausted_fallback_returns_most_frequent_draw():
     cycle = itertools.cycle(["a", "b", "a", "c"])  # pairs (a, b), (a, c): stage 1 never agrees
-    sample, num_draws = exact_temperature_sample(lambda: next(cycle), 0.5, max_attempts=41, on_exhausted="fallback")
-    assert (sample, num_draws) == ("a", 41)
+    result = exact_temperature_sample(lambda: next(cycle), 0.5, max_attempts=41, on_exhausted="fallback")
+    assert result == ("a", 41, True)
+    assert result.exhausted
 
 
 def test_budget_counts_stage_two_draws():
@@ -268,3 +272,65 @@ def test_bad_candidates_raise():
         batch_temperature_select(torch.zeros(1, 4, 2), 0.5)
     with pytest.raises(ValueError, match="num_candidates=0"):
         batch_temperature_select(torch.zeros(1, 0, 2, dtype=torch.long), 0.5)
+
+
+def _rows(*rows: list[int]) -> torch.Tensor:
+    """Rows of single-token candidates, (B, N, 1)."""
+    return torch.tensor(rows, dtype=torch.long).unsqueeze(-1)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "rows", "want"),
+    [
+        (0.5, ([1, 2, 3, 4], [1, 1, 2, 3]), [1.0, 0.5]),  # all distinct: uniform; a pair: T itself
+        (1 / 3, ([1, 1, 2, 3], [1, 1, 1, 2], [5, 6, 7, 8]), [1 / 2, 1 / 3, 1.0]),  # the order drops to 2
+        (1 / 2.5, ([1, 1, 2, 3], [1, 2, 3, 4]), [0.4, 1.0]),  # c = 2 >= n = 2: T itself
+        (1 / 3.5, ([1, 1, 2, 3],), [1 / 2.5]),  # c = 2 < n = 3: m = c + alpha
+        (1.0, ([1, 1, 1, 1],), [1.0]),
+    ],
+)
+def test_effective_temperature_by_hand(temperature, rows, want) -> None:
+    got = batch_effective_temperature(_rows(*rows), temperature)
+    assert got.tolist() == pytest.approx(want)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1 / 3, 0.7])
+def test_effective_temperature_one_means_alg2_chose_uniformly(temperature) -> None:
+    """Every row reported as T = 1 is one where Alg. 2's probabilities are uniform (the converse need not
+    hold: four pairs are sharpened at T = 1/2 and still come out uniform)."""
+    candidates = torch.randint(0, 12, (200, 8, 1), generator=torch.Generator().manual_seed(0))
+    effective = batch_effective_temperature(candidates, temperature)
+    probs = batch_temperature_probs(candidates, temperature)
+    uniform = (probs - 1 / 8).abs().max(dim=1).values < 1e-12
+    fell_back = effective == 1.0
+    assert bool(uniform[fell_back].all())
+    assert 0 < int(fell_back.sum()) < 200 and int((~uniform).sum()) > 0  # both cases occur
+
+
+def test_sampling_stats_count_fallbacks_and_the_mean_temperature() -> None:
+    stats = SamplingStats(0.5, "batch")
+    for effective in (1.0, 0.5, 1.0, 0.5):
+        stats.record(effective)
+    assert (stats.steps, stats.fallback_steps, stats.effective_temperature) == (4, 2, 0.75)
+    exact = SamplingStats(0.5, "exact")
+    exact.record(0.5)
+    exact.record(None)  # budget ran out: a fallback, left out of the mean
+    assert (exact.steps, exact.fallback_steps, exact.effective_temperature) == (2, 1, 0.5)
+    total = SamplingStats.combine([stats, SamplingStats(0.5, "batch")])
+    assert total.to_dict() == {
+        "sampler": "batch",
+        "temperature": 0.5,
+        "steps": 4,
+        "fallback_steps": 2,
+        "effective_temperature": 0.75,
+    }
+    assert stats.describe(16) == (
+        "2 of 4 steps fell back to T = 1 (all candidates differed); effective temperature 0.75 "
+        "(asked 0.5, sampler batch, N = 16)"
+    )
+    assert "--num-samples" in stats.remedy() and "--sampler exact" in stats.remedy()
+    plain = SamplingStats(1.0)
+    plain.record(1.0)
+    assert plain.fallback_steps == 0  # T = 1 asked: nothing to fall back from
+    with pytest.raises(ValueError, match="different temperatures"):
+        SamplingStats.combine([stats, exact])

@@ -77,6 +77,25 @@ def test_completion_equals_generate_text_for_the_same_seed(calm_url: str, calm_m
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
+def test_usage_says_how_many_calm_steps_fell_back(calm_url: str, gpt_url: str) -> None:
+    """One candidate per step (N = 1) can never repeat: every chunk of every choice is plain T = 1 sampling."""
+    out = client(calm_url).completions.create(
+        model="tiny-calm",
+        prompt=PROMPT,
+        max_tokens=8,
+        n=2,
+        temperature=0.5,
+        seed=3,
+        extra_body={"num_samples": 1},
+    )
+    sampling = out.usage.model_extra["sampling"]
+    assert sampling["sampler"] == "batch" and sampling["temperature"] == 0.5
+    assert sampling["steps"] >= 2 and sampling["fallback_steps"] == sampling["steps"]  # >= 1 step per choice
+    assert sampling["effective_temperature"] == 1.0
+    gpt = client(gpt_url).completions.create(model="tiny-gpt", prompt=PROMPT, max_tokens=4, temperature=0.5)
+    assert "sampling" not in (gpt.usage.model_extra or {})
+
+
 def test_n_and_prompt_lists_number_choices_and_seeds(calm_url: str, calm_model) -> None:
     prompts = [PROMPT, "A small bird"]
     out = client(calm_url).completions.create(model="tiny-calm", prompt=prompts, max_tokens=8, n=2, seed=100)
