@@ -512,6 +512,25 @@ def _make_stage(run: PlannedRun, spec: SweepSpec, preset: Preset) -> train_loop.
     return GPTStage(spec.data, preset.model, preset.train)
 
 
+def run_state(run: PlannedRun, spec: SweepSpec, out: str | Path) -> str:
+    """``"new"``, ``"started"`` (it will resume) or ``"done"``; the real run and ``--dry-run`` both ask this.
+
+    Raises:
+        ConfigError: the folder holds a run of another plan (e.g. the budget or data changed).
+    """
+    run_dir = Path(out) / run.name
+    if not (run_dir / _PLAN_FILE).exists():
+        return "new"
+    previous, plan = read_json(run_dir / _PLAN_FILE), _plan_record(run, spec)
+    if previous != plan:
+        changed = sorted(k for k in plan if previous.get(k) != plan[k])
+        raise ConfigError(
+            f"{run_dir} holds a run planned differently (changed: {changed}); delete the folder to retrain it "
+            "or sweep into another --out"
+        )
+    return "done" if (run_dir / _DONE_FILE).exists() else "started"
+
+
 def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train one planned run into ``out/run.name`` (resuming it if started); return its DONE record.
 
@@ -523,15 +542,7 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
     """
     run_dir = Path(out) / run.name
     plan = _plan_record(run, spec)
-    if (run_dir / _PLAN_FILE).exists():
-        previous = read_json(run_dir / _PLAN_FILE)
-        if previous != plan:
-            changed = sorted(k for k in plan if previous.get(k) != plan[k])
-            raise ConfigError(
-                f"{run_dir} holds a run planned differently (changed: {changed}); delete the folder to retrain it "
-                "or sweep into another --out"
-            )
-    if (run_dir / _DONE_FILE).exists():
+    if run_state(run, spec, out) == "done":
         return read_json(run_dir / _DONE_FILE)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / _PLAN_FILE, plan, sort_keys=True)
@@ -570,15 +581,15 @@ def run_sweep(
     """Plan, train every run not yet finished (in spec order), then write the results; return the rows.
 
     ``dry_run`` plans and prints the runs without training or writing anything (``vocab_size``
-    plans it for data not prepared yet). Outputs in ``out``: one folder per run,
+    plans it for data not prepared yet); it refuses what the real run refuses (:func:`run_state`). Outputs in ``out``: one folder per run,
     ``results.{md,csv,json}`` and ``results.png`` (:func:`write_results`, headed by ``title``).
     """
     runs = plan_sweep(spec, out, vocab_size=vocab_size)
-    for run in runs:
-        seed = run.overrides.get("train.seed")
+    for run in runs:  # a folder planned differently is refused here, before anything is trained
+        seed = "" if (seed := run.overrides.get("train.seed")) is None else f", seed {seed}"
+        state = {"new": "", "started": " (started: resumes)", "done": " (done)"}[run_state(run, spec, out)]
         echo(
-            f"{run.name}: {run.max_steps} steps x {run.batch_tokens} tokens = {run.train_flops:.3g} FLOPs"
-            + (f", seed {seed}" if seed is not None else "")
+            f"{run.name}: {run.max_steps} steps x {run.batch_tokens} tokens = {run.train_flops:.3g} FLOPs{seed}{state}"
         )
     if dry_run:
         return []

@@ -170,9 +170,7 @@ def write_results(out: Path, runs: list[Any], metrics: list[str], title: str | N
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
-    """One panel per metric that some run logged against training FLOPs, and, where the CALM runs'
-    heads differ in cost, the first metric's last value against the head's FLOPs per sample (the
-    heads' trade-off, paper Figs. 8-9). False (and no file) without matplotlib or data."""
+    """Write :func:`results_figure` to ``path``; False (and no file) without matplotlib or data."""
     try:
         import matplotlib
 
@@ -180,9 +178,26 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fig = results_figure(rows, metrics)
+    if fig is None:
+        return False
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return True
+
+
+def results_figure(rows: list[dict[str, Any]], metrics: list[str]) -> Any:
+    """One panel per metric that some run logged against training FLOPs, and, where the CALM runs'
+    heads differ in cost, the first metric's last value against the head's FLOPs per sample (the
+    heads' trade-off, paper Figs. 8-9). A matplotlib Figure, or None when no run logged a metric."""
+    import matplotlib.pyplot as plt
+
     shown = [m for m in metrics if any(r["curves"][m] for r in rows)]
     if not shown:
-        return False
+        return None
     costed = [r for r in rows if r.get("head_flops_per_sample") and r.get(shown[0]) is not None]
     cost_panel = len({r["head_flops_per_sample"] for r in costed}) > 1
     panels = len(shown) + cost_panel
@@ -201,7 +216,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
                 xs, ys = [x for x, _ in curve], [y for _, y in curve]
                 ax.plot(xs, ys, "o" + style, ms=3, color=color, label=r["run"])
         ax.set(xscale="log", xlabel="training FLOPs", ylabel=metric, title=metric)
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor log ticks overlap on short ranges
+        label_log_axis(ax.xaxis)
         ax.grid(alpha=0.3)
     if cost_panel:
         ax = axes.flat[len(shown)]
@@ -211,14 +226,27 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
         ax.set(
             xscale="log", xlabel="head FLOPs per sample (inference)", ylabel=shown[0], title=f"{shown[0]} vs head cost"
         )
+        label_log_axis(ax.xaxis)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return True
+    return fig
+
+
+def label_log_axis(axis: Any) -> None:
+    """Tick labels on a log axis whatever its range. matplotlib labels only powers of ten there, and a
+    sweep at one budget often spans a fraction of a decade, which left the axis with no label at all:
+    under a decade, about four evenly spaced ticks; under two decades, 1, 2 and 5 times powers of ten;
+    wider, matplotlib's default. Minor ticks stay unlabelled (they overlap on short ranges)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    low, high = axis.get_view_interval()
+    if high / low < 10:
+        axis.set_major_locator(MaxNLocator(nbins=4))
+    elif high / low < 100:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    if high / low < 100:
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    axis.set_minor_formatter(NullFormatter())

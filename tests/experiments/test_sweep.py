@@ -144,10 +144,15 @@ def test_sweep_trains_resumes_skips_and_writes_results(data_dir, tmp_path):
     assert [r["brier1"] for r in rows2] == [r["brier1"] for r in rows]
     assert finished == {n: (out / n / "metrics.jsonl").stat().st_mtime_ns for n in finished}  # skipped
 
-    # a changed budget for existing folders is refused instead of silently mixing plans
+    # a changed budget for existing folders is refused instead of silently mixing plans, by the dry run too
     changed = sweep_from_dict(spec_dict(data_dir, budget={"tokens": 512}))
-    with pytest.raises(ConfigError, match="planned differently"):
-        run_sweep(changed, out, progress=False, echo=lambda *a: None)
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match="planned differently"):
+            run_sweep(changed, out, dry_run=dry_run, progress=False, echo=lambda *a: None)
+    lines: list[str] = []
+    (run_dir / "DONE.json").unlink()
+    assert run_sweep(spec, out, dry_run=True, echo=lines.append) == []
+    assert lines[0].endswith("(done)") and lines[-1].endswith("(started: resumes)")
 
 
 def test_cli_grid_dry_run_and_errors(data_dir, tmp_path, capsys):
@@ -193,3 +198,27 @@ def test_a_diverging_run_is_recorded_as_failed_and_the_sweep_goes_on(data_dir, t
     rows = run_sweep(spec, tmp_path / "out", progress=False, echo=lambda *a: None)
     assert [r["status"] for r in rows] == ["done", "failed: non-finite loss at step 3 of stage gpt"]
     assert "failed: non-finite" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("low", "high"), [(2e12, 8e12), (3e12, 4e12), (1e12, 5e13), (1e10, 1e14)])
+def test_every_panel_of_the_sweep_plot_labels_its_x_axis(low, high):
+    """A sweep at one budget spans a fraction of a decade of FLOPs, where a log axis has no power of ten
+    to label; each panel (the head-cost one too) must still show at least two labelled ticks."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from calm.experiments.sweep_results import results_figure
+
+    def row(name: str, scale: float) -> dict:
+        curve = [(low * scale, 0.1), (high * scale, 0.2)]
+        return {"run": name, "group": name, "curves": {"brier1": curve}, "brier1": 0.2, "head_flops_per_sample": scale}
+
+    fig = results_figure([row("a", 1.0), row("b", 1.5)], ["brier1"])
+    fig.canvas.draw()
+    try:
+        for ax in fig.axes:
+            lo, hi = sorted(ax.get_xlim())
+            labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
+            assert len(labels) >= 2, (ax.get_title(), labels)
+    finally:
+        plt.close(fig)
