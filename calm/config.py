@@ -503,7 +503,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 _FROM_TOKENIZER = (
     "it is the vocabulary size of the data's tokenizer (DIR/tokenizer.json of --data); choose it when "
-    "preparing the data (`calm prepare --vocab-size N`)"
+    "preparing the data (`calm prepare --out NEW_DIR --vocab-size N`, with your --corpus)"
 )
 DERIVED_FIELDS: dict[str, dict[str, str]] = {
     "autoencoder": {
@@ -517,11 +517,11 @@ DERIVED_FIELDS: dict[str, dict[str, str]] = {
         "model.vocab_size": _FROM_TOKENIZER,
         "model.chunk_size": (
             "it is K of the frozen autoencoder (--autoencoder); train an autoencoder with "
-            "`calm train-ae --set model.chunk_size=N` to change it"
+            "`calm train-ae --data DIR --out NEW_DIR --set model.chunk_size=N` to change it"
         ),
         "model.latent_size": (
             "it is the latent size of the frozen autoencoder (--autoencoder); train an autoencoder with "
-            "`calm train-ae --set model.latent_size=N` to change it"
+            "`calm train-ae --data DIR --out NEW_DIR --set model.latent_size=N` to change it"
         ),
     },
     "gpt": {"model.vocab_size": _FROM_TOKENIZER},

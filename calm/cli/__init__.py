@@ -54,7 +54,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("follow", "prompt following: retrieval AUC of continuations", "eval"),
     Command("flops", "analytic FLOPs per token (paper Table 1 accounting)", "eval", computes=False),
     Command("demo", "the main job: data, models, BrierLM, report, samples", "experiments"),
-    Command("report", "rebuild report.md and plots from a run's metrics", "experiments", computes=False),
+    Command("report", "rebuild the report of a demo, sweep or training run", "experiments", computes=False),
     Command("sweep", "train a grid of runs at a fixed budget; table + plot", "experiments"),
     Command("bench", "speed of CALM vs the GPT baseline (same backbone)", "experiments"),
 )

@@ -95,7 +95,7 @@ def cmd_eval_ae(args: argparse.Namespace) -> int:
         chunks,
         special_ids=(tok.bos_id, tok.eos_id, tok.pad_id),
         seed=args.seed,
-        progress=args.json != "-",
+        progress=args.json != "-" and not args.no_progress,
     )
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), **result}
     if args.json == "-":  # `--json` alone: the JSON object is the output
@@ -281,6 +281,7 @@ def _eval_ae_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-chunks", type=int, help="evaluate only the first N chunks")
     p.add_argument("--seed", type=int, default=0, help="seed for the posterior samples")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _follow_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from calm.bench.train import cmd_bench_train
 from calm.cli import add_threads_option
 from calm.config import ConfigError, parse_override
 from calm.experiments.demo import DEMO_LM_FLOPS, DEMO_VOCAB_SIZE, LM_RUNS, run_demo
-from calm.experiments.report import write_report
+from calm.experiments.run_report import write_any_report
 from calm.experiments.studies import run_study
 from calm.experiments.sweep import run_sweep, spec_from_cli
 
@@ -53,8 +53,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Rebuild ``report.md`` and the plots of a run from its logged metrics."""
-    print(f"wrote {write_report(args.run)}")
+    """Rebuild the report of a demo folder, a sweep folder or one training run from its logged metrics."""
+    print(f"wrote {write_any_report(args.run)}")
     return 0
 
 
@@ -140,7 +140,11 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True)
+    p.add_argument(
+        "--run",
+        required=True,
+        help="a demo folder (report.md), a sweep folder (results.*) or one training run's folder (report.md)",
+    )
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:

@@ -295,20 +295,34 @@ def _write_shards(
 # Reading shards
 
 
+PREPARE_AGAIN = "run the `calm prepare` command that made this folder again, with --overwrite"
+"""The remedy for a data folder that is damaged or incomplete (one command works for every layout)."""
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / "meta.json"
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
     if not path.is_file():
+        if data_dir.is_dir() and any(data_dir.iterdir()):  # a folder of the user's own text, perhaps
+            prepared = f"{str(data_dir).rstrip('/')}-prepared"
+            raise DataError(
+                f"{data_dir} is not a prepared data folder (it has no meta.json); to use the text files in it, "
+                f"run `calm prepare --corpus {data_dir} --out {prepared}`, then pass {prepared}"
+            )
         raise DataError(f"{path} not found; prepare the data first (`calm prepare --out {data_dir}`)")
     try:
         meta = read_json(path)
     except JSONFileError as e:
-        raise DataError(f"{e.problem}; re-run `calm prepare` for this folder") from None
+        raise DataError(f"{e.problem}; {PREPARE_AGAIN}") from None
     if not isinstance(meta, dict):
-        raise DataError(f"{path} holds a JSON {type(meta).__name__}, not an object; re-run `calm prepare`")
+        raise DataError(f"{path} holds a JSON {type(meta).__name__}, not an object; {PREPARE_AGAIN}")
     if meta.get("format_version") != FORMAT_VERSION or meta.get("dtype") != TOKEN_DTYPE.name:
+        sources = " ".join(str(s) for s in meta.get("sources") or ["default"])
+        newer = f"{str(data_dir).rstrip('/')}-v{FORMAT_VERSION}"
         raise DataError(
             f"{path} has format {meta.get('format_version')} / dtype {meta.get('dtype')}; this version of "
-            f"calm reads format {FORMAT_VERSION} / {TOKEN_DTYPE.name}. Re-run `calm prepare`"
+            f"calm reads format {FORMAT_VERSION} / {TOKEN_DTYPE.name}. Prepare it again with the same tokenizer: "
+            f"`calm prepare --corpus {sources} --tokenizer {data_dir / 'tokenizer.json'} --out {newer}`"
         )
     return meta
 
@@ -316,12 +330,12 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
 def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     """Read-only memmap of ``count`` items, checking the file holds exactly that many."""
     if not path.is_file():
-        raise DataError(f"{path} is missing; re-run `calm prepare` for this folder")
+        raise DataError(f"{path} is missing; {PREPARE_AGAIN}")
     size, expected = path.stat().st_size, count * dtype.itemsize
     if size != expected:
         raise DataError(
             f"{path} holds {size} bytes but meta.json implies {expected} ({count} x {dtype.name}); the file "
-            "is truncated or from another run. Re-run `calm prepare` for this folder"
+            f"is truncated or from another run; {PREPARE_AGAIN}"
         )
     if count == 0:
         return np.zeros(0, dtype)
@@ -344,7 +358,7 @@ class TokenShard:
             raise DataError(
                 f"{self.data_dir / f'{split}.idx'} does not match {split}.bin (offsets run "
                 f"{int(self.offsets[0])}..{int(self.offsets[-1])}, expected 0..{info['num_tokens']}); "
-                "re-run `calm prepare`"
+                f"{PREPARE_AGAIN}"
             )
 
     @property

@@ -497,7 +497,7 @@ def _chained_seed(ae_run: str | None, by_group: dict[str, list[PlannedRun]]) -> 
 
 # ----------------------------------------------------------------------------- running
 
-_PLAN_FILE, _DONE_FILE = "sweep_run.json", "DONE.json"
+PLAN_FILE, _DONE_FILE = "sweep_run.json", "DONE.json"
 
 
 def _plan_record(run: PlannedRun, spec: SweepSpec) -> dict[str, Any]:
@@ -519,9 +519,9 @@ def run_state(run: PlannedRun, spec: SweepSpec, out: str | Path) -> str:
         ConfigError: the folder holds a run of another plan (e.g. the budget or data changed).
     """
     run_dir = Path(out) / run.name
-    if not (run_dir / _PLAN_FILE).exists():
+    if not (run_dir / PLAN_FILE).exists():
         return "new"
-    previous, plan = read_json(run_dir / _PLAN_FILE), _plan_record(run, spec)
+    previous, plan = read_json(run_dir / PLAN_FILE), _plan_record(run, spec)
     if previous != plan:
         changed = sorted(k for k in plan if previous.get(k) != plan[k])
         raise ConfigError(
@@ -541,11 +541,12 @@ def run_one(run: PlannedRun, spec: SweepSpec, out: str | Path, *, progress: bool
         ConfigError: the folder holds a run of another plan (e.g. the budget or data changed).
     """
     run_dir = Path(out) / run.name
-    plan = _plan_record(run, spec)
-    if run_state(run, spec, out) == "done":
+    plan, state = _plan_record(run, spec), run_state(run, spec, out)
+    if state == "done":
         return read_json(run_dir / _DONE_FILE)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / _PLAN_FILE, plan, sort_keys=True)
+    if state == "new":  # written once: its age orders the runs for `calm report`
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / PLAN_FILE, plan)  # in plan order: `calm report` rebuilds the columns from it
     preset = load_preset(run.kind, run.preset, run.overrides)
     stage = _make_stage(run, spec, preset)
     if stage.flops_per_token is not None and not math.isclose(stage.flops_per_token, run.flops_per_token):
@@ -581,8 +582,9 @@ def run_sweep(
     """Plan, train every run not yet finished (in spec order), then write the results; return the rows.
 
     ``dry_run`` plans and prints the runs without training or writing anything (``vocab_size``
-    plans it for data not prepared yet); it refuses what the real run refuses (:func:`run_state`). Outputs in ``out``: one folder per run,
-    ``results.{md,csv,json}`` and ``results.png`` (:func:`write_results`, headed by ``title``).
+    plans it for data not prepared yet); it refuses what the real run refuses (:func:`run_state`).
+    Outputs in ``out``: one folder per run, ``results.{md,csv,json}`` and ``results.png``
+    (:func:`write_results`, headed by ``title``).
     """
     runs = plan_sweep(spec, out, vocab_size=vocab_size)
     for run in runs:  # a folder planned differently is refused here, before anything is trained

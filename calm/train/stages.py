@@ -28,7 +28,7 @@ from torch import nn
 
 from calm.checkpoint import load_model
 from calm.config import AutoencoderConfig, CALMConfig, ConfigError, GPTConfig, TrainConfig
-from calm.data.shards import TokenShard, ae_chunks, lm_blocks
+from calm.data.shards import PREPARE_AGAIN, TokenShard, ae_chunks, lm_blocks
 from calm.data.tokenizer import Tokenizer
 from calm.eval.autoencoder import evaluate_autoencoder
 from calm.eval.brier import calm_block_brier, gpt_block_brier
@@ -55,12 +55,12 @@ def _open_data(data_dir: str | Path) -> tuple[TokenShard, TokenShard, Tokenizer]
     train, val = TokenShard(data_dir, "train"), TokenShard(data_dir, "val")
     tok_path = data_dir / "tokenizer.json"
     if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path} is missing; re-run `calm prepare`")
+        raise FileNotFoundError(f"{tok_path} is missing; {PREPARE_AGAIN}")
     tokenizer = Tokenizer.from_file(tok_path)
     if tokenizer.sha256 != train.tokenizer_sha256:
         raise ConfigError(
             f"{tok_path} (sha256 {tokenizer.sha256[:12]}…) is not the tokenizer the shards were made with "
-            f"({train.tokenizer_sha256[:12]}…); re-run `calm prepare`"
+            f"({train.tokenizer_sha256[:12]}…); {PREPARE_AGAIN}"
         )
     return train, val, tokenizer
 

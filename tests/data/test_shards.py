@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +116,40 @@ def test_a_text_file_given_as_data_is_answered_with_the_command_that_prepares_it
     hint = err[err.index("`calm prepare") + 1 : err.index("`, then")]
     assert main([*hint.split()[1:], "--vocab-size", "320", "--no-progress"]) == 0  # the hinted command works
     assert (tmp_path / "mytext-data" / "meta.json").exists() and f"--data {tmp_path / 'mytext-data'}" in err
+
+
+def test_a_folder_of_text_given_as_data_is_answered_with_the_command_that_prepares_it(
+    tmp_path: Path, tiny_texts: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its hint once was `calm prepare --out FOLDER`, which refuses a folder that is not empty."""
+    from calm.cli import main
+
+    own = tmp_path / "mytexts"
+    own.mkdir()
+    (own / "a.txt").write_text("\n\n".join(tiny_texts))
+    assert main(["train-gpt", "--data", str(own), "--out", str(tmp_path / "run"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"{own} is not a prepared data folder (it has no meta.json)" in err
+    hint = re.search(r"`(calm prepare [^`]+)`, then pass (\S+)", err)
+    assert main([*hint.group(1).split()[1:], "--vocab-size", "320", "--no-progress"]) == 0
+    assert TokenShard(hint.group(2), "train").num_documents > 0
+
+
+def test_data_of_another_format_is_answered_with_a_command_that_keeps_its_tokenizer(
+    tmp_path: Path, tiny_data_dir: Path
+) -> None:
+    from calm.cli import main
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_data_dir, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "format_version": 0}))
+    with pytest.raises(DataError, match="this version of calm reads format") as info:
+        TokenShard(old, "train")
+    command = re.search(r"`(calm prepare [^`]+)`", str(info.value)).group(1)
+    assert main([*command.split()[1:], "--no-progress"]) == 0
+    newer = Path(command.split("--out ")[1])
+    assert TokenShard(newer, "train").tokenizer_sha256 == meta["tokenizer_sha256"]
 
 
 def test_hf_source_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,8 +420,10 @@ def test_truncated_or_missing_files_are_reported(tmp_path: Path, tiny_data_dir: 
     assert TokenShard(broken, "val").num_documents > 0
     with pytest.raises(DataError, match="no split 'test'"):
         TokenShard(broken, "test")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(DataError, match="meta.json not found; prepare the data first"):
-        TokenShard(tmp_path, "train")
+        TokenShard(empty, "train")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The experiment runner (calm/experiments/sweep.py): spec errors, budgets -> steps, resumable runs, results."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -149,6 +150,16 @@ def test_sweep_trains_resumes_skips_and_writes_results(data_dir, tmp_path):
     for dry_run in (True, False):
         with pytest.raises(ConfigError, match="planned differently"):
             run_sweep(changed, out, dry_run=dry_run, progress=False, echo=lambda *a: None)
+    # calm report rebuilds the results from the run folders alone, title included
+    expected = {name: (out / name).read_text() for name in ("results.md", "results.csv")}
+    for name in ("results.md", "results.csv", "results.json", "results.png"):
+        (out / name).unlink()
+    (out / "results.md").write_text("# A titled study (5 runs; budget per run: old)\n")
+    assert main(["report", "--run", str(out)]) == 0
+    assert (out / "results.csv").read_text() == expected["results.csv"]
+    assert (out / "results.md").read_text() == expected["results.md"].replace("Sweep results", "A titled study", 1)
+    assert (out / "results.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
     lines: list[str] = []
     (run_dir / "DONE.json").unlink()
     assert run_sweep(spec, out, dry_run=True, echo=lines.append) == []
