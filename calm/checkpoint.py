@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -260,18 +260,33 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_weights(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, read one at a time from the memory-mapped file onto ``device``, floating
+    point ones cast to ``dtype`` on the way (so a bf16 load never holds the fp32 weights whole)."""
     path = resolve_checkpoint(ckpt_dir) / WEIGHTS_FILE
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
     try:
-        return load_file(str(path), device=str(device))
+        weights = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                tensor = f.get_tensor(key)
+                weights[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return weights
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); pick another checkpoint") from e
 
 
-def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
-    """load_state_dict(strict) with messages that name the keys and shapes that differ."""
+def load_state_into(
+    model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path, assign: bool = False
+) -> None:
+    """load_state_dict(strict) with messages that name the keys and shapes that differ.
+
+    ``assign=True`` makes the given tensors the model's parameters (no copy), for a model built on the
+    meta device; the parameters keep their ``requires_grad``.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -285,7 +300,7 @@ def load_state_into(model: nn.Module, weights: dict[str, torch.Tensor], source: 
             raise CheckpointError(
                 f"{source}: {k} has shape {tuple(v.shape)} but the model expects {tuple(expected[k].shape)}"
             )
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=True, assign=assign)
 
 
 def read_tokenizer_json(ckpt_dir: str | Path, expected_sha256: str | None = None) -> str:
@@ -335,11 +350,18 @@ def use_fast_argmax(model: nn.Module) -> nn.Module:
 
 
 def load_model(
-    ckpt_dir: str | Path, device: str | torch.device = "cpu", kind: str | None = None
+    ckpt_dir: str | Path,
+    device: str | torch.device = "cpu",
+    kind: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Autoencoder | CALM | GPT, Tokenizer, dict[str, Any]]:
     """Load any calm checkpoint -> (model in eval mode, Tokenizer, config dict).
 
-    ``kind`` (autoencoder | calm | gpt), when given, is checked against the checkpoint's.
+    The model is built on the meta device (no random initialisation, no memory) and the checkpoint's
+    tensors become its parameters as they are read, so the peak memory is about the size of the
+    weights. ``dtype`` (e.g. ``torch.bfloat16``) casts the floating-point weights while reading; the
+    default keeps the checkpoint's. ``kind`` (autoencoder | calm | gpt), when given, is checked against
+    the checkpoint's.
     """
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     config = read_config(ckpt_dir)
@@ -350,27 +372,37 @@ def load_model(
             f"{ckpt_dir} is {indefinite_article(found)} {found} checkpoint but {needed} checkpoint is needed here"
         )
     tokenizer = Tokenizer.from_str(read_tokenizer_json(ckpt_dir, config.get("tokenizer_sha256")))
-    try:
-        if config["kind"] == "autoencoder":
-            model = Autoencoder(config_from_dict(AutoencoderConfig, config["model"]))
-        elif config["kind"] == "calm":
-            ae = Autoencoder(config_from_dict(AutoencoderConfig, config["autoencoder"]))
-            model = build_calm(config_from_dict(CALMConfig, config["model"]), ae)
-        elif config["kind"] == "gpt":
-            model = GPT(config_from_dict(GPTConfig, config["model"]))
-        else:
-            raise CheckpointError(f"{ckpt_dir}: unknown checkpoint kind {config['kind']!r}")
-    except (ConfigError, ValueError) as e:
-        raise CheckpointError(f"{ckpt_dir}/config.json describes an impossible model: {e}") from e
+    with torch.device("meta"):
+        model = build_model(config, ckpt_dir)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(
             f"{ckpt_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but the model was built for "
             f"{model.config.vocab_size}; use the tokenizer the model was trained with"
         )
-    load_state_into(model, load_weights(ckpt_dir, device), ckpt_dir)
-    model.to(device).eval()
+    load_state_into(model, load_weights(ckpt_dir, device, dtype), ckpt_dir, assign=True)
+    for module in model.modules():  # tables no checkpoint holds (rotary, noise schedule)
+        if hasattr(module, "init_buffers"):
+            module.init_buffers(device)
+    model.eval()
     use_fast_argmax(model)
     return model, tokenizer, config
+
+
+def build_model(config: dict[str, Any], source: str | Path = "the checkpoint") -> Autoencoder | CALM | GPT:
+    """The model a checkpoint's ``config.json`` describes, with fresh weights (on the current default device;
+    :func:`load_model` builds on the meta device). Raises CheckpointError for an unknown kind or an
+    impossible config."""
+    try:
+        if config["kind"] == "autoencoder":
+            return Autoencoder(config_from_dict(AutoencoderConfig, config["model"]))
+        if config["kind"] == "calm":
+            ae = Autoencoder(config_from_dict(AutoencoderConfig, config["autoencoder"]))
+            return build_calm(config_from_dict(CALMConfig, config["model"]), ae)
+        if config["kind"] == "gpt":
+            return GPT(config_from_dict(GPTConfig, config["model"]))
+    except (ConfigError, ValueError) as e:
+        raise CheckpointError(f"{source}/config.json describes an impossible model: {e}") from e
+    raise CheckpointError(f"{source}: unknown checkpoint kind {config['kind']!r}")
 
 
 def indefinite_article(word: str) -> str:

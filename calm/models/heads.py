@@ -268,9 +268,13 @@ class DiffusionHead(_ConditionalNet):
 
     def __init__(self, config: CALMConfig) -> None:
         super().__init__(config)
-        self.register_buffer(
-            "alphas_cumprod", cosine_alphas_cumprod(config.diffusion_train_steps).float(), persistent=False
-        )
+        self.register_buffer("alphas_cumprod", None, persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the noise schedule, which no checkpoint holds (see ``Backbone.init_buffers``)."""
+        schedule = cosine_alphas_cumprod(self.config.diffusion_train_steps).float()
+        self.alphas_cumprod = schedule if device is None else schedule.to(device)
 
     @staticmethod
     def passes_per_sample(config: CALMConfig) -> int:

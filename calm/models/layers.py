@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from calm.config import TransformerConfig
@@ -185,9 +186,19 @@ class Backbone(nn.Module):
         self.config = config
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False
+        """Activation checkpointing: in training, each block's activations are recomputed in the backward
+        pass instead of kept (``train.activation_checkpointing``)."""
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary tables, which no checkpoint holds; a model built on the meta device
+        gets real ones this way after its weights are loaded (``calm.checkpoint.load_model``)."""
+        c = self.config
+        cos, sin = rope_frequencies(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.rope_cos, self.rope_sin = (cos, sin) if device is None else (cos.to(device), sin.to(device))
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
@@ -220,8 +231,12 @@ class Backbone(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         else:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, attn_mask)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i, attn_mask)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
