@@ -36,6 +36,7 @@ from calm.config import ConfigError, TrainConfig
 from calm.data.shards import BatchSampler
 from calm.hardware import autocast, describe, resolve_precision
 from calm.io import append_jsonl, atomic_write_text, read_jsonl, to_json, write_json
+from calm.models.layers import Backbone
 from calm.train import distributed as dist
 
 
@@ -73,12 +74,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only (biases and norm gains are not decayed)."""
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, device: torch.device | str = "cpu"
+) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only (biases and norm gains are not decayed).
+
+    ``cfg.fused_optimizer``: ``auto`` uses the fused kernel on CUDA only, ``on`` wherever torch has one
+    for ``device``, ``off`` never.
+    """
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    fused = cfg.fused_optimizer == "on" or (cfg.fused_optimizer == "auto" and torch.device(device).type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn per-block activation checkpointing on or off in every backbone of ``model`` (CALM, GPT)."""
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.checkpoint_blocks = enabled
 
 
 def resolve_run_precision(cfg: TrainConfig, device: torch.device, saved: dict[str, Any] | None) -> str:
@@ -294,7 +309,8 @@ def run_training(
     del weights
     train_model = dist.wrap_model(model, ctx, stage.trainable_parameters())
     params = stage.trainable_parameters()  # after wrapping: FSDP2 replaces them with sharded ones
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, device)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     run = _Run(stage, cfg, out, ctx, device, precision, accum, sampler, model, train_model, params, optimizer)
     previous = (saved or {}).get("train_changes", [])
     if previous or changes:
