@@ -6,7 +6,8 @@ step in a fresh Python process and reports its wall time and peak resident memor
 
 - ``convert``: ``calm.interop.convert.convert(folder, out, tokenizer="llama3")``;
 - ``load fp32`` / ``load bf16``: ``calm.checkpoint.load_model(out)`` (with ``dtype=torch.bfloat16``
-  where the installed calm has that option).
+  where the installed calm has that option); ``load fp32 + read every weight`` then reads each
+  parameter once, as a first forward pass would (a memory-mapped load reads pages only when used).
 
     python benchmarks/load_scale.py --size M --work /tmp/calm-load       # this checkout
     python benchmarks/load_scale.py --size M --work /tmp/calm-load --root /path/to/other/checkout
@@ -55,6 +56,8 @@ if {dtype} is not None and not kw:
     raise SystemExit("this checkout's load_model has no dtype option")
 model, tok, cfg = load_model({out!r}, **kw)
 assert not any(t.is_meta for t in model.state_dict().values())
+if {touch}:  # read every weight once, as a first forward pass does (a memory-mapped load is lazy)
+    total = sum(float(p.float().sum()) for p in model.parameters())
 """
 
 
@@ -75,6 +78,8 @@ def build_official(size: str, folder: Path, seed: int = 0) -> Path:
     tied = "ae_model.decoder.lm_head_weight"
     if tied in state:  # the authors' .bin shares the autoencoder's output weight with its embedding
         state[tied] = state["ae_model.encoder.embed_tokens.weight"]
+    for name in [k for k in state if k.startswith("mlp_generator.")]:  # an alias of the head (format note §2)
+        state[name] = state["generative_head." + name.removeprefix("mlp_generator.")]
     torch.save(state, folder / "pytorch_model.bin.tmp")
     (folder / "pytorch_model.bin.tmp").rename(weights)
     (folder / "config.json").write_text(to_json(entry["config"], indent=2))
@@ -94,7 +99,7 @@ def main() -> int:
     parser.add_argument("--size", choices=["M", "L", "XL"], default="M")
     parser.add_argument("--work", type=Path, default=Path("/tmp/calm-load-scale"))
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="calm checkout to time")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each step (the JSON lists them all)")
     args = parser.parse_args()
     start = time.perf_counter()
     folder = build_official(args.size, args.work / f"official-{args.size}")
@@ -104,8 +109,9 @@ def main() -> int:
     result = {"size": args.size, "root": str(args.root), "official_bin_gib": round(size_gib, 2), "steps": {}}
     steps = {
         "convert": CONVERT.format(folder=str(folder), out=str(out)),
-        "load fp32": LOAD.format(out=str(out), dtype="None"),
-        "load bf16": LOAD.format(out=str(out), dtype="torch.bfloat16"),
+        "load fp32": LOAD.format(out=str(out), dtype="None", touch=False),
+        "load fp32 + read every weight": LOAD.format(out=str(out), dtype="None", touch=True),
+        "load bf16": LOAD.format(out=str(out), dtype="torch.bfloat16", touch=False),
     }
     for name, body in steps.items():
         runs = [run_step(args.root, body) for _ in range(args.repeats)]

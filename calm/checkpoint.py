@@ -17,6 +17,7 @@ directory and a checkpoint directory are both accepted wherever a checkpoint is 
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -260,20 +261,56 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+CAST_CHUNK_BYTES = 256 * 2**20
+"""A load that casts (``dtype``) maps this much of the file at a time, so that the pages read for the
+cast are released as it goes and never all count at once."""
+
+_SAFETENSORS_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
 def load_weights(
     ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, read one at a time from the memory-mapped file onto ``device``, floating
-    point ones cast to ``dtype`` on the way (so a bf16 load never holds the fp32 weights whole)."""
+    """The checkpoint's tensors, read from the memory-mapped file onto ``device``.
+
+    Without ``dtype`` the file is mapped once and the tensors are read lazily (on the CPU, a page is
+    read when first used, so loading costs about nothing until the model runs). With ``dtype``,
+    floating-point tensors are cast as they are read, ``CAST_CHUNK_BYTES`` of the file at a time, so a
+    bf16 load of fp32 weights holds the bf16 weights and one chunk, never the fp32 weights whole.
+    """
     path = resolve_checkpoint(ckpt_dir) / WEIGHTS_FILE
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
     try:
-        weights = {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
-                tensor = f.get_tensor(key)
-                weights[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            if dtype is None:
+                return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a mapping)
+            chunks, size = [[]], 0
+            for key in f.keys():  # noqa: SIM118
+                part = f.get_slice(key)
+                nbytes = math.prod(part.get_shape()) * _SAFETENSORS_BYTES.get(part.get_dtype(), 4)
+                if size + nbytes > CAST_CHUNK_BYTES and chunks[-1]:
+                    chunks.append([])
+                    size = 0
+                chunks[-1].append(key)
+                size += nbytes
+        weights = {}
+        for keys in chunks:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    weights[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         return weights
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); pick another checkpoint") from e

@@ -9,6 +9,7 @@ import factories
 import pytest
 import torch
 
+from calm import checkpoint
 from calm.checkpoint import build_model, load_model, load_state_into, load_weights, read_config, save_checkpoint
 from calm.data.tokenizer import Tokenizer
 
@@ -79,7 +80,10 @@ def test_loading_draws_no_random_weights(checkpoints, monkeypatch) -> None:
     assert all(t.is_meta for t in calls)
 
 
-def test_a_bf16_load_casts_the_weights_as_it_reads_them(checkpoints) -> None:
+@pytest.mark.parametrize("chunk_bytes", [256 * 2**20, 4096])
+def test_a_bf16_load_casts_the_weights_as_it_reads_them(checkpoints, chunk_bytes, monkeypatch) -> None:
+    """Whole file at once or a few tensors per mapping: the same weights."""
+    monkeypatch.setattr(checkpoint, "CAST_CHUNK_BYTES", chunk_bytes)
     model, _, _ = load_model(checkpoints["calm"], dtype=torch.bfloat16)
     reference = _reference(checkpoints["calm"])
     theirs = reference.state_dict()

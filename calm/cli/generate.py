@@ -12,13 +12,13 @@ import os
 import sys
 
 from calm.config import ConfigError
-from calm.generate.lm import SAMPLERS, load_language_model
+from calm.generate.lm import SAMPLERS, WEIGHT_DTYPES, load_language_model
 from calm.generate.sampling import SamplingStats
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue ``--prompt``, streaming the text (``LanguageModel.complete``, as ``generate_text``)."""
-    lm = load_language_model(args.checkpoint)
+    lm = load_language_model(args.checkpoint, dtype=args.dtype)
     if args.head_steps is not None:
         lm.set_head_steps(args.head_steps)
     lm.check_request(
@@ -79,12 +79,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_choices=args.max_choices,
+        dtype=args.dtype,
     )
     return 0
 
 
+def _dtype_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=list(WEIGHT_DTYPES),
+        help="cast the weights to this precision as they are read (default: the checkpoint's own)",
+    )
+
+
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="CALM or GPT checkpoint / run directory")
+    _dtype_argument(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
@@ -111,6 +121,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="CALM or GPT checkpoint / run directory")
+    _dtype_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $CALM_API_KEY; none if unset)")

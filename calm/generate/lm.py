@@ -56,6 +56,10 @@ TOKEN_LM_MAX_TEMPERATURE = 2.0
 """Largest temperature of the token LM (OpenAI's range is [0, 2])."""
 
 
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""The weight precisions a model can be loaded in (``--dtype`` of ``calm generate`` and ``calm serve``)."""
+
+
 class LanguageModelError(ValueError):
     """A request a language model cannot serve as asked; the message names the rule and the fix.
 
@@ -462,9 +466,15 @@ def load_language_model(
     device: str | torch.device = "cpu",
     *,
     greedy_temperature: float = CALM_GREEDY_TEMPERATURE,
+    dtype: str | None = None,
 ) -> LanguageModel:
-    """Load a CALM or GPT checkpoint (or run directory) as a :class:`LanguageModel` (``calm.checkpoint.load_model``)."""
-    model, tokenizer, _ = load_model(checkpoint, device)
+    """Load a CALM or GPT checkpoint (or run directory) as a :class:`LanguageModel` (``calm.checkpoint.load_model``).
+
+    ``dtype`` (``"fp32"`` or ``"bf16"``) casts the weights as they are read; None keeps the checkpoint's.
+    """
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise LanguageModelError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}", "dtype")
+    model, tokenizer, _ = load_model(checkpoint, device, dtype=None if dtype is None else WEIGHT_DTYPES[dtype])
     return as_language_model(model, tokenizer, name=str(checkpoint), greedy_temperature=greedy_temperature)
 
 

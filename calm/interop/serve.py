@@ -366,9 +366,11 @@ def load_app(
     api_key: str | None = None,
     max_choices: int = 16,
     device: str = "cpu",
+    dtype: str | None = None,
 ) -> FastAPI:
-    """Load a checkpoint (or run directory) and build its app; ``model_name`` defaults to the folder name."""
-    completer = TextCompleter(load_language_model(checkpoint, device))
+    """Load a checkpoint (or run directory) and build its app; ``model_name`` defaults to the folder name;
+    ``dtype`` (fp32 | bf16) casts the weights as they are read."""
+    completer = TextCompleter(load_language_model(checkpoint, device, dtype=dtype))
     given = Path(checkpoint).resolve()
     # runs/NAME or runs/NAME/checkpoints/step_N -> NAME
     name = model_name or (given.parent.parent.name if given.parent.name == "checkpoints" else given.name)
@@ -410,7 +412,8 @@ def serve(
     model_name: str | None = None,
     api_key: str | None = None,
     max_choices: int = 16,
+    dtype: str | None = None,
 ) -> None:
     """Serve a checkpoint until interrupted (the ``calm serve`` command)."""
-    app = load_app(checkpoint, model_name=model_name, api_key=api_key, max_choices=max_choices)
+    app = load_app(checkpoint, model_name=model_name, api_key=api_key, max_choices=max_choices, dtype=dtype)
     uvicorn.run(app, host=host, port=port, log_level="info")

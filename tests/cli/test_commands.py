@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import calm.cli
 from calm.checkpoint import load_model, resolve_checkpoint
@@ -209,3 +210,14 @@ def test_every_command_takes_threads(capsys) -> None:
             assert "--threads" in leaf._option_string_actions, leaf.prog
     code, out, err = run(["flops", "--model", "gpt", "--preset", "tiny", "--threads", "0"], capsys)
     assert code == 2 and err.splitlines() == ["error: --threads must be >= 1, got 0"] and out == ""
+
+
+@pytest.mark.parametrize("kind", ["calm", "gpt"])
+def test_generate_loads_the_weights_in_bf16_when_asked(kind, tiny_lm_checkpoints, capsys) -> None:
+    from calm.generate.lm import load_language_model
+
+    lm = load_language_model(tiny_lm_checkpoints[kind], dtype="bf16")
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    argv = ["generate", "--checkpoint", str(tiny_lm_checkpoints[kind]), "--prompt", PROMPT, "--max-new-tokens", "8"]
+    code, out, err = run([*argv, "--dtype", "bf16", "--temperature", "0.5", "--seed", "0", "--quiet"], capsys)
+    assert code == 0 and out.startswith(PROMPT), err
