@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calm import checkpoint as ckpt  # noqa: E402 (after the path set-up above)
-from calm.data.shards import prepare  # noqa: E402
+from calm.data.prepare import prepare  # noqa: E402
 
 # The child: the real CLI, with checkpoint file writes slowed a little so kills can land inside them.
 # It seeds torch first because the stages build their models from the global RNG, which torch seeds

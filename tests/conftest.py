@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from calm.config import TrainConfig
-from calm.data.shards import prepare
+from calm.data.prepare import prepare
 from calm.data.tokenizer import Tokenizer, train_bpe
 
 _SUBJECTS = ["The river", "A small bird", "Robert Boulter", "The 1933 hurricane", "Du Fu", "The orchestra"]

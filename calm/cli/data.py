@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import time
 
-from calm.data.shards import prepare
+from calm.data.prepare import prepare
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Tokenize a corpus into a prepared data directory (``calm.data.shards.prepare``)."""
+    """Tokenize a corpus into a prepared data directory (``calm.data.prepare.prepare``)."""
+    start = time.perf_counter()
     meta = prepare(
         args.out,
         sources=args.corpus,
@@ -19,13 +21,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         text_field=args.text_field,
+        resume=args.resume,
     )
+    seconds = time.perf_counter() - start
     splits = meta.get("splits", {})
     summary = ", ".join(f"{k}: {v['num_tokens']:,} tokens / {v['num_documents']:,} docs" for k, v in splits.items())
     validation = meta.get("validation", {}).get("description", "")
     print(
         f"prepared {args.out} ({summary}; vocab {meta.get('vocab_size')})" + (f"; {validation}" if validation else "")
     )
+    tokens = sum(v["num_tokens"] for v in splits.values())
+    if args.resume:
+        print(f"{seconds:.0f} s to finish the resumed run")
+    else:
+        print(f"{seconds:.0f} s: {tokens / max(seconds, 1e-9):,.0f} tokens/s over every pass (plan, tokenize, write)")
     return 0
 
 
@@ -57,6 +66,11 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run of the same command that was stopped (Ctrl-C, a crash) where its last record left it",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -23,17 +23,16 @@ from its ``state_dict``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from calm.data.corpus import Document, Source, iter_documents, resolve_sources
-from calm.data.split import MIN_VAL_BYTES, SplitError, plan_split, split_of  # noqa: F401 (split_of: public here too)
-from calm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from calm.io import JSONFileError, atomic_directory, atomic_file, read_json, write_json
+from calm.data.corpus import iter_documents
+from calm.data.tokenizer import Tokenizer
+from calm.io import JSONFileError, atomic_file, read_json, write_json
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype(np.uint32)
@@ -52,15 +51,39 @@ class DataError(ValueError):
 class ShardWriter:
     """Appends documents (token id sequences) to ``{split}.bin`` / ``{split}.idx`` in ``data_dir``."""
 
-    def __init__(self, data_dir: str | Path, split: str, max_id: int | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, split: str, max_id: int | None = None, resume: dict[str, int] | None = None
+    ) -> None:
+        """``resume`` (``num_tokens``, ``num_documents`` of a :meth:`state`) reopens files written before
+        and cuts them back to that state, dropping whatever was appended after it."""
         self.data_dir = Path(data_dir)
         self.split = split
         self.max_id = max_id
-        self.num_tokens = 0
-        self.num_documents = 0
-        self._bin = open(self.data_dir / f"{split}.bin", "wb")
-        self._idx = open(self.data_dir / f"{split}.idx", "wb")
-        self._idx.write(np.zeros(1, INDEX_DTYPE).tobytes())
+        self.num_tokens = 0 if resume is None else resume["num_tokens"]
+        self.num_documents = 0 if resume is None else resume["num_documents"]
+        bin_path, idx_path = self.data_dir / f"{split}.bin", self.data_dir / f"{split}.idx"
+        if resume is None:
+            self._bin, self._idx = open(bin_path, "wb"), open(idx_path, "wb")
+            self._idx.write(np.zeros(1, INDEX_DTYPE).tobytes())
+            return
+        sizes = {
+            bin_path: self.num_tokens * TOKEN_DTYPE.itemsize,
+            idx_path: (self.num_documents + 1) * INDEX_DTYPE.itemsize,
+        }
+        for path, size in sizes.items():
+            if not path.is_file() or path.stat().st_size < size:
+                raise DataError(f"{path} is shorter than its recorded progress; start again with --overwrite")
+        self._bin, self._idx = open(bin_path, "r+b"), open(idx_path, "r+b")
+        for f, size in ((self._bin, sizes[bin_path]), (self._idx, sizes[idx_path])):
+            f.truncate(size)
+            f.seek(size)
+
+    def state(self) -> dict[str, int]:
+        """What :meth:`close` returns, after flushing both files to disk (a point to resume from)."""
+        for f in (self._bin, self._idx):
+            f.flush()
+            os.fsync(f.fileno())
+        return {"num_tokens": self.num_tokens, "num_documents": self.num_documents}
 
     def write(self, documents: Sequence[Sequence[int]]) -> None:
         if not documents:
@@ -112,183 +135,6 @@ def check_tokenizer_match(meta: dict[str, Any], tokenizer: Tokenizer) -> None:
             f"{tokenizer.sha256[:12]}… ({tokenizer.name}, vocab {tokenizer.vocab_size}); use the data "
             "folder's tokenizer.json, or prepare the data again with this tokenizer"
         )
-
-
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, size)):
-        yield batch
-
-
-def prepare(
-    out_dir: str | Path,
-    sources: Sequence[str] | None = None,
-    tokenizer: str = "train",
-    vocab_size: int = 4096,
-    val_fraction: float = 0.01,
-    seed: int = 0,
-    progress: bool = True,
-    overwrite: bool = False,
-    wikitext: bool = True,
-    cache: str | Path | None = None,
-    batch_documents: int = 256,
-    min_val_bytes: int = MIN_VAL_BYTES,
-    text_field: str | None = None,
-) -> dict[str, Any]:
-    """Tokenize ``sources`` into ``out_dir`` (see the module docstring) and return its meta.
-
-    sources: ``None`` or ``["default"]`` (the default corpus), file or folder paths,
-        ``hf:NAME[:CONFIG][:SPLIT]``.
-    tokenizer: ``"train"`` (a byte-level BPE of ``vocab_size`` trained on the train split),
-        ``"llama3"`` (the paper's), or a tokenizer.json path.
-    vocab_size: 4,096 by default. The autoencoder can only reconstruct ids it has seen often; on
-        the default corpus 0.24% of WikiText-103 test tokens have ids seen < 100 times in training
-        with 4,096 (2,048: 0.12% but 1.90 tokens/word instead of 1.65; 8,192: 0.81%; Llama-3's
-        128k: 22.7%, and 1.5% never seen).
-    val_fraction: share of documents (by seeded hash of their key) held out for validation.
-    min_val_bytes: a validation split smaller than min(this, a fifth of the corpus) is topped up
-        with whole documents or the tail of the longest one (``calm.data.split``); 0 keeps the hash split.
-        ``meta["validation"]["description"]`` says what was done. A corpus too small for any split
-        raises ``DataError`` here, before anything is written.
-    wikitext: include the WikiText-style rendering of the Wikipedia leads (default corpus only).
-    text_field: the JSON field (or dataset column) holding the text of one's own ``.jsonl``/``.json``
-        files or ``hf:`` dataset (default: ``text``, then ``extract``). Line endings of one's own
-        text are normalised to LF (``calm.data.corpus.normalise_newlines``).
-
-    Streaming: documents are read once to plan the split (sizes only), once to train the tokenizer
-    and once to tokenize; the corpus is never held in memory. Everything is written into a
-    temporary folder that replaces ``out_dir`` only once complete; on error nothing is left behind.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise DataError(
-            f"{out_dir} already exists and is not empty; choose another folder or pass --overwrite "
-            "(overwrite=True from Python)"
-        )
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    specs = [str(s) for s in sources] if sources else ["default"]
-    resolved = resolve_sources(sources, cache, wikitext, text_field)
-    corpus = _SplitCorpus(resolved, specs, seed, val_fraction, min_val_bytes)
-    with atomic_directory(out_dir) as tmp:
-        tok = _train_or_load_tokenizer(tokenizer, corpus, vocab_size, cache)
-        tok.save(tmp / "tokenizer.json")
-        counts, components = _write_shards(tmp, tok, corpus.parts(), batch_documents, progress, out_dir.name)
-        if counts["train"]["num_documents"] == 0:
-            raise corpus.no_training_documents()
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dtype": TOKEN_DTYPE.name,
-            "index_dtype": INDEX_DTYPE.name,
-            **tokenizer_meta(tok),
-            "splits": counts,
-            "sources": specs,
-            "components": components,
-            "wikitext": wikitext,
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "validation": corpus.plan.info,
-        }
-        write_json(tmp / "meta.json", meta)
-    return meta
-
-
-class _SplitCorpus:
-    """The sources of ``prepare`` with their train / validation plan; every pass reads them afresh.
-
-    The plan is made on construction, from one pass over the documents' sizes (none when
-    ``val_fraction`` is 0); a corpus too small for any split raises ``DataError`` there.
-    """
-
-    def __init__(
-        self, sources: list[Source], specs: list[str], seed: int, val_fraction: float, min_val_bytes: int
-    ) -> None:
-        self.sources, self.specs = sources, specs
-        sizes = ((doc.key, len(doc.text.encode("utf-8"))) for _, doc in self.documents()) if val_fraction > 0 else ()
-        try:
-            self.plan = plan_split(sizes, seed, val_fraction, min_val_bytes, self._text_of)
-        except SplitError as e:
-            raise DataError(f"{specs}: {e}") from None
-
-    def documents(self) -> Iterator[tuple[str, Document]]:
-        """(source name, document) of every document, in order."""
-        for source in self.sources:
-            for doc in source.documents():
-                yield source.name, doc
-
-    def _text_of(self, index: int) -> str:
-        return next(itertools.islice(self.documents(), index, None))[1].text
-
-    def parts(self) -> Iterator[tuple[str, str, str]]:
-        """(source name, split, text) of every document part, as planned."""
-        for index, (name, doc) in enumerate(self.documents()):
-            for split, text in self.plan.assign(index, doc.key, doc.text):
-                yield name, split, text
-
-    def no_training_documents(self) -> DataError:
-        return DataError(
-            f"the corpus {self.specs} has no training documents (it is empty, or every document fell "
-            "into the validation split); add text or lower val_fraction"
-        )
-
-
-def _train_or_load_tokenizer(
-    tokenizer: str, corpus: _SplitCorpus, vocab_size: int, cache: str | Path | None
-) -> Tokenizer:
-    """``"train"``: a ``vocab_size`` BPE trained on the training split; otherwise ``load_tokenizer(tokenizer)``."""
-    if tokenizer != "train":
-        return load_tokenizer(tokenizer, cache)
-    seen = [0]
-
-    def train_texts() -> Iterator[str]:
-        for _, split, text in corpus.parts():
-            if split == "train":
-                seen[0] += 1
-                yield text
-
-    tok = train_bpe(train_texts(), vocab_size)
-    if seen[0] == 0:
-        raise corpus.no_training_documents()
-    return tok
-
-
-def _write_shards(
-    folder: Path,
-    tok: Tokenizer,
-    parts: Iterable[tuple[str, str, str]],
-    batch_documents: int,
-    progress: bool,
-    name: str,
-) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-    """Tokenize ``parts`` ((source name, split, text)) into the split shards of ``folder``, ``batch_documents``
-    at a time, each as [BOS] + tokens; returns the per-split counts (documents, tokens, bytes) and the
-    per-source ones (``meta["components"]``)."""
-    writers = {split: ShardWriter(folder, split, max_id=tok.vocab_size - 1) for split in SPLITS}
-    components: dict[str, dict[str, int]] = {}
-    split_bytes = dict.fromkeys(SPLITS, 0)
-    bar = tqdm(desc=f"tokenizing -> {name}", unit=" docs", disable=not progress)
-    try:
-        for batch in _batched(parts, batch_documents):
-            ids = tok.encode_batch([text for _, _, text in batch])
-            grouped: dict[str, list[list[int]]] = {split: [] for split in SPLITS}
-            for (source, split, text), doc_ids in zip(batch, ids):
-                grouped[split].append([tok.bos_id, *doc_ids])
-                nbytes = len(text.encode("utf-8"))
-                split_bytes[split] += nbytes
-                stats = components.setdefault(source, {"num_documents": 0, "num_bytes": 0, "num_tokens": 0})
-                stats["num_documents"] += 1
-                stats["num_bytes"] += nbytes
-                stats["num_tokens"] += len(doc_ids) + 1
-            for split, docs in grouped.items():
-                writers[split].write(docs)
-            bar.update(len(batch))
-            bar.set_postfix(tokens=sum(w.num_tokens for w in writers.values()))
-    finally:
-        bar.close()
-        counts = {split: writer.close() for split, writer in writers.items()}
-    for split in SPLITS:
-        counts[split]["num_bytes"] = split_bytes[split]
-    return counts, components
 
 
 # ----------------------------------------------------------------------------------------------

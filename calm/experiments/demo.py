@@ -31,7 +31,6 @@ import torch
 
 from calm.checkpoint import load_model
 from calm.config import ConfigError, Preset, check_overrides, load_preset
-from calm.data import shards
 from calm.data.evalsets import (
     WIKITEXT103_TEST,
     eval_set_name,
@@ -39,6 +38,7 @@ from calm.data.evalsets import (
     pack_documents_for_ae,
     resolve_eval_data,
 )
+from calm.data.prepare import prepare
 from calm.eval.autoencoder import evaluate_autoencoder
 from calm.eval.brier import evaluate_checkpoint
 from calm.eval.prompt_following import format_table, prompt_following
@@ -112,9 +112,9 @@ def prepare_demo_data(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prepare the demo's data in ``data_dir``: ``corpus`` (default: the default corpus) and a tokenizer
-    (default: a ``vocab_size`` BPE trained on it); returns ``calm.data.shards.prepare``'s metadata."""
+    (default: a ``vocab_size`` BPE trained on it); returns ``calm.data.prepare.prepare``'s metadata."""
     sources = corpus or ["default"]
-    return shards.prepare(data_dir, sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
+    return prepare(data_dir, sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, progress=progress)
 
 
 def _done(path: Path) -> dict[str, Any] | None:

@@ -61,7 +61,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny AE, CALM and GPT runs, another data set (another tokenizer), and damaged copies."""
-    from calm.data.shards import prepare
+    from calm.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("bad_inputs")
     data = str(data_dir)

@@ -29,6 +29,7 @@ from calm.data.corpus import (
     wikitext_line,
     wikitext_style,
 )
+from calm.data.prepare import prepare
 from calm.data.shards import (
     BatchSampler,
     DataError,
@@ -37,10 +38,9 @@ from calm.data.shards import (
     ae_chunks,
     check_tokenizer_match,
     lm_blocks,
-    prepare,
     read_text_file_tokens,
-    split_of,
 )
+from calm.data.split import split_of
 from calm.data.tokenizer import Tokenizer, train_bpe
 
 # ----------------------------------------------------------------------------------------------
@@ -524,3 +524,60 @@ def test_eval_set_names() -> None:
 
     assert eval_set_name(WIKITEXT103_TEST) == "WikiText-103 test"
     assert eval_set_name("other/mytext.txt") == "mytext.txt"
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("tokenizer", ["train", "given"])
+def test_a_stopped_prepare_resumes_to_the_folder_an_unbroken_run_writes(
+    tokenizer, tmp_path, tiny_corpus, tiny_data_dir, monkeypatch, capsys
+) -> None:
+    """Ctrl-C during the third tokenizer call, records after every batch: --resume finishes byte for byte
+    what one run writes, without training the tokenizer again; without --resume the command refuses."""
+    from calm.cli import main
+    from calm.data import prepare as prepare_module
+
+    spec = "train" if tokenizer == "train" else str(tiny_data_dir / "tokenizer.json")
+    argv = ["prepare", "--corpus", str(tiny_corpus), "--tokenizer", spec, "--vocab-size", "320", "--no-progress"]
+    kw = dict(sources=[str(tiny_corpus)], tokenizer=spec, vocab_size=320, progress=False, batch_documents=4)
+    prepare(tmp_path / "whole", **kw)
+    monkeypatch.setattr(prepare_module, "CHECKPOINT_SECONDS", 0.0)
+    calls = {"n": 0}
+    real = Tokenizer.encode_batch
+
+    def stop_on_third(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, texts)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", stop_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "broken", **kw)
+    assert "stopped: 8 documents are tokenized" in capsys.readouterr().err
+    assert not (tmp_path / "broken").exists() and (tmp_path / ".broken.partial" / "progress.json").exists()
+    monkeypatch.setattr(Tokenizer, "encode_batch", real)
+    with pytest.raises(DataError, match="run the same command with --resume to continue it, or with --overwrite"):
+        prepare(tmp_path / "broken", **kw)
+    with pytest.raises(DataError, match=r"was started with other settings \(seed\)"):
+        prepare(tmp_path / "broken", **{**kw, "seed": 1}, resume=True)
+    trained = []
+    monkeypatch.setattr(prepare_module, "train_bpe", lambda *a, **k: trained.append(1))
+    prepare(tmp_path / "broken", **kw, resume=True)
+    assert trained == []  # the saved tokenizer is used
+    assert _folder_bytes(tmp_path / "broken") == _folder_bytes(tmp_path / "whole")
+    assert not (tmp_path / ".broken.partial").exists()
+    del argv  # the CLI path is covered below
+
+
+def test_prepare_prints_its_speed_and_takes_resume(tmp_path, tiny_corpus, capsys) -> None:
+    from calm.cli import main
+
+    argv = ["prepare", "--corpus", str(tiny_corpus), "--vocab-size", "320", "--no-progress", "--out", str(tmp_path / "d")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith("tokens/s over every pass (plan, tokenize, write)")
+    assert main([*argv[:-2], "--out", str(tmp_path / "e"), "--resume"]) == 0  # nothing to resume: starts afresh
+    assert (tmp_path / "e" / "meta.json").exists()

@@ -16,7 +16,8 @@ import pytest
 from conftest import make_texts
 
 from calm.cli import main
-from calm.data.shards import TokenShard, ae_chunks, lm_blocks, prepare
+from calm.data.prepare import prepare
+from calm.data.shards import TokenShard, ae_chunks, lm_blocks
 from calm.data.split import MAX_HOLDOUT, plan_split
 from calm.data.tokenizer import Tokenizer
 

@@ -186,7 +186,7 @@ def test_calm_and_gpt_stages_train_and_reload(tiny_data_dir, ae_run, tmp_path):
 
 
 def test_calm_refuses_an_autoencoder_with_another_tokenizer(tiny_data_dir, ae_run, tmp_path):
-    from calm.data.shards import prepare
+    from calm.data.prepare import prepare
 
     _, ae_dir = ae_run
     other = tmp_path / "other"
