@@ -26,6 +26,7 @@ project checks it there; the figures that matter come from a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -136,7 +137,8 @@ def main() -> int:
     report["data"] = run(calm_cmd("prepare", "--corpus", str(WIKITEXT), "--vocab-size", "4096", "--out", str(data),
                                   "--no-progress"))  # fmt: skip
     print(f"data: rc {report['data']['rc']}", file=sys.stderr)
-    report["train"] = train_runs(out, data, args.size, args.steps, args.device)
+    with contextlib.redirect_stdout(sys.stderr):  # the loop's lines; stdout carries only the JSON
+        report["train"] = train_runs(out, data, args.size, args.steps, args.device)
     print(f"train: {report['train']}", file=sys.stderr)
     report["torchrun"] = {}
     for strategy in ("ddp", "fsdp"):
@@ -149,7 +151,7 @@ def main() -> int:
     prompt = "The history of the city"
     for name, model, temperature in (("calm T=1", "calm", "1"), ("calm T=0.5", "calm", "0.5"), ("gpt T=1", "gpt", "1")):
         report["generate"][name] = run(calm_cmd("generate", "--checkpoint", str(out / model), "--prompt", prompt,
-                                                "--max-new-tokens", "256", "--temperature", temperature, "--seed", "0",
+                                                "--max-new-tokens", "128", "--temperature", temperature, "--seed", "0",
                                                 "--quiet", "--no-stop-at-document-end"))  # fmt: skip
     report["brierlm"] = {
         model: run(
