@@ -179,6 +179,7 @@ def test_the_default_is_kept_unless_it_is_far_below_its_own_peak(rates, default,
 
 def test_threads_asked_for_or_set_in_the_environment_are_used_as_given(monkeypatch) -> None:
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # `make test` sets it
     try:
         choice = prec.configure_threads(1)
         assert (choice.threads, choice.source, torch.get_num_threads()) == (1, "--threads", 1)

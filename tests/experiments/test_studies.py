@@ -166,9 +166,9 @@ def test_study_errors(tmp_path, capsys):
 
 
 def test_cli_dry_run_prints_the_plan_without_preparing_data(tmp_path, capsys, monkeypatch):
-    import calm.data.shards
+    import calm.experiments.demo
 
-    monkeypatch.setattr(calm.data.shards, "prepare", lambda *a, **k: pytest.fail("a dry run prepared data"))
+    monkeypatch.setattr(calm.experiments.demo, "prepare", lambda *a, **k: pytest.fail("a dry run prepared data"))
     assert main(["sweep", "--study", "energy-loss", "--out", str(tmp_path / "s"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "ae: 500 steps x 2048 tokens" in out and "N2-ae=ae: " in out and "alpha1.5-ae=ae: " in out
@@ -177,11 +177,11 @@ def test_cli_dry_run_prints_the_plan_without_preparing_data(tmp_path, capsys, mo
 
 def test_cli_study_prepares_default_data_when_none_is_given(tmp_path, monkeypatch):
     """Without --data the study prepares `calm demo`'s default data in OUT/data, then sweeps it."""
-    import calm.data.shards
+    import calm.experiments.demo
     import calm.experiments.studies
 
     calls = []
-    monkeypatch.setattr(calm.data.shards, "prepare", lambda out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(calm.experiments.demo, "prepare", lambda out, **kw: calls.append((out, kw)))
     monkeypatch.setattr(
         calm.experiments.studies, "run_sweep", lambda spec, out, **kw: calls.append((spec.data, kw["title"]))
     )
