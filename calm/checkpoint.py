@@ -36,6 +36,7 @@ from calm.io import JSONFileError, atomic_directory, read_json, recover_director
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import CALM
 from calm.models.gpt import GPT
+from calm.models.lora import LoraOptions, add_lora
 from calm.models.vocab_search import ArgmaxScreens
 
 FORMAT_VERSION = 1
@@ -398,7 +399,8 @@ def load_model(
     tensors become its parameters as they are read, so the peak memory is about the size of the
     weights. ``dtype`` (e.g. ``torch.bfloat16``) casts the floating-point weights while reading; the
     default keeps the checkpoint's. ``kind`` (autoencoder | calm | gpt), when given, is checked against
-    the checkpoint's.
+    the checkpoint's. A checkpoint of a LoRA fine-tune (``config["finetune"]["lora"]``) comes back with
+    its adapters merged (``calm.models.lora``).
     """
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     config = read_config(ckpt_dir)
@@ -409,17 +411,21 @@ def load_model(
             f"{ckpt_dir} is {indefinite_article(found)} {found} checkpoint but {needed} checkpoint is needed here"
         )
     tokenizer = Tokenizer.from_str(read_tokenizer_json(ckpt_dir, config.get("tokenizer_sha256")))
+    lora = (config.get("finetune") or {}).get("lora")
     with torch.device("meta"):
         model = build_model(config, ckpt_dir)
+        target = add_lora(model, LoraOptions(**lora)) if lora else model  # a LoRA fine-tune: adapters saved
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(
             f"{ckpt_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but the model was built for "
             f"{model.config.vocab_size}; use the tokenizer the model was trained with"
         )
-    load_state_into(model, load_weights(ckpt_dir, device, dtype), ckpt_dir, assign=True)
+    load_state_into(target, load_weights(ckpt_dir, device, dtype), ckpt_dir, assign=True)
     for module in model.modules():  # tables no checkpoint holds (rotary, noise schedule)
         if hasattr(module, "init_buffers"):
             module.init_buffers(device)
+    if lora:
+        model = target.merge_and_unload()  # the plain model, adapters merged into its weights
     model.eval()
     use_fast_argmax(model)
     return model, tokenizer, config

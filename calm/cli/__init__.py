@@ -47,6 +47,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("train-ae", "train the chunk autoencoder (stage 1)", "train"),
     Command("train-calm", "train CALM on a frozen autoencoder (stage 2)", "train"),
     Command("train-gpt", "train the token-level Transformer baseline", "train"),
+    Command("finetune", "fine-tune a CALM or GPT on prompt/answer examples", "train"),
     Command("generate", "continue a prompt with a CALM or GPT checkpoint", "generate"),
     Command("serve", "OpenAI-compatible completions server for a checkpoint", "generate"),
     Command("eval", "BrierLM (+ perplexity for token LMs) on a text set", "eval"),

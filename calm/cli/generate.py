@@ -18,7 +18,7 @@ from calm.generate.sampling import SamplingStats
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue ``--prompt``, streaming the text (``LanguageModel.complete``, as ``generate_text``)."""
-    lm = load_language_model(args.checkpoint, dtype=args.dtype)
+    lm = load_language_model(args.checkpoint, dtype=args.dtype, raw_prompt=args.raw_prompt)
     if args.head_steps is not None:
         lm.set_head_steps(args.head_steps)
     lm.check_request(
@@ -95,6 +95,9 @@ def _dtype_argument(p: argparse.ArgumentParser) -> None:
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="CALM or GPT checkpoint / run directory")
     _dtype_argument(p)
+    p.add_argument(
+        "--raw-prompt", action="store_true", help="do not wrap the prompt in a fine-tuned checkpoint's prompt template"
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 from calm.checkpoint import load_model
+from calm.data.instruct import DEFAULT_PROMPT_TEMPLATE, compile_template, render
 from calm.generate.engine import generate_rows, left_pad_to_chunks
 from calm.generate.sampling import SamplingStats
 from calm.models.autoencoder import Autoencoder
@@ -105,6 +106,10 @@ class LanguageModel:
     """Whether the model gives next-token probabilities (log-likelihood tasks, perplexity)."""
     greedy_temperature: float
     """The temperature that stands for greedy decoding (see the module docstring)."""
+
+    prompt_template: Any = None
+    """A fine-tuned checkpoint's prompt template (``calm.data.instruct``, compiled), applied to every prompt
+    by :meth:`encode_prompt`; None: prompts are used as given."""
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
@@ -186,7 +191,10 @@ class LanguageModel:
     # ------------------------------------------------------------------ text and token ids
 
     def encode_prompt(self, text: str) -> list[int]:
-        """The ids the model is conditioned on: BOS + the text's tokens."""
+        """The ids the model is conditioned on: BOS + the text's tokens (the text wrapped by
+        ``prompt_template`` first, where the checkpoint was fine-tuned with one)."""
+        if self.prompt_template is not None:
+            text = render(self.prompt_template, "checkpoint's prompt template", prompt=text)
         return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
 
     def stop_ids(self, at_document_end: bool = True) -> frozenset[int]:
@@ -467,15 +475,22 @@ def load_language_model(
     *,
     greedy_temperature: float = CALM_GREEDY_TEMPERATURE,
     dtype: str | None = None,
+    raw_prompt: bool = False,
 ) -> LanguageModel:
     """Load a CALM or GPT checkpoint (or run directory) as a :class:`LanguageModel` (``calm.checkpoint.load_model``).
 
     ``dtype`` (``"fp32"`` or ``"bf16"``) casts the weights as they are read; None keeps the checkpoint's.
+    A checkpoint fine-tuned with a prompt template (``calm finetune --prompt-template``) applies it to
+    every prompt, as in training, unless ``raw_prompt``.
     """
     if dtype is not None and dtype not in WEIGHT_DTYPES:
         raise LanguageModelError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}", "dtype")
-    model, tokenizer, _ = load_model(checkpoint, device, dtype=None if dtype is None else WEIGHT_DTYPES[dtype])
-    return as_language_model(model, tokenizer, name=str(checkpoint), greedy_temperature=greedy_temperature)
+    model, tokenizer, config = load_model(checkpoint, device, dtype=None if dtype is None else WEIGHT_DTYPES[dtype])
+    lm = as_language_model(model, tokenizer, name=str(checkpoint), greedy_temperature=greedy_temperature)
+    template = (config.get("finetune") or {}).get("prompt_template")
+    if template and template != DEFAULT_PROMPT_TEMPLATE and not raw_prompt:
+        lm.prompt_template = compile_template(template, "checkpoint's prompt template")
+    return lm
 
 
 def complete(

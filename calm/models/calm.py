@@ -198,8 +198,14 @@ class CALM(nn.Module):
         mu, log_std = self.autoencoder.encode(chunks)
         return mu.float(), log_std.float()
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens (B, T) with T a multiple of K -> (the training loss, metrics) (paper §4.2, Eqs. 9-10)."""
+    def forward(
+        self, tokens: torch.Tensor, target_chunks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens (B, T) with T a multiple of K -> (the training loss, metrics) (paper §4.2, Eqs. 9-10).
+
+        ``target_chunks`` (B, T/K) bool, when given, keeps only the predictions of the chunks marked True
+        (the loss is their mean): fine-tuning scores the answer's chunks alone (``calm.data.instruct``).
+        """
         c = self.config
         B, T = tokens.shape
         if T % c.chunk_size != 0 or T // c.chunk_size < 2:
@@ -212,9 +218,13 @@ class CALM(nn.Module):
         else:
             h = self.hidden_states(chunks[:, :-1])  # (B, L-1, d)
             mu, log_std = self.target_posterior(chunks[:, 1:])  # (B, L-1, l)
+        targets = chunks[:, 1:]
+        if target_chunks is not None:  # (B, L-1) positions whose next chunk is a target
+            keep = target_chunks[:, 1:].to(torch.bool)
+            return self.loss(h[keep], mu[keep], log_std[keep], targets[keep])
         P = mu.shape[0] * mu.shape[1]
         h, mu, log_std = h.reshape(P, -1), mu.reshape(P, -1), log_std.reshape(P, -1)
-        return self.loss(h, mu, log_std, chunks[:, 1:].reshape(P, c.chunk_size))
+        return self.loss(h, mu, log_std, targets.reshape(P, c.chunk_size))
 
     def loss(
         self, h: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor, targets: torch.Tensor
