@@ -536,7 +536,6 @@ def test_a_stopped_prepare_resumes_to_the_folder_an_unbroken_run_writes(
 ) -> None:
     """Ctrl-C during the third tokenizer call, records after every batch: --resume finishes byte for byte
     what one run writes, without training the tokenizer again; without --resume the command refuses."""
-    from calm.cli import main
     from calm.data import prepare as prepare_module
 
     spec = "train" if tokenizer == "train" else str(tiny_data_dir / "tokenizer.json")
@@ -575,7 +574,16 @@ def test_a_stopped_prepare_resumes_to_the_folder_an_unbroken_run_writes(
 def test_prepare_prints_its_speed_and_takes_resume(tmp_path, tiny_corpus, capsys) -> None:
     from calm.cli import main
 
-    argv = ["prepare", "--corpus", str(tiny_corpus), "--vocab-size", "320", "--no-progress", "--out", str(tmp_path / "d")]
+    argv = [
+        "prepare",
+        "--corpus",
+        str(tiny_corpus),
+        "--vocab-size",
+        "320",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "d"),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].endswith("tokens/s over every pass (plan, tokenize, write)")
