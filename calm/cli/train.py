@@ -18,7 +18,7 @@ from calm.data.instruct import DEFAULT_CHAT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE, F
 from calm.io import to_json
 from calm.models.lora import LoraOptions
 from calm.train import distributed
-from calm.train.finetune import FINETUNE_DEFAULTS, FinetuneData, finetune_train_config, run_finetune
+from calm.train.finetune import FINETUNE_DEFAULTS, LORA_LR, FinetuneData, finetune_train_config, run_finetune
 from calm.train.loop import run_training
 from calm.train.stages import AutoencoderStage, CALMStage, GPTStage
 
@@ -82,6 +82,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for name in ("max_steps", "lr", "seed", "precision", "eval_every", "save_every"):
         if getattr(args, name) is not None:
             overrides[f"train.{name}"] = getattr(args, name)
+    if args.lora_rank and "train.lr" not in overrides and "lr" not in overrides:
+        overrides["train.lr"] = LORA_LR
     train = finetune_train_config(overrides)
     data = FinetuneData(
         path=args.data,
@@ -122,7 +124,9 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory for checkpoints and metrics.jsonl")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {FINETUNE_DEFAULTS['max_steps']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {FINETUNE_DEFAULTS['lr']})")
+    p.add_argument(
+        "--lr", type=float, help=f"peak learning rate (default {FINETUNE_DEFAULTS['lr']}; {LORA_LR} with --lora-rank)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--eval-every", type=int)

@@ -51,11 +51,12 @@ def make_plots(
     return made
 
 
-def _save_figure(fig: Any, path: Path, plt: Any) -> None:
-    """Write ``fig`` to ``path`` as a PNG, atomically (a crash leaves the previous plot, not half a file)."""
+def save_figure(fig: Any, path: Path, plt: Any, dpi: int = 110) -> None:
+    """Write ``fig`` to ``path`` as a PNG, atomically (a crash leaves the previous plot, not half a file), and
+    close it."""
     try:
         with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
 
@@ -87,7 +88,7 @@ def _training_curves_plot(run: Path, ae: Records, lm: dict[str, Records], names:
             ax.plot([r["tokens"] / 1e6 for r in train], [r[key] for r in train])
             ax.set(xlabel="training tokens (M)", ylabel=key, title=f"{names[run_name]} training loss")
     fig.tight_layout()
-    _save_figure(fig, run / "training_curves.png", plt)
+    save_figure(fig, run / "training_curves.png", plt)
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -132,7 +133,7 @@ def _brierlm_vs_flops_plot(
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, run / "brierlm_vs_flops.png", plt)
+    save_figure(fig, run / "brierlm_vs_flops.png", plt)
 
 
 def _brier_n_plot(
@@ -155,7 +156,7 @@ def _brier_n_plot(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    _save_figure(fig, run / "brier_n_vs_flops.png", plt)
+    save_figure(fig, run / "brier_n_vs_flops.png", plt)
     return True
 
 
@@ -191,5 +192,5 @@ def _diagnostics_plot(
     for ax in (axes[0], axes[3]):
         ax.axhline(0.0, color="gray", lw=0.8)
     fig.tight_layout()
-    _save_figure(fig, run / "head_diagnostics.png", plt)
+    save_figure(fig, run / "head_diagnostics.png", plt)
     return True

@@ -24,9 +24,10 @@ import yaml
 
 from calm.config import AutoencoderConfig, config_from_dict
 from calm.experiments.report import LM_NAMES, read_metrics, write_report
+from calm.experiments.report_plots import save_figure
 from calm.experiments.sweep import PLAN_FILE, PlannedRun
 from calm.experiments.sweep_results import label_log_axis, write_results
-from calm.io import atomic_file, atomic_write_text, read_json
+from calm.io import atomic_write_text, read_json
 from calm.models.flops import ae_flops, run_flops
 
 KIND_NAMES = {"autoencoder": "autoencoder", "calm": "CALM", "gpt": "GPT (token-level baseline)"}
@@ -221,9 +222,5 @@ def _curves_plot(path: Path, train: list[dict[str, Any]], val: list[dict[str, An
         label_log_axis(ax.xaxis)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, plt, dpi=100)
     return True

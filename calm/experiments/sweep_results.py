@@ -21,7 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from calm.io import atomic_file, atomic_write_text, read_json, read_jsonl, write_json
+from calm.experiments.report_plots import save_figure
+from calm.io import atomic_write_text, read_json, read_jsonl, write_json
 
 TRAIN_PREFIX = "train/"
 SEED_KEYS = ("grid:train.seed", "grid:autoencoder")
@@ -181,11 +182,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str]) -> bool:
     fig = results_figure(rows, metrics)
     if fig is None:
         return False
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, plt, dpi=100)
     return True
 
 

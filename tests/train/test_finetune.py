@@ -229,3 +229,38 @@ def test_a_misaligned_answer_is_not_learned(pretrained, monkeypatch) -> None:
     monkeypatch.setattr(finetune, "encode_example", misaligned)
     _, after = _finetune(pretrained, "calm", "calm-misaligned")
     assert after <= 0.6, after
+
+
+def test_a_finetuned_checkpoint_wraps_prompts_in_its_template_and_resumes_exactly(
+    tiny_lm_checkpoints, tmp_path
+) -> None:
+    """The template travels with the checkpoint to generation, the server and lm-eval (one loader); an interrupted
+    fine-tune resumed from its checkpoint logs the same losses as an unbroken one."""
+    import shutil
+
+    from calm import checkpoint as ckpt
+    from calm.generate.lm import load_language_model
+    from calm.train.finetune import FinetuneData, finetune_train_config, run_finetune
+
+    rows = [{"prompt": f"The river {i}", "completion": " crossed the old bridge"} for i in range(12)]
+    data = FinetuneData(str(_jsonl(tmp_path / "d.jsonl", rows)), prompt_template="Q: {{ prompt }}\nA:", eval_generate=2)
+    train = finetune_train_config({"max_steps": 4, "save_every": 2, "eval_every": 100, "log_every": 1})
+    for name in ("whole", "broken"):
+        run_finetune(tiny_lm_checkpoints["gpt"], data, tmp_path / name, train=train, batch_size=2, progress=False)
+    broken = tmp_path / "broken"
+    shutil.rmtree(ckpt.checkpoint_step_dir(broken, 4))
+    run_finetune(tiny_lm_checkpoints["gpt"], data, broken, train=train, batch_size=2, progress=False, resume=True)
+
+    def losses(run: Path) -> list[float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if r["split"] == "train"]
+
+    assert losses(broken) == losses(tmp_path / "whole") and len(losses(broken)) == 4
+    lm = load_language_model(tmp_path / "whole")
+    tok = lm.tokenizer
+    assert lm.encode_prompt("The sea") == [tok.bos_id, *tok.encode("Q: The sea\nA:")]
+    raw = load_language_model(tmp_path / "whole", raw_prompt=True)
+    assert raw.encode_prompt("The sea") == [tok.bos_id, *tok.encode("The sea")]
+    lm_eval = pytest.importorskip("calm.interop.lm_eval")
+    wrapped = lm_eval.CALMLM(pretrained=str(tmp_path / "whole"))
+    assert wrapped.language_model.encode_prompt("The sea") == lm.encode_prompt("The sea")
