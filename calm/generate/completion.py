@@ -101,16 +101,18 @@ class TextCompleter:
         sampler: str = "batch",
         emit: Callable[[str], None] | None = None,
         cancelled: threading.Event | None = None,
+        raw_prompt: bool = False,
     ) -> CompletionResult:
         """Complete one prompt; ``emit`` receives the text as it is produced (stop strings held back).
 
         The text equals ``generate_text(model, tokenizer, [prompt], max_tokens, temperature=...,
         num_samples=..., sampler=..., seed=seed)[0]`` cut before the first stop string; generation
         ends as soon as a stop string appears. ``cancelled``, when set, ends generation at the next
-        chunk (K tokens for CALM, one for the GPT) and returns the text so far. Raises
+        chunk (K tokens for CALM, one for the GPT) and returns the text so far. ``raw_prompt``: the
+        prompt is not wrapped in a fine-tuned checkpoint's prompt template (a rendered chat). Raises
         :class:`~calm.generate.lm.LanguageModelError` for requests the model cannot serve.
         """
-        num_prompt_ids = len(self.lm.encode_prompt(prompt))
+        num_prompt_ids = len(self.lm.encode_prompt(prompt, raw_prompt))
         scanner = StopScanner(stop, emit)
 
         def on_text(piece: str) -> None:
@@ -128,6 +130,7 @@ class TextCompleter:
                 seed=seed,
                 stream=on_text,
                 stats=stats,
+                raw_prompt=raw_prompt,
             )
         except _Halt:
             text = scanner.finish()

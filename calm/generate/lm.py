@@ -39,7 +39,13 @@ from typing import Any, ClassVar
 import torch
 
 from calm.checkpoint import load_model
-from calm.data.instruct import DEFAULT_PROMPT_TEMPLATE, compile_template, render
+from calm.data.instruct import (
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_PROMPT_TEMPLATE,
+    ExampleError,
+    compile_template,
+    render,
+)
 from calm.generate.engine import generate_rows, left_pad_to_chunks
 from calm.generate.sampling import SamplingStats
 from calm.models.autoencoder import Autoencoder
@@ -110,6 +116,9 @@ class LanguageModel:
     prompt_template: Any = None
     """A fine-tuned checkpoint's prompt template (``calm.data.instruct``, compiled), applied to every prompt
     by :meth:`encode_prompt`; None: prompts are used as given."""
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
+    """The Jinja template that renders chat messages into a prompt (:meth:`render_chat`): a fine-tuned
+    checkpoint's own, else ``calm.data.instruct.DEFAULT_CHAT_TEMPLATE``."""
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
@@ -190,12 +199,20 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ text and token ids
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, raw: bool = False) -> list[int]:
         """The ids the model is conditioned on: BOS + the text's tokens (the text wrapped by
-        ``prompt_template`` first, where the checkpoint was fine-tuned with one)."""
-        if self.prompt_template is not None:
+        ``prompt_template`` first, where the checkpoint was fine-tuned with one, unless ``raw``)."""
+        if self.prompt_template is not None and not raw:
             text = render(self.prompt_template, "checkpoint's prompt template", prompt=text)
         return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a conversation ({role, content} messages): ``chat_template`` rendered. Raises
+        LanguageModelError when the template does not render these messages."""
+        try:
+            return render(compile_template(self.chat_template, "chat template"), "chat template", messages=messages)
+        except ExampleError as e:
+            raise LanguageModelError(str(e), "messages") from None
 
     def stop_ids(self, at_document_end: bool = True) -> frozenset[int]:
         """Tokens that end a continuation: BOS and EOS (the end of a document), or none."""
@@ -249,13 +266,15 @@ class LanguageModel:
         stream: Callable[[str], None] | None = None,
         stop_at_document_end: bool = True,
         stats: list[SamplingStats] | None = None,
+        raw_prompt: bool = False,
     ) -> list[Completion]:
         """Text in, :class:`Completion` (text, token ids, finish reason, sampling stats) out; see :func:`complete`.
 
         ``stats``: an empty list to receive each prompt's :class:`~calm.generate.sampling.SamplingStats`
         (CALM) as generation runs, so they are there even when ``stream`` stops it by raising.
+        ``raw_prompt``: the prompts are not wrapped in ``prompt_template`` (e.g. rendered chats).
         """
-        ids = [self.encode_prompt(p) for p in prompts]
+        ids = [self.encode_prompt(p, raw_prompt) for p in prompts]
         for row in ids:
             self.check_request(
                 len(row), max_new_tokens, temperature=temperature, num_samples=num_samples, sampler=sampler
@@ -487,9 +506,12 @@ def load_language_model(
         raise LanguageModelError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}", "dtype")
     model, tokenizer, config = load_model(checkpoint, device, dtype=None if dtype is None else WEIGHT_DTYPES[dtype])
     lm = as_language_model(model, tokenizer, name=str(checkpoint), greedy_temperature=greedy_temperature)
-    template = (config.get("finetune") or {}).get("prompt_template")
+    finetune = config.get("finetune") or {}
+    template = finetune.get("prompt_template")
     if template and template != DEFAULT_PROMPT_TEMPLATE and not raw_prompt:
         lm.prompt_template = compile_template(template, "checkpoint's prompt template")
+    if finetune.get("chat_template"):
+        lm.chat_template = finetune["chat_template"]
     return lm
 
 

@@ -4,6 +4,9 @@ Speaks the part of the OpenAI API that text-completion clients use (the official
 client, ``curl``, lm-evaluation-harness's ``local-completions``):
 
 - ``GET /v1/models`` lists the one served model;
+- ``POST /v1/chat/completions`` (not streamed) renders ``messages`` with the checkpoint's chat template
+  (``calm finetune`` stores it; ``calm.data.instruct.DEFAULT_CHAT_TEMPLATE`` otherwise) and completes
+  the result as ``/v1/completions`` would, with the same fields;
 - ``POST /v1/completions`` with ``prompt`` (a string or a list of strings), ``max_tokens``,
   ``temperature``, ``n``, ``stop``, ``seed``, ``stream`` (server-sent events, one event per decoded
   chunk of K tokens for CALM, per token for the GPT), ``stream_options.include_usage``, and the CALM
@@ -125,6 +128,37 @@ class CompletionRequest(BaseModel):
         return None
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions``: the completion fields, ``messages`` in place of ``prompt``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(default=16, ge=1)
+    temperature: float | None = 1.0
+    n: int | None = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    num_samples: int | None = Field(default=None, ge=1)
+    sampler: Literal["batch", "exact"] | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+
+    def as_completion(self, prompt: str) -> CompletionRequest:
+        fields = self.model_dump(exclude={"messages", "stream"})
+        return CompletionRequest(**{**fields, "prompt": prompt})
+
+
 @dataclass
 class ServeSettings:
     """What ``calm serve`` was started with."""
@@ -148,6 +182,8 @@ class _Job:
     seed: int | None
     num_samples: int
     sampler: str
+    raw_prompt: bool = False
+    """A rendered chat: not wrapped again in the checkpoint's prompt template."""
 
     def choices(self) -> Iterator[tuple[int, str, int | None]]:
         for j, prompt in enumerate(self.prompts):
@@ -156,7 +192,9 @@ class _Job:
                 yield index, prompt, None if self.seed is None else self.seed + index
 
 
-def _validate(req: CompletionRequest, completer: TextCompleter, settings: ServeSettings) -> _Job:
+def _validate(
+    req: CompletionRequest, completer: TextCompleter, settings: ServeSettings, raw_prompt: bool = False
+) -> _Job:
     """Turn a parsed request into a job, or raise :class:`APIError` (400/404) naming the problem."""
     if req.model != settings.model_name:
         raise APIError(
@@ -189,12 +227,13 @@ def _validate(req: CompletionRequest, completer: TextCompleter, settings: ServeS
         seed=req.seed,
         num_samples=req.num_samples or settings.default_num_samples,
         sampler=req.sampler or settings.default_sampler,
+        raw_prompt=raw_prompt,
     )
     lm = completer.lm
     for prompt in prompts:
         try:
             lm.check_request(
-                len(lm.encode_prompt(prompt)),
+                len(lm.encode_prompt(prompt, raw_prompt)),
                 job.max_tokens,
                 temperature=job.temperature,
                 num_samples=job.num_samples,
@@ -248,6 +287,7 @@ class CompletionService:
             sampler=job.sampler,
             emit=emit,
             cancelled=cancelled,
+            raw_prompt=job.raw_prompt,
         )
 
     async def complete(self, job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
@@ -355,6 +395,31 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(service.stream(job, meta, include_usage), media_type="text/event-stream")
         return await service.complete(job, meta)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        if req.stream:
+            raise APIError(
+                400, "stream=true is not supported on /v1/chat/completions yet; use /v1/completions", "stream"
+            )
+        if not req.messages:
+            raise APIError(400, "messages is empty; send at least one {role, content} message", "messages")
+        try:
+            prompt = completer.lm.render_chat([m.model_dump() for m in req.messages])
+        except LanguageModelError as e:
+            raise APIError(400, str(e), "messages") from e
+        job = _validate(req.as_completion(prompt), completer, settings, raw_prompt=True)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        response = await service.complete(job, meta)
+        choices = [
+            {
+                "index": c["index"],
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish_reason"],
+            }
+            for c in response["choices"]
+        ]
+        return {**response, "object": "chat.completion", "choices": choices}
 
     return app
 

@@ -96,6 +96,19 @@ def test_usage_says_how_many_calm_steps_fell_back(calm_url: str, gpt_url: str) -
     assert "sampling" not in (gpt.usage.model_extra or {})
 
 
+def test_chat_messages_are_rendered_by_the_chat_template_then_completed(calm_url: str, calm_model) -> None:
+    """Without a fine-tuned template, the default one: a ``role: content`` line per message, then ``assistant:``."""
+    messages = [{"role": "user", "content": "Where did the river go"}]
+    out = client(calm_url).chat.completions.create(
+        model="tiny-calm", messages=messages, max_tokens=8, temperature=0.5, seed=5, extra_body={"num_samples": 16}
+    )
+    rendered = "user: Where did the river go\nassistant:"
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected_calm(calm_model, rendered, 8, 5, 0.5)
+    with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
+        client(calm_url).chat.completions.create(model="tiny-calm", messages=messages, stream=True)
+
+
 def test_n_and_prompt_lists_number_choices_and_seeds(calm_url: str, calm_model) -> None:
     prompts = [PROMPT, "A small bird"]
     out = client(calm_url).completions.create(model="tiny-calm", prompt=prompts, max_tokens=8, n=2, seed=100)

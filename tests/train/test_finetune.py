@@ -259,6 +259,8 @@ def test_a_finetuned_checkpoint_wraps_prompts_in_its_template_and_resumes_exactl
     lm = load_language_model(tmp_path / "whole")
     tok = lm.tokenizer
     assert lm.encode_prompt("The sea") == [tok.bos_id, *tok.encode("Q: The sea\nA:")]
+    assert lm.render_chat([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"  # the stored chat template
+    assert lm.encode_prompt("user: hi\nassistant:", raw=True) == [tok.bos_id, *tok.encode("user: hi\nassistant:")]
     raw = load_language_model(tmp_path / "whole", raw_prompt=True)
     assert raw.encode_prompt("The sea") == [tok.bos_id, *tok.encode("The sea")]
     lm_eval = pytest.importorskip("calm.interop.lm_eval")
