@@ -129,13 +129,13 @@ def _run_table(run_dir: Path, config: dict[str, Any], train: list[dict], val: li
     last = (train + val)[-1] if train or val else {}
     step = max((r.get("step", 0) for r in train + val), default=0)
     tokens = max((r.get("tokens", 0) for r in train + val), default=0)
-    train_cfg, data = config.get("train", {}), config.get("data", {})
+    train_cfg = config.get("train", {})
     per_token = _train_flops_per_token(config)
     done = (run_dir / "DONE.json").exists() or step >= train_cfg.get("max_steps", float("inf"))
     resume = f"run the `calm {TRAIN_COMMANDS[config['kind']]}` command that started it again, with `--resume`"
     rows = [
         ("model", f"{KIND_NAMES[config['kind']]}, " + ", ".join(_model_summary(config.get("model", {})))),
-        ("data", f"`{data.get('data_dir', '?')}` ({_count(data.get('train_tokens'))} training tokens)"),
+        ("data", _data_text(config)),
         ("steps", f"{step:,} of {_count(train_cfg.get('max_steps'))}" if step else "none logged yet"),
         ("tokens seen", _count(tokens)),
         ("batch", f"{_count(train_cfg.get('batch_tokens'))} tokens per optimizer step"),
@@ -148,6 +148,20 @@ def _run_table(run_dir: Path, config: dict[str, Any], train: list[dict], val: li
         ("status", "finished" if done else f"not finished: {resume}"),
     ]
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+
+
+def _data_text(config: dict[str, Any]) -> str:
+    """The data line: a prepared folder, or for ``calm finetune`` the examples file and the base checkpoint."""
+    finetune = config.get("finetune")
+    if finetune:
+        counts = finetune.get("counts", {})
+        lora = f", LoRA rank {finetune['lora']['rank']}" if finetune.get("lora") else ""
+        return (
+            f"fine-tuned from `{finetune.get('base_checkpoint', '?')}` on `{finetune.get('data', '?')}` "
+            f"({_count(counts.get('train_examples'))} examples, {_count(counts.get('val_examples'))} held out{lora})"
+        )
+    data = config.get("data", {})
+    return f"`{data.get('data_dir', '?')}` ({_count(data.get('train_tokens'))} training tokens)"
 
 
 def _model_summary(model: dict[str, Any]) -> list[str]:

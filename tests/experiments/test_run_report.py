@@ -55,3 +55,14 @@ def test_a_folder_that_is_no_run_is_refused_naming_the_three_kinds(tmp_path, cap
     assert err.startswith(f"error: {tmp_path} is not a run calm can report on")
     assert "run_config.json" in err and "sweep.yaml" in err and "autoencoder/" in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_finetune_run_names_its_base_checkpoint_and_examples(tiny_lm_checkpoints, tmp_path) -> None:
+    run = _copy(tiny_lm_checkpoints["gpt"], tmp_path)
+    config = json.loads((run / "run_config.json").read_text())
+    config["finetune"] = {"base_checkpoint": "runs/base", "data": "pairs.jsonl", "lora": {"rank": 8},
+                          "counts": {"train_examples": 90, "val_examples": 10}}  # fmt: skip
+    (run / "run_config.json").write_text(json.dumps(config))
+    assert main(["report", "--run", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "| data | fine-tuned from `runs/base` on `pairs.jsonl` (90 examples, 10 held out, LoRA rank 8) |" in text
