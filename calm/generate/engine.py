@@ -26,6 +26,7 @@ fit the context, and the samplers refuse a temperature outside (0, 1].
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
@@ -127,12 +128,21 @@ def sample_step(
     for b in range(h.shape[0]):
         draw = make_draw(h[b : b + 1])
         chunk, _, exhausted = exact_temperature_sample(
-            draw, temperature, max_attempts=max_attempts, on_exhausted="fallback"
+            draw, temperature, max_attempts=max_attempts, on_exhausted="fallback", rng=_stage_two_rng(generator)
         )
         chunk = chunk.tokens() if isinstance(chunk, LazyChunk) else chunk
         rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))
         effective.append(None if exhausted else temperature)
     return torch.stack(rows), effective
+
+
+def _stage_two_rng(generator: torch.Generator | None) -> random.Random | None:
+    """The exact sampler's stage-2 uniforms (1/T not an integer), seeded from ``generator`` so that a seeded
+    request is reproducible; None (fresh entropy) without one."""
+    if generator is None:
+        return None
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+    return random.Random(int(seed))
 
 
 @torch.no_grad()
