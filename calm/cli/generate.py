@@ -72,6 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     if args.max_choices < 1:
         raise ConfigError(f"--max-choices must be >= 1, got {args.max_choices}")
+    if args.max_queue < 1:
+        raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.request_timeout < 0:
+        raise ConfigError(f"--request-timeout must be >= 0 (0: no limit), got {args.request_timeout}")
     serve(
         args.checkpoint,
         host=args.host,
@@ -80,6 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_choices=args.max_choices,
         dtype=args.dtype,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout or None,
     )
     return 0
 
@@ -130,6 +136,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $CALM_API_KEY; none if unset)")
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument("--max-choices", type=int, default=16, help="most completions (prompts x n) per request")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 503 + Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: no limit)")
 
 
 ARGUMENTS = {"generate": _generate_arguments, "serve": _serve_arguments}

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import hmac
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -49,31 +50,43 @@ from typing import Any, Literal
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calm.generate.completion import CompletionResult, TextCompleter
 from calm.generate.lm import LanguageModelError, load_language_model
 from calm.generate.sampling import SamplingStats
+from calm.interop.serve_ops import METRICS_CONTENT_TYPE, Admission, Place, QueueFull, ServerMetrics
 from calm.io import to_json
 
 API_KEY_ENV = "CALM_API_KEY"
+RETRY_AFTER_S = 1
+"""The ``Retry-After`` of a 503 from a full queue, in seconds."""
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {...}}`` with an HTTP status (OpenAI's shape)."""
+    """An error answered as ``{"error": {...}}`` with an HTTP status (OpenAI's shape) and extra headers."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
     if status >= 500:
         kind = "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers)
 
 
 class StreamOptions(BaseModel):
@@ -168,6 +181,10 @@ class ServeSettings:
     max_choices: int = 16  # len(prompt) * n per request
     default_num_samples: int = 200
     default_sampler: str = "batch"
+    max_queue: int = 64
+    """Requests waiting or running at once; one more gets 503 with Retry-After."""
+    request_timeout: float | None = 600.0
+    """Seconds a request may take from admission (504, or an error event when streaming); None: no limit."""
 
 
 @dataclass
@@ -267,55 +284,104 @@ def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, Any]:
 
 
 class CompletionService:
-    """Runs validated jobs on one worker thread, in arrival order (so requests queue, never interleave)."""
+    """Runs validated jobs on one worker thread, in arrival order (so requests queue, never interleave),
+    behind a bounded queue (:class:`~calm.interop.serve_ops.Admission`), with a per-request timeout and
+    the server's metrics."""
 
     def __init__(self, completer: TextCompleter, settings: ServeSettings) -> None:
         self.completer = completer
         self.settings = settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calm-generate")
+        self.metrics = ServerMetrics()
+        self.admission = Admission(settings.max_queue, self.metrics)
+
+    def admit(self) -> Place:
+        """A place in the queue, or a 503 with ``Retry-After`` when it is full."""
+        try:
+            return self.admission.admit()
+        except QueueFull:
+            raise APIError(
+                503, f"the server is busy ({self.settings.max_queue} requests queued or running; calm serve "
+                "--max-queue); retry later", None, "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None  # fmt: skip
 
     def _run_one(
-        self, job: _Job, prompt: str, seed: int | None, emit: Any = None, cancelled: Any = None
+        self, job: _Job, prompt: str, seed: int | None, admitted: float, emit: Any = None, cancelled: Any = None
     ) -> CompletionResult:
-        return self.completer.complete(
-            prompt,
-            job.max_tokens,
-            temperature=job.temperature,
-            stop=job.stop,
-            seed=seed,
-            num_samples=job.num_samples,
-            sampler=job.sampler,
-            emit=emit,
-            cancelled=cancelled,
+        first: list[float] = []
+
+        def on_text(text: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+                self.metrics.time_to_first_token.observe(first[0] - admitted)
+            if emit is not None:
+                emit(text)
+
+        start = time.perf_counter()
+        result = self.completer.complete(
+            prompt, job.max_tokens, temperature=job.temperature, stop=job.stop, seed=seed,
+            num_samples=job.num_samples, sampler=job.sampler, emit=on_text, cancelled=cancelled,
             raw_prompt=job.raw_prompt,
-        )
+        )  # fmt: skip
+        if result.completion_tokens:
+            self.metrics.time_per_output_token.observe((time.perf_counter() - start) / result.completion_tokens)
+        return result
 
-    async def complete(self, job: _Job, meta: dict[str, Any]) -> dict[str, Any]:
-        """The whole response of a non-streaming request."""
-        run_all = lambda: [self._run_one(job, prompt, seed) for _, prompt, seed in job.choices()]  # noqa: E731
-        results = await asyncio.get_running_loop().run_in_executor(self.worker, run_all)
+    def _usage(self, results: list[CompletionResult], job: _Job) -> dict[str, Any]:
+        usage = _usage(results, job)
+        self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        self.metrics.completion_tokens.inc(usage["completion_tokens"])
+        return usage
+
+    def _run_choices(self, job: _Job, cancelled: threading.Event, admitted: float, put: Any = None) -> list:
+        """Every choice of ``job`` on the worker thread; ``put(kind, value)`` streams text and finish events."""
+        results = []
+        with self.admission.running_one():
+            for index, prompt, seed in job.choices():
+                if cancelled.is_set():
+                    break
+                emit = None if put is None else (lambda text, index=index: put("text", (index, text)))
+                results.append(self._run_one(job, prompt, seed, admitted, emit, cancelled))
+                if put is not None:
+                    put("finish", (index, results[-1].finish_reason))
+        self.admission.count(cancelled.is_set())
+        return results
+
+    async def complete(self, job: _Job, meta: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
+        """The whole response of a non-streaming request (504 after the timeout; nothing if the client left)."""
+        cancelled, admitted = threading.Event(), time.perf_counter()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.worker, self._run_choices, job, cancelled, admitted)
+        timeout = self.settings.request_timeout
+        while not future.done():
+            await asyncio.wait({future}, timeout=0.05)
+            gone = request is not None and await request.is_disconnected()
+            if gone or (timeout is not None and time.perf_counter() - admitted > timeout):
+                cancelled.set()  # the worker stops at the next chunk
+                await future
+                if gone:
+                    return {}
+                raise APIError(504, f"the request took longer than {timeout:g} s (calm serve --request-timeout)",
+                               None, "timeout")  # fmt: skip
+        results = future.result()
         choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
-        return {"object": "text_completion", **meta, "choices": choices, "usage": _usage(results, job)}
+        return {"object": "text_completion", **meta, "choices": choices, "usage": self._usage(results, job)}
 
-    async def stream(self, job: _Job, meta: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+    async def stream(
+        self, job: _Job, meta: dict[str, Any], include_usage: bool, place: Place | None = None
+    ) -> AsyncIterator[str]:
         """Server-sent events: text as it is decoded, a finish event per choice, usage, ``[DONE]``."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled = threading.Event()
+        cancelled, admitted = threading.Event(), time.perf_counter()
 
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         def produce() -> None:
-            results = []
             try:
-                for index, prompt, seed in job.choices():
-                    if cancelled.is_set():
-                        return
-                    emit = lambda text, index=index: put("text", (index, text))  # noqa: E731
-                    results.append(self._run_one(job, prompt, seed, emit, cancelled))
-                    put("finish", (index, results[-1].finish_reason))
-                put("done", _usage(results, job))
+                results = self._run_choices(job, cancelled, admitted, put)
+                put("done", self._usage(results, job))
             except Exception as e:  # reported in the stream: the status line has already gone out
                 put("error", f"{type(e).__name__}: {e}")
 
@@ -323,9 +389,14 @@ class CompletionService:
             return f"data: {to_json({'object': 'text_completion', **meta, 'choices': choices, **extra})}\n\n"
 
         loop.run_in_executor(self.worker, produce)  # produce() reports its own errors; nothing to await
+        timeout = self.settings.request_timeout
         try:
             while True:
-                kind, value = await queue.get()
+                try:
+                    wait = None if timeout is None else max(0.0, timeout - (time.perf_counter() - admitted))
+                    kind, value = await asyncio.wait_for(queue.get(), wait)
+                except asyncio.TimeoutError:
+                    kind, value = "error", f"the request took longer than {timeout:g} s (calm serve --request-timeout)"
                 if kind == "text":
                     yield chunk([_choice(value[0], value[1], None)])
                 elif kind == "finish":
@@ -340,13 +411,15 @@ class CompletionService:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            cancelled.set()  # a client that went away stops the generation at its next chunk
+            cancelled.set()  # a client that went away, or a timeout, stops the generation at its next chunk
+            if place is not None:
+                place.release()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -368,8 +441,9 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        yield  # uvicorn stops accepting on SIGTERM and lets the open requests finish first
         service.worker.shutdown(wait=True, cancel_futures=True)
+        print(f"calm serve stopped: {service.admission.summary()}", file=sys.stderr, flush=True)
 
     def check_key(request: Request) -> None:
         if not settings.api_key:
@@ -380,7 +454,23 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key")
 
     app = FastAPI(title="calm", lifespan=lifespan, dependencies=[Depends(check_key)])
+    app.state.service = service  # for tests and embedding: the queue's counts, the metrics
     _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        service.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_name, "queue": service.admission.waiting,
+                "running": service.admission.running}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -388,16 +478,19 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
         return {"object": "list", "data": [entry]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         job = _validate(req, completer, settings)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
+        place = service.admit()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(service.stream(job, meta, include_usage), media_type="text/event-stream")
-        return await service.complete(job, meta)
+            events = service.stream(job, meta, include_usage, place)
+            return StreamingResponse(events, media_type="text/event-stream")
+        with place:
+            return await service.complete(job, meta, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
         if req.stream:
             raise APIError(
                 400, "stream=true is not supported on /v1/chat/completions yet; use /v1/completions", "stream"
@@ -410,7 +503,10 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
             raise APIError(400, str(e), "messages") from e
         job = _validate(req.as_completion(prompt), completer, settings, raw_prompt=True)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
-        response = await service.complete(job, meta)
+        with service.admit():
+            response = await service.complete(job, meta, request)
+        if not response:  # the client left
+            return response
         choices = [
             {
                 "index": c["index"],
@@ -432,6 +528,8 @@ def load_app(
     max_choices: int = 16,
     device: str = "cpu",
     dtype: str | None = None,
+    max_queue: int = 64,
+    request_timeout: float | None = 600.0,
 ) -> FastAPI:
     """Load a checkpoint (or run directory) and build its app; ``model_name`` defaults to the folder name;
     ``dtype`` (fp32 | bf16) casts the weights as they are read."""
@@ -439,7 +537,9 @@ def load_app(
     given = Path(checkpoint).resolve()
     # runs/NAME or runs/NAME/checkpoints/step_N -> NAME
     name = model_name or (given.parent.parent.name if given.parent.name == "checkpoints" else given.name)
-    settings = ServeSettings(model_name=name, api_key=api_key, max_choices=max_choices)
+    settings = ServeSettings(
+        model_name=name, api_key=api_key, max_choices=max_choices, max_queue=max_queue, request_timeout=request_timeout
+    )
     return create_app(completer, settings)
 
 
@@ -478,7 +578,12 @@ def serve(
     api_key: str | None = None,
     max_choices: int = 16,
     dtype: str | None = None,
+    max_queue: int = 64,
+    request_timeout: float | None = 600.0,
 ) -> None:
-    """Serve a checkpoint until interrupted (the ``calm serve`` command)."""
-    app = load_app(checkpoint, model_name=model_name, api_key=api_key, max_choices=max_choices, dtype=dtype)
+    """Serve a checkpoint until interrupted (the ``calm serve`` command); SIGTERM lets open requests finish."""
+    app = load_app(
+        checkpoint, model_name=model_name, api_key=api_key, max_choices=max_choices, dtype=dtype,
+        max_queue=max_queue, request_timeout=request_timeout,
+    )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info")

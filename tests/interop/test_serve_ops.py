@@ -1,0 +1,93 @@
+"""``calm serve`` operations: /health, Prometheus /metrics, a bounded queue (503 + Retry-After), the
+per-request timeout, and a client that leaves mid-stream stopping its generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+for _module in ("fastapi", "uvicorn", "httpx", "prometheus_client"):
+    pytest.importorskip(_module, reason=f"the server tests need {_module}: pip install -e '.[serve,dev]'")
+
+import httpx  # noqa: E402
+
+from calm.interop.serve import load_app, serve_in_background  # noqa: E402
+
+BODY = {"model": "m", "prompt": "The river crossed", "temperature": 0.5, "seed": 0}
+
+
+def _app(checkpoint: Path, **settings):
+    return load_app(str(checkpoint), model_name="m", **settings)
+
+
+def test_health_and_metrics(tiny_lm_checkpoints) -> None:
+    app = _app(tiny_lm_checkpoints["calm"])
+    with serve_in_background(app) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "m", "queue": 0, "running": 0}
+        out = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 8, "extra": 1}, timeout=60)
+        assert out.status_code == 400  # unknown field: counted too
+        out = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 8}, timeout=60).json()
+        text = httpx.get(f"{url}/metrics").text
+    assert 'calm_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert 'calm_requests_total{endpoint="/v1/completions",status="400"} 1.0' in text
+    assert f"calm_completion_tokens_total {float(out['usage']['completion_tokens'])}" in text
+    assert "calm_time_to_first_token_seconds_count 1.0" in text and "calm_queue_length 0.0" in text
+
+
+def test_a_flood_beyond_the_queue_gets_503_and_the_admitted_requests_complete(tiny_lm_checkpoints) -> None:
+    app = _app(tiny_lm_checkpoints["calm"], max_queue=2)
+    answers: list[httpx.Response] = []
+    with serve_in_background(app) as url:
+        body = {**BODY, "max_tokens": 48, "extra_body": None}
+        body.pop("extra_body")
+
+        def send() -> None:
+            answers.append(httpx.post(f"{url}/v1/completions", json={**body, "num_samples": 200}, timeout=120))
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 4}, timeout=60)
+    codes = sorted(a.status_code for a in answers)
+    assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+    for a in answers:
+        if a.status_code == 503:
+            assert a.headers["retry-after"] == "1" and a.json()["error"]["code"] == "queue_full"
+        else:
+            assert a.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert after.status_code == 200
+    assert app.state.service.admission.rejected == codes.count(503)
+
+
+def test_a_request_over_the_timeout_gets_504_and_its_work_stops(tiny_lm_checkpoints) -> None:
+    app = _app(tiny_lm_checkpoints["calm"], request_timeout=0.2)
+    with serve_in_background(app) as url:
+        body = {**BODY, "max_tokens": 40, "n": 16, "num_samples": 200}
+        start = time.perf_counter()
+        slow = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        elapsed = time.perf_counter() - start
+        quick = httpx.post(f"{url}/v1/completions", json={**BODY, "max_tokens": 4, "temperature": 1.0}, timeout=60)
+    assert slow.status_code == 504 and "took longer than 0.2 s" in slow.json()["error"]["message"]
+    assert elapsed < 10  # stopped at the next chunk, not after 16 choices of 40 tokens
+    assert quick.status_code == 200
+    assert app.state.service.admission.cancelled == 1
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(tiny_lm_checkpoints) -> None:
+    app = _app(tiny_lm_checkpoints["calm"])
+    service = app.state.service
+    with serve_in_background(app) as url:
+        body = {**BODY, "max_tokens": 40, "n": 16, "num_samples": 200, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # one event, then the client goes away
+        deadline = time.monotonic() + 30
+        while service.admission.cancelled + service.admission.finished == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert service.admission.cancelled == 1 and service.admission.finished == 0
