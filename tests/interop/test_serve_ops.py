@@ -91,3 +91,47 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(tiny_lm_checkpoint
         while service.admission.cancelled + service.admission.finished == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
     assert service.admission.cancelled == 1 and service.admission.finished == 0
+
+
+def test_sigterm_lets_the_open_request_finish_and_says_so(tiny_lm_checkpoints) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "calm", "serve", "--checkpoint", str(tiny_lm_checkpoints["calm"]), "--port",
+           str(port), "--model-name", "m"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        answers: list[httpx.Response] = []
+        body = {**BODY, "max_tokens": 40, "n": 16, "num_samples": 200}
+        sender = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120))
+        )
+        sender.start()
+        while httpx.get(f"{url}/health", timeout=5).json()["running"] == 0:
+            time.sleep(0.01)
+        server.send_signal(signal.SIGTERM)
+        sender.join()
+        _, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert answers[0].status_code == 200 and len(answers[0].json()["choices"]) == 16
+    assert server.returncode in (0, -int(signal.SIGTERM))  # uvicorn re-raises the signal once it has shut down
+    assert "calm serve stopped: 1 requests finished, 0 cancelled" in err
