@@ -94,33 +94,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; strict types, unknown fields refused."""
+class _RequestFields(BaseModel):
+    """The fields ``/v1/completions`` and ``/v1/chat/completions`` share; strict types, unknown fields refused."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str
-    prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)
     temperature: float | None = 1.0
     n: int | None = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
     # CALM's likelihood-free temperature (paper §6): extra body fields.
     num_samples: int | None = Field(default=None, ge=1)
     sampler: Literal["batch", "exact"] | None = None
     # OpenAI fields accepted only at their neutral value.
     top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_RequestFields):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    stream_options: StreamOptions | None = None
     logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
-    user: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first OpenAI option set to something this server cannot do."""
@@ -147,25 +152,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(_RequestFields):
     """The body of ``POST /v1/chat/completions``: the completion fields, ``messages`` in place of ``prompt``."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    model: str
     messages: list[ChatMessage]
-    max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float | None = 1.0
-    n: int | None = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    num_samples: int | None = Field(default=None, ge=1)
-    sampler: Literal["batch", "exact"] | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    user: str | None = None
 
     def as_completion(self, prompt: str) -> CompletionRequest:
         fields = self.model_dump(exclude={"messages", "stream"})
