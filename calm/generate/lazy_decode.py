@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from calm.generate.sampling import batch_effective_temperature, batch_temperature_select
+from calm.generate.sampling import batch_temperature_choice, batch_temperature_select
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import ChunkDraws
 from calm.models.vocab_search import vocab_argmax
@@ -123,14 +123,14 @@ def lazy_batch_sample(
         tokens[n_idx, b_idx, k_idx] = ae.vocab_argmax(_token_hidden(ae, expanded[n_idx, b_idx, k_idx]))
         labels = _refine(labels, tokens[..., k])
     groups = labels.t().unsqueeze(-1)  # (B, N, 1): equal labels iff equal chunks
-    choice = batch_temperature_select(groups, temperature, generator)  # (B,)
+    choice, effective = batch_temperature_choice(groups, temperature, generator)  # (B,), (B,)
     rows = torch.arange(batch, device=z.device)
     chosen = tokens[choice, rows]  # (B, K), -1 where not decoded yet
     b_idx, k_idx = (chosen < 0).nonzero(as_tuple=True)
     if b_idx.numel():
         hidden = _token_hidden(ae, expanded[choice[b_idx], b_idx, k_idx])
         chosen[b_idx, k_idx] = ae.vocab_argmax(hidden)
-    return chosen, batch_effective_temperature(groups, temperature)
+    return chosen, effective
 
 
 @torch.no_grad()
@@ -150,9 +150,8 @@ def reference_batch_sample(
     """Alg. 2 over draws (latents (N, B, l)) -> ((B, K) chunks, (B,) effective temperatures), decoding all N·K
     tokens: the lazy path's reference."""
     ids = draws.tokens(lambda z: reference_decode_ids(ae, z)).transpose(0, 1)  # (B, N, K)
-    index = batch_temperature_select(ids, temperature, generator)
-    chosen = ids[torch.arange(ids.shape[0], device=ids.device), index]
-    return chosen, batch_effective_temperature(ids, temperature)
+    index, effective = batch_temperature_choice(ids, temperature, generator)
+    return ids[torch.arange(ids.shape[0], device=ids.device), index], effective
 
 
 class LazyChunks:

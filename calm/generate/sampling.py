@@ -36,6 +36,7 @@ __all__ = [
     "SamplingBudgetExceeded",
     "SamplingStats",
     "batch_effective_temperature",
+    "batch_temperature_choice",
     "exact_temperature_sample",
     "expected_draws",
     "batch_temperature_probs",
@@ -246,11 +247,20 @@ def batch_temperature_probs(candidates: Tensor, temperature: float) -> Tensor:
         candidates: (B, N, K) integer tensor: B rows of N drawn K-token chunks.
         temperature: T in (0, 1].
     """
+    return _alg2(candidates, temperature)[0]
+
+
+def _alg2(candidates: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Alg. 2's probabilities (B, N) and the temperature each row is effectively sampled at (B,), both
+    float64, from one count of equal candidates (see :func:`batch_temperature_probs` and
+    :func:`batch_effective_temperature`)."""
     whole, alpha = _split_inverse_temperature(temperature)
     _check_candidates(candidates)
     batch, num_candidates, _ = candidates.shape
+    device = candidates.device
     if whole == 1 and alpha == 0.0:
-        return torch.full((batch, num_candidates), 1.0 / num_candidates, dtype=torch.float64, device=candidates.device)
+        uniform = torch.full((batch, num_candidates), 1.0 / num_candidates, dtype=torch.float64, device=device)
+        return uniform, torch.ones(batch, dtype=torch.float64, device=device)
     counts = _tuple_counts(candidates).to(torch.float64)  # (B, N)
     max_count = counts.max(dim=1, keepdim=True).values  # (B, 1)
     inverse = whole + alpha
@@ -260,7 +270,10 @@ def batch_temperature_probs(candidates: Tensor, temperature: float) -> Tensor:
     # factor of C(c, m) is common to the row and cancels in the normalisation.
     log_weight = torch.lgamma(counts + 1) - torch.lgamma(counts - order + 1) - counts.log()
     log_weight = torch.where(eligible, log_weight, -math.inf)
-    return torch.softmax(log_weight, dim=1)
+    # the order used, as a temperature: T itself, 1/(c + alpha) when lowered, 1 when all candidates differ
+    effective = torch.where(max_count >= whole, torch.full_like(order, temperature), 1.0 / order)
+    effective = torch.where(max_count <= 1, torch.ones_like(order), effective).squeeze(1)
+    return torch.softmax(log_weight, dim=1), effective
 
 
 def batch_temperature_select(
@@ -278,10 +291,18 @@ def batch_temperature_select(
     Returns:
         (B,) long tensor of indices into N.
     """
-    probs = batch_temperature_probs(candidates, temperature)  # (B, N)
+    return batch_temperature_choice(candidates, temperature, generator)[0]
+
+
+def batch_temperature_choice(
+    candidates: Tensor, temperature: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`batch_temperature_select` and :func:`batch_effective_temperature` from one count of the
+    candidates: ((B,) long indices into N, (B,) float64 temperatures)."""
+    probs, effective = _alg2(candidates, temperature)  # (B, N), (B,)
     if probs.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=candidates.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return torch.zeros(0, dtype=torch.long, device=candidates.device), effective
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1), effective
 
 
 def batch_temperature_sample(
@@ -305,12 +326,7 @@ def batch_effective_temperature(candidates: Tensor, temperature: float) -> Tenso
         candidates: (B, N, K) integer tensor: B rows of N drawn K-token chunks.
         temperature: T in (0, 1].
     """
-    whole, alpha = _split_inverse_temperature(temperature)
-    _check_candidates(candidates)
-    max_count = _tuple_counts(candidates).max(dim=1).values.to(torch.float64)  # (B,)
-    lowered = 1.0 / (max_count + alpha)
-    effective = torch.where(max_count >= whole, torch.full_like(max_count, temperature), lowered)
-    return torch.where(max_count <= 1, torch.ones_like(max_count), effective)
+    return _alg2(candidates, temperature)[1]
 
 
 @dataclass
