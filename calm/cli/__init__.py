@@ -111,15 +111,13 @@ def set_threads(command: Command, requested: int | None) -> None:
     """Threads for this process: ``--threads`` as given (torch's pool, and the tokenizers library's),
     else, for a command that runs a model, what ``calm.hardware.configure_threads`` finds best for the
     machine's load, with a warning when that is fewer than one per core."""
-    if requested is not None:
-        if requested < 1:
-            raise ConfigError(f"--threads must be >= 1, got {requested}")
-        os.environ["RAYON_NUM_THREADS"] = str(requested)  # tokenizers' pool, started on first use
-    elif not command.computes:
+    if requested is None and not command.computes:
         return
     from calm.hardware import configure_threads
 
-    choice = configure_threads(requested)
+    choice = configure_threads(requested)  # refuses requested < 1
+    if requested is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(requested)  # tokenizers' pool, started on first use
     if (warning := choice.warning()) is not None:
         print(f"warning: {warning}", file=sys.stderr)
 
