@@ -116,9 +116,9 @@ class LanguageModel:
     prompt_template: Any = None
     """A fine-tuned checkpoint's prompt template (``calm.data.instruct``, compiled), applied to every prompt
     by :meth:`encode_prompt`; None: prompts are used as given."""
-    chat_template: str = DEFAULT_CHAT_TEMPLATE
-    """The Jinja template that renders chat messages into a prompt (:meth:`render_chat`): a fine-tuned
-    checkpoint's own, else ``calm.data.instruct.DEFAULT_CHAT_TEMPLATE``."""
+    chat_template: Any = compile_template(DEFAULT_CHAT_TEMPLATE, "chat template")
+    """The compiled Jinja template that renders chat messages into a prompt (:meth:`render_chat`): a
+    fine-tuned checkpoint's own, else ``calm.data.instruct.DEFAULT_CHAT_TEMPLATE``."""
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
@@ -210,7 +210,7 @@ class LanguageModel:
         """The prompt for a conversation ({role, content} messages): ``chat_template`` rendered. Raises
         LanguageModelError when the template does not render these messages."""
         try:
-            return render(compile_template(self.chat_template, "chat template"), "chat template", messages=messages)
+            return render(self.chat_template, "chat template", messages=messages)
         except ExampleError as e:
             raise LanguageModelError(str(e), "messages") from None
 
@@ -511,7 +511,7 @@ def load_language_model(
     if template and template != DEFAULT_PROMPT_TEMPLATE and not raw_prompt:
         lm.prompt_template = compile_template(template, "checkpoint's prompt template")
     if finetune.get("chat_template"):
-        lm.chat_template = finetune["chat_template"]
+        lm.chat_template = compile_template(finetune["chat_template"], "checkpoint's chat template")
     return lm
 
 
