@@ -194,7 +194,7 @@ def autocast(device: torch.device | str, precision: str) -> AbstractContextManag
 THREAD_EFFICIENCY_FLOOR = 0.5
 """The default thread count is kept when its probe rate is at least this fraction of (threads ×
 the one-thread rate); below it the cores are taken to be shared with other busy processes. Measured
-on a 2-core AMD Zen 3: 0.68-0.74 idle, 0.29-0.36 beside one busy process."""
+with :func:`_probe_threads` on a 2-core AMD Zen 3: 0.64-0.86 idle, 0.25-0.40 beside one busy process."""
 
 BUSY_LOAD = 0.5
 """A 1-minute load average from which other processes count as running (see :func:`choose_threads`)."""
