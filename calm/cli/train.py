@@ -78,10 +78,7 @@ def cmd_train_gpt(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a CALM or GPT checkpoint on prompt/answer examples (``calm.train.finetune``)."""
     distributed.set_strategy(args.strategy)
-    overrides = {key: value for key, value in map(parse_override, args.set or [])}
-    for name in ("max_steps", "lr", "seed", "precision", "eval_every", "save_every"):
-        if getattr(args, name) is not None:
-            overrides[f"train.{name}"] = getattr(args, name)
+    overrides = _overrides(args)  # --set and the flags it has of _FLAG_OVERRIDES
     if args.lora_rank and "train.lr" not in overrides and "lr" not in overrides:
         overrides["train.lr"] = LORA_LR
     train = finetune_train_config(overrides)
