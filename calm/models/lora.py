@@ -50,7 +50,5 @@ def add_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
         part = name.split(".", 1)[0]
         head = part in ("head", "lm_head")
         inputs = part in ("embed_tokens", "embed_proj", "latent_proj")
-        param.requires_grad = (head and options.train_head) or (inputs and options.train_input)
-    if hasattr(model, "autoencoder"):
-        model.autoencoder.requires_grad_(False)
+        param.requires_grad = (head and options.train_head) or (inputs and options.train_input)  # not the AE
     return wrapped
