@@ -19,6 +19,7 @@ from torch import nn
 
 from calm.config import CALMConfig
 from calm.extensions.energy import ShapedEnergyLoss
+from calm.models import rng
 from calm.models.heads import EnergyHead, posterior_samples
 
 
@@ -78,7 +79,7 @@ class AnchoredEnergyHead(ShapedEnergyLoss, EnergyHead):
         return self.latent(h, noise[..., :-1], tokens)
 
     def sample_with_tokens(
-        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self, h: torch.Tensor, num_samples: int, generator: rng.Generators = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., d) -> latents (num_samples, ..., l) and their first tokens (num_samples, ...).
 
@@ -87,12 +88,12 @@ class AnchoredEnergyHead(ShapedEnergyLoss, EnergyHead):
         the lazy path, skipped) and then replaced.
         """
         shape = (num_samples, *h.shape[:-1])
-        noise = torch.rand((*shape, self.noise_size), device=h.device, generator=generator).sub_(0.5)
+        noise = rng.draw(torch.rand, (*shape, self.noise_size), generator, h.device).sub_(0.5)
         tokens = self.first_tokens(h, noise[..., -1].movedim(0, -1) + 0.5).movedim(-1, 0)  # (num_samples, ...)
         z = self.latent(h.unsqueeze(0).expand(*shape, h.shape[-1]), noise[..., :-1].to(h.dtype), tokens)
         return z, tokens
 
-    def sample(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, num_samples: int, generator: rng.Generators = None) -> torch.Tensor:
         """(..., d) -> (num_samples, ..., l): the latents of :meth:`sample_with_tokens`."""
         return self.sample_with_tokens(h, num_samples, generator)[0]
 

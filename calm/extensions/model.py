@@ -30,6 +30,7 @@ from torch import nn
 
 from calm.extensions.anchor import AnchoredEnergyHead
 from calm.extensions.energy import ShapedEnergyHead
+from calm.models import rng
 from calm.models.calm import CALM, ChunkDraws
 
 TRAINING_ONLY = ("token_aux_head", "latent_probe")
@@ -57,7 +58,7 @@ class ExtendedCALM(CALM):
     def training_only_parameters(self) -> int:
         return sum(p.numel() for part in TRAINING_ONLY if hasattr(self, part) for p in getattr(self, part).parameters())
 
-    def sample_next(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> ChunkDraws:
+    def sample_next(self, h: torch.Tensor, num_samples: int, generator: rng.Generators = None) -> ChunkDraws:
         """As :meth:`CALM.sample_next`; an anchored head's draws carry their first tokens (num_samples, ..., 1)."""
         if not self.config.token_anchor:
             return super().sample_next(h, num_samples, generator)

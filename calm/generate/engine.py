@@ -40,6 +40,7 @@ from calm.generate.lazy_decode import (
     reference_decode_ids,
 )
 from calm.generate.sampling import SamplingStats, exact_temperature_sample
+from calm.models import rng
 
 
 def left_pad_to_chunks(prompts: list[list[int]], chunk_size: int, pad_id: int) -> torch.Tensor:
@@ -88,11 +89,14 @@ def sample_step(
     temperature: float,
     num_samples: int,
     sampler: str,
-    generator: torch.Generator | None,
+    generator: rng.Generators,
     max_attempts: int = 100_000,
     fast: bool = True,
 ) -> tuple[torch.Tensor, list[float | None]]:
     """:func:`sample_chunks`, also returning the temperature each row was effectively sampled at.
+
+    ``generator`` may be one generator per row of h (:mod:`calm.models.rng`): each row then gets the
+    chunk it gets alone with its generator, which is how continuous batching keeps requests apart.
 
     A row's entry is a float (see :func:`calm.generate.sampling.batch_effective_temperature`; T for
     an exact sample) or None where the exact sampler ran out of draws and returned its most frequent
@@ -109,7 +113,7 @@ def sample_step(
     if sampler != "exact":
         raise ValueError(f"sampler must be 'batch' or 'exact', got {sampler!r}")
 
-    def make_draw(row: torch.Tensor) -> Callable[[], Hashable]:
+    def make_draw(row: torch.Tensor, generator: torch.Generator | None) -> Callable[[], Hashable]:
         buffer: list[Hashable] = []
 
         def draw() -> Hashable:
@@ -126,9 +130,10 @@ def sample_step(
 
     rows, effective = [], []
     for b in range(h.shape[0]):
-        draw = make_draw(h[b : b + 1])
+        row_generator = generator if generator is None or isinstance(generator, torch.Generator) else generator[b]
+        draw = make_draw(h[b : b + 1], row_generator)
         chunk, _, exhausted = exact_temperature_sample(
-            draw, temperature, max_attempts=max_attempts, on_exhausted="fallback", rng=_stage_two_rng(generator)
+            draw, temperature, max_attempts=max_attempts, on_exhausted="fallback", rng=_stage_two_rng(row_generator)
         )
         chunk = chunk.tokens() if isinstance(chunk, LazyChunk) else chunk
         rows.append(torch.tensor(chunk, dtype=torch.long, device=h.device))

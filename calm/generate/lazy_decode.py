@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from calm.generate.sampling import batch_temperature_choice, batch_temperature_select
+from calm.models import rng
 from calm.models.autoencoder import Autoencoder
 from calm.models.calm import ChunkDraws
 from calm.models.vocab_search import vocab_argmax
@@ -57,9 +58,9 @@ def _token_hidden(ae: Autoencoder, states: torch.Tensor) -> torch.Tensor:
 
 
 def _guess_choice(
-    num_candidates: int, batch: int, temperature: float, generator: torch.Generator | None
+    num_candidates: int, batch: int, temperature: float, generator: rng.Generators, device: torch.device
 ) -> torch.Tensor | None:
-    """The index Alg. 2 picks if all N candidates turn out distinct (B,), drawn from a copy of the generator.
+    """The index Alg. 2 picks if all N candidates turn out distinct (B,), drawn from a copy of the generator(s).
 
     That is the usual case at T < 1 for a model that is not peaked, so the chosen candidate's
     remaining tokens can be decoded in the same pass as everyone's first token. A wrong guess
@@ -68,10 +69,8 @@ def _guess_choice(
     """
     if generator is None:
         return None
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    distinct = torch.arange(num_candidates, device=generator.device).expand(batch, num_candidates).unsqueeze(-1)
-    return batch_temperature_select(distinct, temperature, copy)
+    distinct = torch.arange(num_candidates, device=device).expand(batch, num_candidates).unsqueeze(-1)
+    return batch_temperature_select(distinct, temperature, rng.copy(generator))
 
 
 def _refine(labels: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
@@ -85,7 +84,7 @@ def lazy_batch_sample(
     ae: Autoencoder,
     draws: ChunkDraws,
     temperature: float,
-    generator: torch.Generator | None = None,
+    generator: rng.Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alg. 2 over N candidate draws per row (latents (N, B, l)) -> the chosen chunks (B, K), decoding lazily.
 
@@ -106,7 +105,7 @@ def lazy_batch_sample(
         tokens[..., :start] = draws.prefix
         for k in range(start):
             labels = _refine(labels, draws.prefix[..., k])
-    guess = _guess_choice(num_candidates, batch, temperature, generator)  # (B,) or None
+    guess = _guess_choice(num_candidates, batch, temperature, generator, z.device)  # (B,) or None
     for k in range(start, K):
         _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         shared = counts[inverse] >= 2  # candidates that still have a twin
@@ -145,7 +144,7 @@ def reference_batch_sample(
     ae: Autoencoder,
     draws: ChunkDraws,
     temperature: float,
-    generator: torch.Generator | None = None,
+    generator: rng.Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alg. 2 over draws (latents (N, B, l)) -> ((B, K) chunks, (B,) effective temperatures), decoding all N·K
     tokens: the lazy path's reference."""

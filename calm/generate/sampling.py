@@ -31,6 +31,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from calm.models import rng
+
 __all__ = [
     "ExactSample",
     "SamplingBudgetExceeded",
@@ -276,13 +278,11 @@ def _alg2(candidates: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     return torch.softmax(log_weight, dim=1), effective
 
 
-def batch_temperature_select(
-    candidates: Tensor, temperature: float, generator: torch.Generator | None = None
-) -> Tensor:
+def batch_temperature_select(candidates: Tensor, temperature: float, generator: rng.Generators = None) -> Tensor:
     """Pick one candidate per row with the batch approximation of P^(1/T) (paper Algorithm 2).
 
-    See :func:`batch_temperature_probs` for the rule. ``generator`` (on the candidates' device)
-    makes the choice reproducible.
+    See :func:`batch_temperature_probs` for the rule. ``generator`` (on the candidates' device), or one
+    per row (:mod:`calm.models.rng`), makes the choice reproducible.
 
     Args:
         candidates: (B, N, K) integer tensor: B rows of N drawn K-token chunks.
@@ -295,19 +295,17 @@ def batch_temperature_select(
 
 
 def batch_temperature_choice(
-    candidates: Tensor, temperature: float, generator: torch.Generator | None = None
+    candidates: Tensor, temperature: float, generator: rng.Generators = None
 ) -> tuple[Tensor, Tensor]:
     """:func:`batch_temperature_select` and :func:`batch_effective_temperature` from one count of the
     candidates: ((B,) long indices into N, (B,) float64 temperatures)."""
     probs, effective = _alg2(candidates, temperature)  # (B, N), (B,)
     if probs.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=candidates.device), effective
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1), effective
+    return rng.multinomial(probs, generator), effective
 
 
-def batch_temperature_sample(
-    candidates: Tensor, temperature: float, generator: torch.Generator | None = None
-) -> Tensor:
+def batch_temperature_sample(candidates: Tensor, temperature: float, generator: rng.Generators = None) -> Tensor:
     """Like :func:`batch_temperature_select` but returns the chosen (B, K) chunks themselves."""
     index = batch_temperature_select(candidates, temperature, generator)  # (B,)
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), index]

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from calm.config import CALMConfig, ConfigError, extensions_in_use
+from calm.models import rng
 from calm.models.autoencoder import Autoencoder
 from calm.models.heads import build_head
 from calm.models.layers import Backbone, KVCache, init_weights
@@ -183,7 +184,7 @@ class CALM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         return self.backbone.new_cache(batch_size, max_len, dtype)
 
-    def sample_next(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> ChunkDraws:
+    def sample_next(self, h: torch.Tensor, num_samples: int, generator: rng.Generators = None) -> ChunkDraws:
         """Draws of the next chunk: h (..., d) -> :class:`ChunkDraws` of ``num_samples`` head samples per row,
         latents (num_samples, ..., l) (paper §4.2; the temperature samplers of §6 consume these)."""
         return ChunkDraws(self.head.sample(h, num_samples, generator))

@@ -4,7 +4,8 @@ Every head offers the same two calls, so generation, both temperature samplers, 
 checkpoints never need to know which head a model has:
 
 - ``sample(h, num_samples, generator)``: h (..., d) -> (num_samples, ..., l) latents, independent
-  samples per row of h.
+  samples per row of h. ``generator`` may be one generator per row of h (B, d): each row then draws
+  exactly what it draws alone (``calm.models.rng``; continuous batching in ``calm serve``).
 - ``loss(h, mu, std, generator)``: h (P, d) and the frozen encoder's posterior μ, σ (P, l) of the
   target chunks -> (scalar loss, metrics).
 
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import CALMConfig, ConfigError
+from calm.models import rng
 from calm.models.losses import energy_terms
 
 
@@ -124,12 +126,10 @@ class EnergyHead(_BlockStack):
         """h (..., d), noise (..., noise_size) -> latent (..., l)."""
         return self.trunk(self.noise_norm(self.noise_embd(noise)), self.hidden_norm(self.hidden_embd(h)))
 
-    def sample(self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, num_samples: int, generator: rng.Generators = None) -> torch.Tensor:
         """Draw ``num_samples`` latents per row of h: (..., d) -> (num_samples, ..., l)."""
         hs = h.unsqueeze(0).expand(num_samples, *h.shape)
-        noise = torch.rand((num_samples, *h.shape[:-1], self.noise_size), device=h.device, generator=generator).sub_(
-            0.5
-        )
+        noise = rng.draw(torch.rand, (num_samples, *h.shape[:-1], self.noise_size), generator, h.device).sub_(0.5)
         return self(hs, noise.to(h.dtype))
 
     def loss(
@@ -184,12 +184,10 @@ class _ConditionalNet(_BlockStack):
     def _replicate(self, h: torch.Tensor, num_samples: int) -> torch.Tensor:
         return h.unsqueeze(0).expand(num_samples, *h.shape)
 
-    def _start(
-        self, h: torch.Tensor, num_samples: int, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start(self, h: torch.Tensor, num_samples: int, generator: rng.Generators) -> tuple[torch.Tensor, torch.Tensor]:
         """The samplers' start: h replicated (num_samples, ..., d) and x ~ N(0, I) (num_samples, ..., l)."""
         hs = self._replicate(h, num_samples)
-        return hs, torch.randn((*hs.shape[:-1], self.config.latent_size), device=h.device, generator=generator)
+        return hs, rng.draw(torch.randn, (*hs.shape[:-1], self.config.latent_size), generator, h.device)
 
 
 class FlowHead(_ConditionalNet):
@@ -203,7 +201,7 @@ class FlowHead(_ConditionalNet):
         self,
         h: torch.Tensor,
         num_samples: int,
-        generator: torch.Generator | None = None,
+        generator: rng.Generators = None,
         steps: int | None = None,
     ) -> torch.Tensor:
         """Integrate dx/dt = v(x, t, h) from x₀ ~ N(0, I): (..., d) -> (num_samples, ..., l).
@@ -312,7 +310,7 @@ class DiffusionHead(_ConditionalNet):
         self,
         h: torch.Tensor,
         num_samples: int,
-        generator: torch.Generator | None = None,
+        generator: rng.Generators = None,
         steps: int | None = None,
     ) -> torch.Tensor:
         """Ancestral sampling from x_T ~ N(0, I): (..., d) -> (num_samples, ..., l).
@@ -336,7 +334,7 @@ class DiffusionHead(_ConditionalNet):
             x = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x
             if i > 0:
                 var = beta * (1 - a_prev) / (1 - a)
-                x = x + math.sqrt(var) * torch.randn(x.shape, device=x.device, generator=generator)
+                x = x + math.sqrt(var) * rng.draw(torch.randn, tuple(x.shape), generator, x.device)
         return x.to(h.dtype)
 
 
