@@ -103,6 +103,116 @@ class KVCache:
         self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
 
 
+class RowKVCache:
+    """Keys and values of a batch whose rows are at different lengths, for continuous batching.
+
+    Each row is one sequence with its own length: a row joins with :meth:`add` (its prompt prefilled
+    alone in a :class:`KVCache`) and leaves with :meth:`remove`, between decoding steps, while the
+    other rows go on. The rows in use are always ``0 .. size - 1`` (a row that leaves is replaced by
+    the last), so a step runs on ``[:size]`` with no gather. Row b's new keys go to its own next
+    position, it attends to its own positions only (:meth:`attention_mask`) and its rotary
+    positions continue from its own length (:meth:`positions`): a sequence computes what it computes
+    alone, up to the rounding of batched matmuls. Storage grows (doubling) as rows and lengths need.
+    Ours, not the paper's: the paper decodes one sequence at a time.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.device, self.dtype = torch.device(device), dtype
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.size = 0
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, steps) the storage holds now."""
+        return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+
+    def _reserve(self, rows: int, steps: int) -> None:
+        have_rows, have_steps = self.capacity
+        if rows <= have_rows and steps <= have_steps:
+            return
+        rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
+        steps = have_steps if steps <= have_steps else max(steps, 2 * have_steps)
+        shape = (rows, self.kv_heads, steps, self.head_dim)
+        for store in (self.keys, self.values):
+            for i in range(self.num_layers):
+                grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if i < len(store):
+                    grown[:have_rows, :, :have_steps] = store[i]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        lengths[: self.lengths.shape[0]] = self.lengths
+        self.lengths = lengths
+
+    def add(self, cache: KVCache, max_len: int) -> int:
+        """Take a one-row prefilled ``cache`` as a new row that may grow to ``max_len`` steps; returns its index."""
+        if cache.keys[0].shape[0] != 1:
+            raise ValueError(f"add one sequence at a time; this cache holds {cache.keys[0].shape[0]} rows")
+        filled = cache.length
+        self._reserve(self.size + 1, max(max_len, filled))
+        row = self.size
+        for i in range(self.num_layers):
+            self.keys[i][row, :, :filled] = cache.keys[i][0, :, :filled]
+            self.values[i][row, :, :filled] = cache.values[i][0, :, :filled]
+        self.lengths[row] = filled
+        self.size += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Drop ``row``; the last row takes its index (callers that keep per-row state move theirs alike)."""
+        if not 0 <= row < self.size:
+            raise IndexError(f"row {row} is not in use (size {self.size})")
+        last = self.size - 1
+        if row != last:
+            steps = int(self.lengths[last])
+            for store in (self.keys, self.values):
+                for layer in store:
+                    layer[row, :, :steps] = layer[last, :, :steps]
+            self.lengths[row] = self.lengths[last]
+        self.lengths[last] = 0
+        self.size = last
+
+    def positions(self, steps: int) -> torch.Tensor:
+        """Rotary positions (size, steps) of the next ``steps`` inputs of each row."""
+        return self.lengths[: self.size, None] + torch.arange(steps, device=self.device)
+
+    def attention_mask(self, steps: int) -> torch.Tensor:
+        """(size, 1, steps, S) boolean, True where query t of row b may see key j: j <= length_b + t.
+
+        S = the longest row's length + ``steps``, the span :meth:`update` returns.
+        """
+        span = int(self.lengths[: self.size].max()) + steps
+        keys = torch.arange(span, device=self.device)
+        return (keys <= self.positions(steps)[..., None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (size, kv_heads, steps, head_dim) at each row's next positions; return keys and values
+        (size, kv_heads, S, head_dim) for :meth:`attention_mask`."""
+        steps = k.shape[2]
+        positions = self.positions(steps)  # (size, steps)
+        if int(positions.max()) >= self.capacity[1]:
+            raise ValueError(f"KV cache overflow: a row passed the {self.capacity[1]} steps it was added with")
+        rows = torch.arange(self.size, device=self.device)[:, None]
+        self.keys[layer][rows, :, positions] = k.transpose(1, 2).to(self.dtype)
+        self.values[layer][rows, :, positions] = v.transpose(1, 2).to(self.dtype)
+        span = int(positions.max()) + 1
+        return self.keys[layer][: self.size, :, :span], self.values[layer][: self.size, :, :span]
+
+    def advance(self, steps: int) -> None:
+        self.lengths[: self.size] += steps
+
+
 class Attention(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -131,7 +241,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
-            past = cache.length
+            past = cache.length if attn_mask is None else 0
             k, v = cache.update(layer, k, v)
         if self.kv_heads != self.num_heads:
             rep = self.num_heads // self.kv_heads
@@ -175,7 +285,8 @@ class Backbone(nn.Module):
     """A stack of Blocks plus the final RMSNorm, fed with input embeddings (no token embedding).
 
     forward(x: (B, T, d), cache) -> (B, T, d). With a cache, positions continue from
-    ``cache.length`` and the cache advances by T. ``positions`` (T,) and a boolean ``attn_mask``
+    ``cache.length`` and the cache advances by T; with a :class:`RowKVCache`, each row's positions
+    continue from its own length and it attends to its own keys only. ``positions`` (T,) and a boolean ``attn_mask``
     (T, cached + T) (True = may attend) describe any tree of sequences packed into one row; the
     BrierLM drivers use them to roll out every position's continuation in one pass over a cached
     teacher-forced prefix.
@@ -215,12 +326,14 @@ class Backbone(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | RowKVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         T = x.shape[1]
-        start = cache.length if cache is not None else 0
+        if isinstance(cache, RowKVCache):  # rows at their own lengths (continuous batching)
+            positions, attn_mask = cache.positions(T), cache.attention_mask(T)
+        start = cache.length if isinstance(cache, KVCache) else 0
         last = int(positions.max()) + 1 if positions is not None else start + T
         if last > self.config.max_seq_len:
             raise ValueError(
@@ -229,6 +342,8 @@ class Backbone(nn.Module):
             )
         if positions is not None:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if positions.dim() == 2:  # (B, T) positions: (B, 1, T, D/2) tables, broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
         else:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and cache is None

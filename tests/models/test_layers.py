@@ -1,9 +1,11 @@
+import pytest
+
 """Shared Transformer layers: KV-cache and tree-mask forwards equal the plain causal forward."""
 
 import torch
 
 from calm.config import TransformerConfig
-from calm.models.layers import Backbone
+from calm.models.layers import Backbone, RowKVCache
 
 
 def make_backbone(kv_heads=None) -> Backbone:
@@ -53,3 +55,50 @@ def test_context_overflow_is_a_clear_error():
         assert "context" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_row_cache_rows_at_their_own_lengths_match_each_sequence_alone(kv_heads):
+    """Continuous batching: rows of different lengths join, step together and leave, and each row's outputs
+    are those of its sequence decoded alone with a KVCache."""
+    torch.manual_seed(0)
+    bb = make_backbone(kv_heads)
+    d = bb.config.hidden_size
+    prompts = [torch.randn(1, n, d) for n in (3, 7, 1)]
+    inputs = [torch.randn(1, 5, d) for _ in prompts]  # the inputs each sequence is fed step by step
+
+    def alone(b):
+        cache = bb.new_cache(1, max_len=16)
+        outs = [bb(prompts[b], cache)[:, -1]]
+        outs += [bb(inputs[b][:, t : t + 1], cache)[:, -1] for t in range(5)]
+        return torch.cat(outs)
+
+    rows = RowKVCache(bb.config.num_layers, bb.config.kv_heads, bb.config.head_dim)
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+    order: list[int] = []  # sequence of each row
+    fed = {0: 0, 1: 0, 2: 0}
+
+    def join(b):
+        cache = bb.new_cache(1, max_len=prompts[b].shape[1])
+        got[b].append(bb(prompts[b], cache)[0, -1])
+        assert rows.add(cache, max_len=16) == len(order)
+        order.append(b)
+
+    join(0)
+    join(1)
+    for step in range(5):
+        if step == 2:
+            join(2)  # joins while the others are mid-way
+        x = torch.cat([inputs[b][:, fed[b] : fed[b] + 1] for b in order])
+        y = bb(x, rows)[:, -1]
+        for i, b in enumerate(order):
+            got[b].append(y[i])
+            fed[b] += 1
+        if step == 3:  # sequence 0 leaves; the last row takes its place
+            rows.remove(0)
+            order[0] = order[-1]
+            order.pop()
+    for b in range(3):
+        want = alone(b)[: len(got[b])]
+        torch.testing.assert_close(torch.stack(got[b]), want, atol=1e-5, rtol=1e-5)
+    assert len(got[0]) == 5 and len(got[1]) == 6 and len(got[2]) == 4
