@@ -1,7 +1,6 @@
-import pytest
-
 """Shared Transformer layers: KV-cache and tree-mask forwards equal the plain causal forward."""
 
+import pytest
 import torch
 
 from calm.config import TransformerConfig
