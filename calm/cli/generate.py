@@ -76,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.request_timeout < 0:
         raise ConfigError(f"--request-timeout must be >= 0 (0: no limit), got {args.request_timeout}")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch must be >= 1, got {args.max_batch}")
     serve(
         args.checkpoint,
         host=args.host,
@@ -86,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout or None,
+        max_batch=args.max_batch,
     )
     return 0
 
@@ -138,6 +141,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-choices", type=int, default=16, help="most completions (prompts x n) per request")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 503 + Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: no limit)")
+    p.add_argument(
+        "--max-batch", type=int, default=32, help="sequences (choices) decoded together; more wait for a free row"
+    )
 
 
 ARGUMENTS = {"generate": _generate_arguments, "serve": _serve_arguments}

@@ -19,12 +19,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from calm.generate.batching import Batcher, SequenceResult
+from calm.generate.batching import Sequence as BatchSequence
 from calm.generate.lm import LanguageModel
 from calm.generate.sampling import SamplingStats
-
-
-class _Halt(Exception):
-    """Raised from inside a streaming callback to end generation early (stop string or cancel)."""
 
 
 @dataclass
@@ -79,15 +77,90 @@ class StopScanner:
         return self.text
 
 
+class TextSink:
+    """One sequence's tokens -> its streamed text, cut at the first stop string (see :class:`TextCompleter`).
+
+    The text is decoded from all tokens so far and sent on once it does not end inside a multi-byte
+    character, exactly as :meth:`~calm.generate.lm.LanguageModel.complete` streams it; a
+    :class:`StopScanner` holds back what could start a stop string.
+    """
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        stop: Sequence[str],
+        emit: Callable[[str], None] | None,
+        cancelled: threading.Event | None,
+        num_prompt_ids: int,
+    ) -> None:
+        self.lm, self.cancelled, self.num_prompt_ids = lm, cancelled, num_prompt_ids
+        self.scanner = StopScanner(stop, emit)
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def feed(self, tokens: list[int]) -> bool:
+        """Take new tokens; False once a stop string appeared or the request was cancelled (stop generating)."""
+        self.tokens.extend(tokens)
+        text = self.lm.decode_text(self.tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            piece, self.printed = text[len(self.printed) :], text
+            if self.scanner.feed(piece):
+                return False
+        return not (self.cancelled is not None and self.cancelled.is_set())
+
+    def result(self, done: SequenceResult) -> CompletionResult:
+        """The completion of a finished sequence: its text (stop string excluded) and accounting."""
+        halted = done.halted or self.scanner.stopped
+        if not halted:
+            text = self.lm.decode_text(done.token_ids)
+            halted = len(text) > len(self.printed) and self.scanner.feed(text[len(self.printed) :])
+        text = self.scanner.finish()
+        if halted:  # cut at a stop string (or cancelled): count the tokens of the text returned
+            tokens = len(self.lm.tokenizer.encode(text))
+            return CompletionResult(text, "stop", self.num_prompt_ids, tokens, done.sampling)
+        reason = "stop" if done.stopped else "length"
+        return CompletionResult(text, reason, self.num_prompt_ids, len(done.token_ids), done.sampling)
+
+
 class TextCompleter:
     """Completes text prompts with a :class:`~calm.generate.lm.LanguageModel` (see the module docstring).
 
-    Not thread-safe: one completion at a time (the server runs them on one worker thread, so
-    requests queue and never share a KV cache).
+    :meth:`prepare` turns a request into a :class:`~calm.generate.batching.Sequence` for a
+    :class:`~calm.generate.batching.Batcher` (the server batches every request it is serving) and the
+    :class:`TextSink` that turns its result into a :class:`CompletionResult`; :meth:`complete` runs one
+    prompt to the end on the calling thread.
     """
 
     def __init__(self, lm: LanguageModel) -> None:
         self.lm = lm
+
+    def prepare(
+        self,
+        prompt: str,
+        max_tokens: int,
+        *,
+        temperature: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        num_samples: int = 200,
+        sampler: str = "batch",
+        emit: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+        raw_prompt: bool = False,
+    ) -> tuple[BatchSequence, TextSink]:
+        """The sequence to decode for one prompt and the sink that makes its text (arguments: :meth:`complete`).
+
+        Raises :class:`~calm.generate.lm.LanguageModelError` for a request the model cannot serve.
+        """
+        lm = self.lm
+        ids = lm.encode_prompt(prompt, raw_prompt)
+        lm.check_request(len(ids), max_tokens, temperature=temperature, num_samples=num_samples, sampler=sampler)
+        sink = TextSink(lm, stop, emit, cancelled, len(ids))
+        seq = BatchSequence(
+            ids, max_tokens, temperature=temperature, num_samples=num_samples, sampler=sampler, seed=seed,
+            stop_ids=lm.stop_ids(), on_tokens=sink.feed, cancelled=cancelled,
+        )  # fmt: skip
+        return seq, sink
 
     def complete(
         self,
@@ -112,29 +185,9 @@ class TextCompleter:
         prompt is not wrapped in a fine-tuned checkpoint's prompt template (a rendered chat). Raises
         :class:`~calm.generate.lm.LanguageModelError` for requests the model cannot serve.
         """
-        num_prompt_ids = len(self.lm.encode_prompt(prompt, raw_prompt))
-        scanner = StopScanner(stop, emit)
-
-        def on_text(piece: str) -> None:
-            if scanner.feed(piece) or (cancelled is not None and cancelled.is_set()):
-                raise _Halt
-
-        stats: list[SamplingStats] = []
-        try:
-            (result,) = self.lm.complete(
-                [prompt],
-                max_tokens,
-                temperature=temperature,
-                num_samples=num_samples,
-                sampler=sampler,
-                seed=seed,
-                stream=on_text,
-                stats=stats,
-                raw_prompt=raw_prompt,
-            )
-        except _Halt:
-            text = scanner.finish()
-            sampling = stats[0] if stats else None
-            return CompletionResult(text, "stop", num_prompt_ids, len(self.lm.tokenizer.encode(text)), sampling)
-        text = scanner.finish()
-        return CompletionResult(text, result.finish_reason, num_prompt_ids, len(result.token_ids), result.sampling)
+        seq, sink = self.prepare(
+            prompt, max_tokens, temperature=temperature, stop=stop, seed=seed, num_samples=num_samples,
+            sampler=sampler, emit=emit, cancelled=cancelled, raw_prompt=raw_prompt,
+        )  # fmt: skip
+        (done,) = Batcher(self.lm, max_batch=1).run([seq])
+        return sink.result(done)

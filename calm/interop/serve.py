@@ -42,7 +42,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +53,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from calm.generate.completion import CompletionResult, TextCompleter
+from calm.generate.batching import DEFAULT_MAX_BATCH, Batcher
+from calm.generate.completion import CompletionResult, TextCompleter, TextSink
 from calm.generate.lm import LanguageModelError, load_language_model
 from calm.generate.sampling import SamplingStats
 from calm.interop.serve_ops import METRICS_CONTENT_TYPE, Admission, Place, QueueFull, ServerMetrics
@@ -63,6 +63,8 @@ from calm.io import to_json
 API_KEY_ENV = "CALM_API_KEY"
 RETRY_AFTER_S = 1
 """The ``Retry-After`` of a 503 from a full queue, in seconds."""
+POLL_S = 0.05
+"""How often, in seconds, a waiting request checks whether its client has gone or its time has run out."""
 
 
 class APIError(Exception):
@@ -175,6 +177,8 @@ class ServeSettings:
     """Requests waiting or running at once; one more gets 503 with Retry-After."""
     request_timeout: float | None = 600.0
     """Seconds a request may take from admission (504, or an error event when streaming); None: no limit."""
+    max_batch: int = DEFAULT_MAX_BATCH
+    """Sequences (choices) decoded together at most; more wait for a free row of the batch."""
 
 
 @dataclass
@@ -274,16 +278,18 @@ def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, Any]:
 
 
 class CompletionService:
-    """Runs validated jobs on one worker thread, in arrival order (so requests queue, never interleave),
-    behind a bounded queue (:class:`~calm.interop.serve_ops.Admission`), with a per-request timeout and
-    the server's metrics."""
+    """Runs validated jobs through one :class:`~calm.generate.batching.Batcher` (continuous batching: every
+    choice of every request in flight is a row of one batch), behind a bounded queue
+    (:class:`~calm.interop.serve_ops.Admission`), with a per-request timeout and the server's metrics."""
 
     def __init__(self, completer: TextCompleter, settings: ServeSettings) -> None:
         self.completer = completer
         self.settings = settings
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calm-generate")
         self.metrics = ServerMetrics()
-        self.admission = Admission(settings.max_queue, self.metrics)
+        self.admission = Admission(settings.max_queue)
+        self.batcher = Batcher(completer.lm, settings.max_batch, on_step=self.metrics.step_batch_size.observe)
+        self.metrics.watch(self.batcher)
+        self.batcher.start()
 
     def admit(self) -> Place:
         """A place in the queue, or a 503 with ``Retry-After`` when it is full."""
@@ -295,27 +301,54 @@ class CompletionService:
                 "--max-queue); retry later", None, "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None  # fmt: skip
 
-    def _run_one(
-        self, job: _Job, prompt: str, seed: int | None, admitted: float, emit: Any = None, cancelled: Any = None
-    ) -> CompletionResult:
-        first: list[float] = []
+    def _submit(self, job: _Job, cancelled: threading.Event, admitted: float, put: Any = None) -> list[asyncio.Future]:
+        """Every choice of ``job`` into the batch; a future of each one's :class:`CompletionResult`.
 
-        def on_text(text: str) -> None:
-            if not first:
-                first.append(time.perf_counter())
-                self.metrics.time_to_first_token.observe(first[0] - admitted)
-            if emit is not None:
-                emit(text)
+        ``put(kind, value)`` (streaming) gets ``("text", (index, text))`` as text is decoded and ``("finish",
+        (index, reason))`` or ``("error", message)`` when a choice ends, in order.
+        """
+        loop = asyncio.get_running_loop()
+        results = []
+        for index, prompt, seed in job.choices():
+            first: list[float] = []
 
-        start = time.perf_counter()
-        result = self.completer.complete(
-            prompt, job.max_tokens, temperature=job.temperature, stop=job.stop, seed=seed,
-            num_samples=job.num_samples, sampler=job.sampler, emit=on_text, cancelled=cancelled,
-            raw_prompt=job.raw_prompt,
-        )  # fmt: skip
-        if result.completion_tokens:
-            self.metrics.time_per_output_token.observe((time.perf_counter() - start) / result.completion_tokens)
-        return result
+            def on_text(text: str, index: int = index, first: list[float] = first) -> None:
+                if not first:
+                    first.append(time.perf_counter())
+                    self.metrics.time_to_first_token.observe(first[0] - admitted)
+                if put is not None:
+                    put("text", (index, text))
+
+            seq, sink = self.completer.prepare(
+                prompt, job.max_tokens, temperature=job.temperature, stop=job.stop, seed=seed,
+                num_samples=job.num_samples, sampler=job.sampler, emit=on_text, cancelled=cancelled,
+                raw_prompt=job.raw_prompt,
+            )  # fmt: skip
+            result: asyncio.Future = loop.create_future()
+            results.append(result)
+            self.batcher.submit(seq).add_done_callback(
+                lambda done, sink=sink, index=index, result=result: self._finish(done, sink, index, result, put)
+            )
+        return results
+
+    def _finish(self, done: Any, sink: TextSink, index: int, result: asyncio.Future, put: Any) -> None:
+        """On the batcher's thread, as a choice ends: its result to the request's event loop."""
+        loop = result.get_loop()
+        try:
+            sequence = done.result()
+            completion = sink.result(sequence)
+        except Exception as e:
+            loop.call_soon_threadsafe(_set_exception, result, e)
+            if put is not None:
+                put("error", f"{type(e).__name__}: {e}")
+            return
+        if completion.completion_tokens:
+            self.metrics.time_per_output_token.observe(
+                (time.perf_counter() - sequence.started) / completion.completion_tokens
+            )
+        loop.call_soon_threadsafe(_set_result, result, completion)
+        if put is not None:
+            put("finish", (index, completion.finish_reason))
 
     def _usage(self, results: list[CompletionResult], job: _Job) -> dict[str, Any]:
         usage = _usage(results, job)
@@ -323,87 +356,120 @@ class CompletionService:
         self.metrics.completion_tokens.inc(usage["completion_tokens"])
         return usage
 
-    def _run_choices(self, job: _Job, cancelled: threading.Event, admitted: float, put: Any = None) -> list:
-        """Every choice of ``job`` on the worker thread; ``put(kind, value)`` streams text and finish events."""
-        results = []
-        with self.admission.running_one():
-            for index, prompt, seed in job.choices():
-                if cancelled.is_set():
-                    break
-                emit = None if put is None else (lambda text, index=index: put("text", (index, text)))
-                results.append(self._run_one(job, prompt, seed, admitted, emit, cancelled))
-                if put is not None:
-                    put("finish", (index, results[-1].finish_reason))
-        self.admission.count(cancelled.is_set())
-        return results
+    def _timed_out(self, admitted: float) -> bool:
+        timeout = self.settings.request_timeout
+        return timeout is not None and time.perf_counter() - admitted > timeout
+
+    def _timeout_message(self) -> str:
+        return f"the request took longer than {self.settings.request_timeout:g} s (calm serve --request-timeout)"
 
     async def complete(self, job: _Job, meta: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
         """The whole response of a non-streaming request (504 after the timeout; nothing if the client left)."""
         cancelled, admitted = threading.Event(), time.perf_counter()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.worker, self._run_choices, job, cancelled, admitted)
-        timeout = self.settings.request_timeout
-        while not future.done():
-            await asyncio.wait({future}, timeout=0.05)
-            gone = request is not None and await request.is_disconnected()
-            if gone or (timeout is not None and time.perf_counter() - admitted > timeout):
-                cancelled.set()  # the worker stops at the next chunk
-                await future
-                if gone:
-                    return {}
-                raise APIError(504, f"the request took longer than {timeout:g} s (calm serve --request-timeout)",
-                               None, "timeout")  # fmt: skip
-        results = future.result()
+        with self.admission.running_one():
+            everything = asyncio.gather(*self._submit(job, cancelled, admitted))
+            while not everything.done():
+                await asyncio.wait({everything}, timeout=POLL_S)
+                gone = request is not None and await request.is_disconnected()
+                if gone or (not everything.done() and self._timed_out(admitted)):
+                    cancelled.set()  # the batch drops its rows before the next step
+                    await asyncio.gather(everything, return_exceptions=True)
+                    self.admission.count(cancelled=True)
+                    if gone:
+                        return {}
+                    raise APIError(504, self._timeout_message(), None, "timeout")
+            results = everything.result()
+        self.admission.count(cancelled=False)
         choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
         return {"object": "text_completion", **meta, "choices": choices, "usage": self._usage(results, job)}
 
     async def stream(
-        self, job: _Job, meta: dict[str, Any], include_usage: bool, place: Place | None = None
+        self, job: _Job, meta: dict[str, Any], include_usage: bool, flight: _InFlight
     ) -> AsyncIterator[str]:
-        """Server-sent events: text as it is decoded, a finish event per choice, usage, ``[DONE]``."""
+        """Server-sent events: text as it is decoded, a finish event per choice, usage, ``[DONE]``.
+
+        Ends ``flight`` when done; :meth:`watch` ends it first when the client leaves.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled, admitted = threading.Event(), time.perf_counter()
+        admitted = time.perf_counter()
 
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-        def produce() -> None:
-            try:
-                results = self._run_choices(job, cancelled, admitted, put)
-                put("done", self._usage(results, job))
-            except Exception as e:  # reported in the stream: the status line has already gone out
-                put("error", f"{type(e).__name__}: {e}")
-
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
             return f"data: {to_json({'object': 'text_completion', **meta, 'choices': choices, **extra})}\n\n"
 
-        loop.run_in_executor(self.worker, produce)  # produce() reports its own errors; nothing to await
-        timeout = self.settings.request_timeout
+        complete = False
         try:
-            while True:
+            results = self._submit(job, flight.cancelled, admitted, put)
+            remaining = len(results)
+            while remaining and not flight.ended:
                 try:
-                    wait = None if timeout is None else max(0.0, timeout - (time.perf_counter() - admitted))
-                    kind, value = await asyncio.wait_for(queue.get(), wait)
+                    kind, value = await asyncio.wait_for(queue.get(), POLL_S)
                 except asyncio.TimeoutError:
-                    kind, value = "error", f"the request took longer than {timeout:g} s (calm serve --request-timeout)"
+                    kind, value = "", None
+                if self._timed_out(admitted):
+                    kind, value = "error", self._timeout_message()
                 if kind == "text":
                     yield chunk([_choice(value[0], value[1], None)])
                 elif kind == "finish":
                     yield chunk([_choice(value[0], "", value[1])])
-                elif kind == "error":
+                    remaining -= 1
+                elif kind == "error":  # reported in the stream: the status line has already gone out
                     error = {"message": value, "type": "server_error", "param": None, "code": None}
                     yield f"data: {to_json({'error': error})}\n\n"
                     break
-                else:
-                    if include_usage:
-                        yield chunk([], usage=value)
-                    break
+            if not remaining:
+                complete = True
+                usage = self._usage([r.result() for r in results], job)
+                if include_usage:
+                    yield chunk([], usage=usage)
             yield "data: [DONE]\n\n"
         finally:
-            cancelled.set()  # a client that went away, or a timeout, stops the generation at its next chunk
-            if place is not None:
-                place.release()
+            flight.end(complete)
+
+    async def watch(self, request: Request, flight: _InFlight) -> None:
+        """End ``flight`` as cancelled once its client has gone (checked every ``POLL_S``), whatever the stream
+        is doing: uvicorn drops writes to a closed connection without an error, and a response that
+        Starlette stops while it is sending never resumes the stream to let it clean up."""
+        while not flight.ended:
+            if await request.is_disconnected():
+                flight.end(complete=False)
+                return
+            await asyncio.sleep(POLL_S)
+
+
+class _InFlight:
+    """A streamed request's bookkeeping, ended once by whichever notices first: the stream finishing or failing,
+    or :meth:`CompletionService.watch` seeing the client leave. Ending it drops the request's rows from the
+    batch (``cancelled``), counts it and frees its place in the queue. Used on the event loop's thread only."""
+
+    def __init__(self, admission: Admission, place: Place) -> None:
+        self.cancelled = threading.Event()
+        self.ended = False
+        self._admission, self._place = admission, place
+        self._running = contextlib.ExitStack()
+        self._running.enter_context(admission.running_one())
+
+    def end(self, complete: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.cancelled.set()  # rows still in the batch leave before the next step
+        self._running.close()
+        self._admission.count(cancelled=not complete)
+        self._place.release()
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -432,7 +498,7 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield  # uvicorn stops accepting on SIGTERM and lets the open requests finish first
-        service.worker.shutdown(wait=True, cancel_futures=True)
+        service.batcher.close(cancel=True)
         print(f"calm serve stopped: {service.admission.summary()}", file=sys.stderr, flush=True)
 
     def check_key(request: Request) -> None:
@@ -445,6 +511,7 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="calm", lifespan=lifespan, dependencies=[Depends(check_key)])
     app.state.service = service  # for tests and embedding: the queue's counts, the metrics
+    watchers: set[asyncio.Task] = set()
     _install_error_handlers(app)
 
     @app.middleware("http")
@@ -474,7 +541,11 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
         place = service.admit()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = service.stream(job, meta, include_usage, place)
+            flight = _InFlight(service.admission, place)
+            watcher = asyncio.create_task(service.watch(request, flight))
+            watchers.add(watcher)  # held until it ends (the loop keeps only weak references)
+            watcher.add_done_callback(watchers.discard)
+            events = service.stream(job, meta, include_usage, flight)
             return StreamingResponse(events, media_type="text/event-stream")
         with place:
             return await service.complete(job, meta, request)
@@ -520,6 +591,7 @@ def load_app(
     dtype: str | None = None,
     max_queue: int = 64,
     request_timeout: float | None = 600.0,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> FastAPI:
     """Load a checkpoint (or run directory) and build its app; ``model_name`` defaults to the folder name;
     ``dtype`` (fp32 | bf16) casts the weights as they are read."""
@@ -528,8 +600,9 @@ def load_app(
     # runs/NAME or runs/NAME/checkpoints/step_N -> NAME
     name = model_name or (given.parent.parent.name if given.parent.name == "checkpoints" else given.name)
     settings = ServeSettings(
-        model_name=name, api_key=api_key, max_choices=max_choices, max_queue=max_queue, request_timeout=request_timeout
-    )
+        model_name=name, api_key=api_key, max_choices=max_choices, max_queue=max_queue,
+        request_timeout=request_timeout, max_batch=max_batch,
+    )  # fmt: skip
     return create_app(completer, settings)
 
 
@@ -570,10 +643,11 @@ def serve(
     dtype: str | None = None,
     max_queue: int = 64,
     request_timeout: float | None = 600.0,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> None:
     """Serve a checkpoint until interrupted (the ``calm serve`` command); SIGTERM lets open requests finish."""
     app = load_app(
         checkpoint, model_name=model_name, api_key=api_key, max_choices=max_choices, dtype=dtype,
-        max_queue=max_queue, request_timeout=request_timeout,
+        max_queue=max_queue, request_timeout=request_timeout, max_batch=max_batch,
     )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info")

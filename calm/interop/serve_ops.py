@@ -2,8 +2,8 @@
 
 - :class:`ServerMetrics`: Prometheus metrics in a registry of the server's own (``GET /metrics``, the
   text format, through ``prometheus_client``): requests by endpoint and status, prompt and completion
-  tokens, requests waiting and running, and histograms of the time to first token and of the time
-  per output token.
+  tokens, sequences waiting for a row of the batch and in it, and histograms of the batch size of each
+  backbone step, of the time to first token and of the time per output token.
 - :class:`Admission`: at most ``max_queue`` requests waiting or running; one more is answered 503 with
   ``Retry-After`` and never reaches the worker, so the server keeps answering the requests it admitted.
   It counts the requests finished, cancelled (timeout, client gone) and rejected, for the shutdown log.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -39,8 +40,14 @@ class ServerMetrics:
             "calm_prompt_tokens", "Prompt tokens of completed requests (BOS included)", registry=r
         )
         self.completion_tokens = Counter("calm_completion_tokens", "Tokens generated", registry=r)
-        self.queue_length = Gauge("calm_queue_length", "Requests admitted and waiting for the worker", registry=r)
-        self.batch_size = Gauge("calm_batch_size", "Requests the worker is generating now", registry=r)
+        self.queue_length = Gauge(
+            "calm_queue_length", "Sequences (choices) admitted and waiting for a row of the batch", registry=r
+        )
+        self.batch_size = Gauge("calm_batch_size", "Sequences (choices) in the batch now", registry=r)
+        self.step_batch_size = Histogram(
+            "calm_step_batch_size", "Sequences in each batched backbone step", registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )  # fmt: skip
         self.time_to_first_token = Histogram(
             "calm_time_to_first_token_seconds", "From admission to the first text of a choice", registry=r,
             buckets=_LATENCY_BUCKETS,
@@ -49,6 +56,11 @@ class ServerMetrics:
             "calm_time_per_output_token_seconds", "Generation time of a choice divided by its tokens", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )  # fmt: skip
+
+    def watch(self, batcher: Any) -> None:
+        """Read the queue length and the batch size from ``batcher`` (``waiting``, ``active``) when scraped."""
+        self.queue_length.set_function(lambda: batcher.waiting)
+        self.batch_size.set_function(lambda: batcher.active)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -79,11 +91,10 @@ class Place:
 class Admission:
     """At most ``max_queue`` requests waiting or running (module docstring). Thread-safe."""
 
-    def __init__(self, max_queue: int, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, max_queue: int) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_queue = max_queue
-        self.metrics = metrics
         self._lock = threading.Lock()
         self.waiting = self.running = 0
         self.finished = self.cancelled = self.rejected = 0
@@ -96,28 +107,24 @@ class Admission:
                 self.rejected += 1
                 raise QueueFull
             self.waiting += 1
-            self._publish()
         return Place(self)
 
     def _release(self) -> None:
         with self._lock:
             self.waiting -= 1
-            self._publish()
 
     @contextlib.contextmanager
     def running_one(self) -> Iterator[None]:
-        """Mark an admitted request as running on the worker (it stays admitted)."""
+        """Mark an admitted request as running: its choices are in the batcher (it stays admitted)."""
         with self._lock:
             self.running += 1
             self.waiting -= 1
-            self._publish()
         try:
             yield
         finally:
             with self._lock:
                 self.running -= 1
                 self.waiting += 1  # balanced by admit()'s exit
-                self._publish()
 
     def count(self, cancelled: bool) -> None:
         with self._lock:
@@ -125,11 +132,6 @@ class Admission:
                 self.cancelled += 1
             else:
                 self.finished += 1
-
-    def _publish(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_length.set(self.waiting)
-            self.metrics.batch_size.set(self.running)
 
     def summary(self) -> str:
         return (

@@ -492,3 +492,21 @@ def test_token_score_of_a_head_that_decodes_the_true_token_is_low():
         model.head.sample = lambda h, n, generator=None, t=target: t.expand(n, *t.shape)
         scores[name] = model.token_score(torch.zeros(4, 32), right, torch.full((4, lat), -30.0), first)[0]
     assert scores["right"] < 0.01 and scores["wrong"] > 15.0
+
+
+@pytest.mark.parametrize(("head", "input"), VARIANTS, ids=IDS)
+def test_one_generator_per_row_draws_what_each_row_draws_alone(head, input):
+    """Continuous batching (``calm.models.rng``): sampling rows with a generator each equals sampling each
+    row alone with its generator, for every head (the diffusion head draws noise at every step)."""
+    model = variant(head, input)
+    h = torch.randn(3, model.config.hidden_size)
+    seeds = [11, 12, 13]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    together = model.sample_next(h, 5, gens)
+    for b, s in enumerate(seeds):
+        one = model.sample_next(h[b : b + 1], 5, torch.Generator().manual_seed(s))
+        torch.testing.assert_close(together.latents[:, b : b + 1], one.latents, atol=1e-5, rtol=1e-5)
+        if one.prefix is not None:
+            assert torch.equal(together.prefix[:, b : b + 1], one.prefix)
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        model.sample_next(h, 5, gens[:2])
