@@ -28,6 +28,7 @@ import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -117,6 +118,40 @@ def _cpu_int_mm_works() -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     return True
+
+
+INT8_SPEEDUP_NEEDED = 2.0
+"""How much faster than fp32 an int8 matmul must run for the int8 vocabulary screen to pay (its overheads:
+group maxima, windows, re-scoring); with VNNI it runs about 4x faster, without it (AVX2 only, e.g. AMD
+Zen 3) ``torch._int_mm`` measured 18x *slower* than fp32 on a 2-core VM."""
+
+
+def int8_matmul_is_fast(device: torch.device | str) -> bool:
+    """Whether ``torch._int_mm`` runs on ``device`` at least ``INT8_SPEEDUP_NEEDED`` times as fast as an fp32
+    matmul of the same shape (timed once per process, medians of 3): where the decoder's int8 screen pays."""
+    return int8_matmul_available(device) and _cpu_int8_speedup() >= INT8_SPEEDUP_NEEDED
+
+
+@functools.cache
+def _cpu_int8_speedup() -> float:
+    """fp32 matmul time / int8 ``_int_mm`` time at a vocabulary-screen shape (32 rows, d = 256, 4,096 ids)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (4096, 256), dtype=torch.int8, generator=g)
+    a_float, b_float = a.float(), b.float()
+
+    def median_time(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    int8 = median_time(lambda: torch._int_mm(a, b.t()))
+    fp32 = median_time(lambda: torch.nn.functional.linear(a_float, b_float))
+    return fp32 / max(int8, 1e-9)
 
 
 def default_device() -> torch.device:

@@ -211,3 +211,20 @@ def test_a_busy_machine_is_named_in_the_warning(monkeypatch) -> None:
         assert warning.endswith("Using 1 thread; pass --threads N to choose")
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_int8_screen_is_used_only_where_int8_matmuls_are_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch._int_mm`` runs on every x86 CPU but without VNNI it is slower than fp32 (18x on an AVX2-only
+    Zen 3): the decoder's int8 screen is chosen by the measured speed-up, not by whether it runs."""
+    from calm import hardware
+    from calm.checkpoint import fast_argmax_screens
+
+    probe = hardware._cpu_int8_speedup.__wrapped__
+    monkeypatch.setattr(hardware, "_cpu_int_mm_works", lambda: True)
+    monkeypatch.setattr(hardware, "_cpu_int8_speedup", lambda: 0.05)
+    assert hardware.int8_matmul_available("cpu") and not hardware.int8_matmul_is_fast("cpu")
+    assert not fast_argmax_screens(torch.device("cpu")).int8
+    monkeypatch.setattr(hardware, "_cpu_int8_speedup", lambda: 4.0)
+    assert hardware.int8_matmul_is_fast("cpu") and fast_argmax_screens(torch.device("cpu")).int8
+    assert not hardware.int8_matmul_is_fast("meta")
+    assert probe() > 0  # the real probe runs and measures something
