@@ -38,7 +38,8 @@ import torch
 
 from calm.generate.engine import left_pad_to_chunks, sample_step
 from calm.generate.sampling import SamplingStats
-from calm.models.layers import KVCache, RowKVCache
+from calm.models import rng
+from calm.models.layers import RowKVCache
 
 DEFAULT_MAX_BATCH = 32
 """Sequences decoded together at most (``calm serve --max-batch``); more wait for a free row."""
@@ -207,54 +208,72 @@ class Batcher:
             self._fail_all(e)
 
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
-            with self._wake:
-                if not self._pending:
-                    return
+        """Move waiting sequences into free rows, their prompts prefilled together (:meth:`_prefill`)."""
+        joining: list[_Row] = []
+        with self._wake:
+            while self._pending and len(self.rows) + len(joining) < self.max_batch:
                 row = self._pending.popleft()
-            if row.halted or (row.seq.cancelled is not None and row.seq.cancelled.is_set()):
-                row.halted = True
-                row.future.set_result(row.result())
-                continue
-            if not row.future.set_running_or_notify_cancel():
-                continue
-            row.started = time.perf_counter()
-            try:
-                row.state, cache, steps = self._prefill(row.seq)
-            except Exception as e:
+                if row.halted or (row.seq.cancelled is not None and row.seq.cancelled.is_set()):
+                    row.halted = True
+                    row.future.set_result(row.result())
+                elif row.future.set_running_or_notify_cancel():
+                    joining.append(row)
+        if not joining:
+            return
+        try:
+            self._prefill(joining)
+        except Exception as e:
+            for row in joining:
                 row.future.set_exception(e)
-                continue
-            self.cache.add(cache, max_len=steps)
-            self.rows.append(row)
+            return
+        self.rows.extend(joining)
 
-    def _prefill(self, seq: Sequence) -> tuple[torch.Tensor, KVCache, int]:
-        """The prompt's state alone: (last hidden state or logits (1, ·), its one-row cache, the steps it may reach)."""
-        model, device = self.lm.model, self.lm.device
+    def _prefill(self, joining: list[_Row]) -> None:
+        """Prefill the prompts of ``joining`` in one forward pass and add them to the cache as new rows.
+
+        The prompts are right-padded to the longest (CALM: each first left-padded with BOS to whole chunks,
+        as alone); with causal attention a prompt's own positions never see the padding after them, so each
+        row computes what it computes alone, and only its own steps join the batch's cache.
+        """
+        model, device, now = self.lm.model, self.lm.device, time.perf_counter()
+        if self.is_calm:
+            K, bos = model.chunk_size, self.lm.tokenizer.bos_id
+            prompts = [left_pad_to_chunks([r.seq.prompt_ids], K, bos)[0].view(-1, K) for r in joining]
+            news = [math.ceil(r.seq.max_new_tokens / K) for r in joining]
+        else:
+            prompts = [torch.tensor(r.seq.prompt_ids)[:, None] for r in joining]
+            news = [r.seq.max_new_tokens for r in joining]
+        lengths = [p.shape[0] for p in prompts]
+        x = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=0).to(device)  # (G, L, K|1)
+        last = torch.tensor(lengths, device=device) - 1
+        cache = model.new_cache(len(joining), max_len=x.shape[1])
         with torch.no_grad():
             if self.is_calm:
-                K = model.chunk_size
-                ids = left_pad_to_chunks([seq.prompt_ids], K, self.lm.tokenizer.bos_id).to(device)
-                chunks = ids.view(1, -1, K)
-                cache = model.new_cache(1, max_len=chunks.shape[1])
-                state = model.hidden_states(chunks, cache)[:, -1]
-                return state, cache, chunks.shape[1] + math.ceil(seq.max_new_tokens / K)
-            ids = torch.tensor([seq.prompt_ids], device=device)
-            cache = model.new_cache(1, max_len=ids.shape[1])
-            return model(ids, cache)[:, -1], cache, ids.shape[1] + seq.max_new_tokens
+                states = model.hidden_states(x, cache)[torch.arange(len(joining), device=device), last]
+            else:
+                states = model.last_logits(x[..., 0], cache, last)
+        for g, row in enumerate(joining):
+            row.state, row.started = states[g : g + 1], now
+            self.cache.add(cache, max_len=lengths[g] + news[g], source=g, length=lengths[g])
 
     def _sample(self) -> tuple[list[list[int]], list[float | None]]:
         """Each row's next chunk (CALM) or token (GPT), and the temperature it was effectively sampled at."""
         pieces: list[list[int]] = [[] for _ in self.rows]
         effective: list[float | None] = [None] * len(self.rows)
         with torch.no_grad():
-            if not self.is_calm:
-                for i, row in enumerate(self.rows):  # each row's softmax and draw, as it runs alone
-                    logits, t = row.state, row.seq.temperature
+            if not self.is_calm:  # softmax per temperature, then each row's draw from its own generator
+                by_temperature: dict[float, list[int]] = {}
+                for i, row in enumerate(self.rows):
+                    by_temperature.setdefault(row.seq.temperature, []).append(i)
+                for t, index in by_temperature.items():
+                    logits = torch.cat([self.rows[i].state for i in index])
                     if t == 0:
-                        pieces[i] = [int(logits.argmax(-1))]
+                        chosen = logits.argmax(-1).tolist()
                     else:
                         probs = torch.softmax(logits.float() / t, dim=-1)
-                        pieces[i] = [int(torch.multinomial(probs, 1, generator=row.generator))]
+                        chosen = rng.categorical(probs, [self.rows[i].generator for i in index]).tolist()
+                    for i, token in zip(index, chosen, strict=True):
+                        pieces[i] = [token]
                 return pieces, effective
             groups: dict[tuple, list[int]] = {}
             for i, row in enumerate(self.rows):

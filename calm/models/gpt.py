@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm.config import GPTConfig
+from calm.models import rng
 from calm.models.layers import Backbone, KVCache, init_weights
 
 
@@ -39,6 +40,15 @@ class GPT(nn.Module):
         """ids (B, T) -> next-token logits (B, T, V). With a cache, ``ids`` continue the cached prefix."""
         h = self.backbone(self.embed_tokens(ids), cache)  # (B, T, d)
         return self.lm_head(h)
+
+    def last_logits(
+        self, ids: torch.Tensor, cache: KVCache | None = None, last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token logits (B, V) after each row of ids (B, T): at position ``last`` (B,) of each row (default
+        T - 1), the LM head run on those positions only (a prompt's other positions need no logits)."""
+        h = self.backbone(self.embed_tokens(ids), cache)  # (B, T, d)
+        at = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
+        return self.lm_head(at)
 
     def loss(
         self, ids: torch.Tensor, labels: torch.Tensor | None = None
@@ -86,7 +96,7 @@ class GPT(nn.Module):
         stop_tensor = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
         cache = self.new_cache(B, max_len=total)
         out = prompt_ids
-        logits = self(prompt_ids, cache)[:, -1]  # (B, V)
+        logits = self.last_logits(prompt_ids, cache)  # (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         last = torch.zeros(B, dtype=torch.long, device=prompt_ids.device)  # the stop token of a finished row
         for step in range(max_new_tokens):
@@ -94,7 +104,7 @@ class GPT(nn.Module):
                 nxt = logits.argmax(-1)
             else:
                 probs = F.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                nxt = rng.categorical(probs, generator)
             nxt = torch.where(done, last, nxt)
             newly = ~done & torch.isin(nxt, stop_tensor)
             if on_token is not None:

@@ -155,16 +155,18 @@ class RowKVCache:
         lengths[: self.lengths.shape[0]] = self.lengths
         self.lengths = lengths
 
-    def add(self, cache: KVCache, max_len: int) -> int:
-        """Take a one-row prefilled ``cache`` as a new row that may grow to ``max_len`` steps; returns its index."""
-        if cache.keys[0].shape[0] != 1:
-            raise ValueError(f"add one sequence at a time; this cache holds {cache.keys[0].shape[0]} rows")
-        filled = cache.length
+    def add(self, cache: KVCache, max_len: int, source: int = 0, length: int | None = None) -> int:
+        """Take row ``source`` of a prefilled ``cache``, its first ``length`` steps (default: all it holds), as
+        a new row that may grow to ``max_len`` steps; returns its index. Prompts prefilled together, right-
+        padded to one length with causal attention, each keep their own steps this way."""
+        filled = cache.length if length is None else length
+        if not 0 < filled <= cache.length:
+            raise ValueError(f"length {filled} is not in 1..{cache.length}, the steps the cache holds")
         self._reserve(self.size + 1, max(max_len, filled))
         row = self.size
         for i in range(self.num_layers):
-            self.keys[i][row, :, :filled] = cache.keys[i][0, :, :filled]
-            self.values[i][row, :, :filled] = cache.values[i][0, :, :filled]
+            self.keys[i][row, :, :filled] = cache.keys[i][source, :, :filled]
+            self.values[i][row, :, :filled] = cache.values[i][source, :, :filled]
         self.lengths[row] = filled
         self.size += 1
         return row

