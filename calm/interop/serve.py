@@ -16,13 +16,15 @@ client, ``curl``, lm-evaluation-harness's ``local-completions``):
   samples a step at T = 1 when all N candidates differ) and the mean temperature effectively
   sampled (``calm.generate.sampling.SamplingStats``).
 
-Completions run one at a time on a single worker thread, in arrival order: concurrent requests
-queue, and each completion has its own KV cache. Choice ``i`` of a request with ``seed`` s is
-generated with seed s + i, so ``generate_text(model, tok, [prompt], max_tokens, ..., seed=s + i)``
-reproduces it (the choices of prompt j follow those of prompt j - 1 in the numbering).
+Every choice of every request in flight is a row of one continuous batch (``calm.generate.batching``,
+up to ``max_batch`` rows): rows join and leave between backbone steps, and each draws its random
+numbers from its own generator, so the text of a choice does not depend on what else is running.
+Choice ``i`` of a request with ``seed`` s is generated with seed s + i, so ``generate_text(model,
+tok, [prompt], max_tokens, ..., seed=s + i)`` reproduces it (the choices of prompt j follow those of
+prompt j - 1 in the numbering).
 
 Bad requests (wrong types, unknown fields, a temperature the model cannot sample at, a prompt longer
-than the context, ``n`` too large, a wrong API key) get an OpenAI-style JSON error
+than the context, ``n`` too large, a wrong API key; ``calm/interop/serve_api.py``) get an OpenAI-style JSON error
 (``{"error": {"message", "type", "param", "code"}}``) with status 400 (401 for the key, 404 for
 an unknown model) and the server keeps serving. The model's own rules (CALM samples at T in (0, 1],
 the GPT at T in [0, 2] with T = 0 greedy) are those of ``calm.generate.lm``, with the same messages
@@ -42,239 +44,38 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from calm.generate.batching import DEFAULT_MAX_BATCH, Batcher
 from calm.generate.completion import CompletionResult, TextCompleter, TextSink
 from calm.generate.lm import LanguageModelError, load_language_model
-from calm.generate.sampling import SamplingStats
+from calm.interop.serve_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Job,
+    ServeSettings,
+    choice,
+    error_response,
+    usage_counts,
+    validate_request,
+)
 from calm.interop.serve_ops import METRICS_CONTENT_TYPE, Admission, Place, QueueFull, ServerMetrics
 from calm.io import to_json
 
 API_KEY_ENV = "CALM_API_KEY"
 RETRY_AFTER_S = 1
 """The ``Retry-After`` of a 503 from a full queue, in seconds."""
-POLL_S = 0.05
-"""How often, in seconds, a waiting request checks whether its client has gone or its time has run out."""
-
-
-class APIError(Exception):
-    """An error answered as ``{"error": {...}}`` with an HTTP status (OpenAI's shape) and extra headers."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-
-def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
-) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
-    if status >= 500:
-        kind = "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    include_usage: bool = False
-
-
-class _RequestFields(BaseModel):
-    """The fields ``/v1/completions`` and ``/v1/chat/completions`` share; strict types, unknown fields refused."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float | None = 1.0
-    n: int | None = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    # CALM's likelihood-free temperature (paper §6): extra body fields.
-    num_samples: int | None = Field(default=None, ge=1)
-    sampler: Literal["batch", "exact"] | None = None
-    # OpenAI fields accepted only at their neutral value.
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_RequestFields):
-    """The body of ``POST /v1/completions``."""
-
-    prompt: str | list[str]
-    stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool | None = None
-    best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
-
-    def unsupported(self) -> tuple[str, str] | None:
-        """(field, why) for the first OpenAI option set to something this server cannot do."""
-        neutral = {
-            "top_p": (None, 1, 1.0),
-            "logprobs": (None,),
-            "echo": (None, False),
-            "presence_penalty": (None, 0, 0.0),
-            "frequency_penalty": (None, 0, 0.0),
-            "logit_bias": (None, {}),
-            "suffix": (None, ""),
-        }
-        for name, allowed in neutral.items():
-            if getattr(self, name) not in allowed:
-                return name, f"{name}={getattr(self, name)!r} is not supported by this server; leave it unset"
-        if self.best_of not in (None, self.n):
-            return "best_of", "best_of is not supported (no likelihoods to rank choices by); leave it unset"
-        return None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    role: str
-    content: str
-
-
-class ChatRequest(_RequestFields):
-    """The body of ``POST /v1/chat/completions``: the completion fields, ``messages`` in place of ``prompt``."""
-
-    messages: list[ChatMessage]
-
-    def as_completion(self, prompt: str) -> CompletionRequest:
-        fields = self.model_dump(exclude={"messages", "stream"})
-        return CompletionRequest(**{**fields, "prompt": prompt})
-
-
-@dataclass
-class ServeSettings:
-    """What ``calm serve`` was started with."""
-
-    model_name: str
-    api_key: str | None = None
-    max_choices: int = 16  # len(prompt) * n per request
-    default_num_samples: int = 200
-    default_sampler: str = "batch"
-    max_queue: int = 64
-    """Requests waiting or running at once; one more gets 503 with Retry-After."""
-    request_timeout: float | None = 600.0
-    """Seconds a request may take from admission (504, or an error event when streaming); None: no limit."""
-    max_batch: int = DEFAULT_MAX_BATCH
-    """Sequences (choices) decoded together at most; more wait for a free row of the batch."""
-
-
-@dataclass
-class _Job:
-    """One validated completion request, expanded to (prompt, seed) per choice."""
-
-    prompts: list[str]
-    n: int
-    max_tokens: int
-    temperature: float
-    stop: list[str]
-    seed: int | None
-    num_samples: int
-    sampler: str
-    raw_prompt: bool = False
-    """A rendered chat: not wrapped again in the checkpoint's prompt template."""
-
-    def choices(self) -> Iterator[tuple[int, str, int | None]]:
-        for j, prompt in enumerate(self.prompts):
-            for i in range(self.n):
-                index = j * self.n + i
-                yield index, prompt, None if self.seed is None else self.seed + index
-
-
-def _validate(
-    req: CompletionRequest, completer: TextCompleter, settings: ServeSettings, raw_prompt: bool = False
-) -> _Job:
-    """Turn a parsed request into a job, or raise :class:`APIError` (400/404) naming the problem."""
-    if req.model != settings.model_name:
-        raise APIError(
-            404, f"model {req.model!r} is not served here; this server serves {settings.model_name!r}", "model",
-            "model_not_found",
-        )  # fmt: skip
-    problem = req.unsupported()
-    if problem:
-        raise APIError(400, problem[1], problem[0])
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts:
-        raise APIError(400, "prompt is an empty list; send a string or a non-empty list of strings", "prompt")
-    n = req.n or 1
-    if len(prompts) * n > settings.max_choices:
-        raise APIError(
-            400,
-            f"{len(prompts)} prompt(s) x n={n} asks for {len(prompts) * n} completions; this server allows at most "
-            f"{settings.max_choices} per request (calm serve --max-choices)",
-            "n",
-        )
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise APIError(400, "stop must be a non-empty string or a list of at most 4 non-empty strings", "stop")
-    job = _Job(
-        prompts=prompts,
-        n=n,
-        max_tokens=16 if req.max_tokens is None else req.max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        stop=stop,
-        seed=req.seed,
-        num_samples=req.num_samples or settings.default_num_samples,
-        sampler=req.sampler or settings.default_sampler,
-        raw_prompt=raw_prompt,
-    )
-    lm = completer.lm
-    for prompt in prompts:
-        try:
-            lm.check_request(
-                len(lm.encode_prompt(prompt, raw_prompt)),
-                job.max_tokens,
-                temperature=job.temperature,
-                num_samples=job.num_samples,
-                sampler=job.sampler,
-            )
-        except LanguageModelError as e:
-            raise APIError(400, str(e), _REQUEST_FIELDS.get(e.param, e.param)) from e
-    return job
-
-
-_REQUEST_FIELDS = {"max_new_tokens": "max_tokens"}
-"""The request field of a ``LanguageModelError.param`` where the OpenAI name differs from ours."""
-
-
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _usage(completions: list[CompletionResult], job: _Job) -> dict[str, Any]:
-    prompt_tokens = sum(c.prompt_tokens for c in completions[:: job.n])  # each prompt counted once
-    completion_tokens = sum(c.completion_tokens for c in completions)
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    sampling = [c.sampling for c in completions if c.sampling is not None]
-    if sampling:  # CALM: how often the likelihood-free sampler met the temperature asked
-        usage["sampling"] = SamplingStats.combine(sampling).to_dict()
-    return usage
+POLL_S = 0.1
+"""How often, in seconds, a request in flight checks whether its client has gone (and a non-streaming one
+whether its time has run out)."""
 
 
 class CompletionService:
@@ -301,7 +102,7 @@ class CompletionService:
                 "--max-queue); retry later", None, "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None  # fmt: skip
 
-    def _submit(self, job: _Job, cancelled: threading.Event, admitted: float, put: Any = None) -> list[asyncio.Future]:
+    def _submit(self, job: Job, cancelled: threading.Event, admitted: float, put: Any = None) -> list[asyncio.Future]:
         """Every choice of ``job`` into the batch; a future of each one's :class:`CompletionResult`.
 
         ``put(kind, value)`` (streaming) gets ``("text", (index, text))`` as text is decoded and ``("finish",
@@ -350,8 +151,8 @@ class CompletionService:
         if put is not None:
             put("finish", (index, completion.finish_reason))
 
-    def _usage(self, results: list[CompletionResult], job: _Job) -> dict[str, Any]:
-        usage = _usage(results, job)
+    def _usage(self, results: list[CompletionResult], job: Job) -> dict[str, Any]:
+        usage = usage_counts(results, job)
         self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
         self.metrics.completion_tokens.inc(usage["completion_tokens"])
         return usage
@@ -363,7 +164,7 @@ class CompletionService:
     def _timeout_message(self) -> str:
         return f"the request took longer than {self.settings.request_timeout:g} s (calm serve --request-timeout)"
 
-    async def complete(self, job: _Job, meta: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
+    async def complete(self, job: Job, meta: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
         """The whole response of a non-streaming request (504 after the timeout; nothing if the client left)."""
         cancelled, admitted = threading.Event(), time.perf_counter()
         with self.admission.running_one():
@@ -380,19 +181,18 @@ class CompletionService:
                     raise APIError(504, self._timeout_message(), None, "timeout")
             results = everything.result()
         self.admission.count(cancelled=False)
-        choices = [_choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
+        choices = [choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
         return {"object": "text_completion", **meta, "choices": choices, "usage": self._usage(results, job)}
 
     async def stream(
-        self, job: _Job, meta: dict[str, Any], include_usage: bool, flight: _InFlight
+        self, job: Job, meta: dict[str, Any], include_usage: bool, flight: _InFlight
     ) -> AsyncIterator[str]:
         """Server-sent events: text as it is decoded, a finish event per choice, usage, ``[DONE]``.
 
         Ends ``flight`` when done; :meth:`watch` ends it first when the client leaves.
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        admitted = time.perf_counter()
+        loop, queue = asyncio.get_running_loop(), flight.events
+        admitted, timeout = time.perf_counter(), self.settings.request_timeout
 
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
@@ -405,16 +205,15 @@ class CompletionService:
             results = self._submit(job, flight.cancelled, admitted, put)
             remaining = len(results)
             while remaining and not flight.ended:
-                try:
-                    kind, value = await asyncio.wait_for(queue.get(), POLL_S)
+                try:  # ending the flight (the client left) puts an event that wakes this loop
+                    left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - admitted))
+                    kind, value = await asyncio.wait_for(queue.get(), left)
                 except asyncio.TimeoutError:
-                    kind, value = "", None
-                if self._timed_out(admitted):
                     kind, value = "error", self._timeout_message()
                 if kind == "text":
-                    yield chunk([_choice(value[0], value[1], None)])
+                    yield chunk([choice(value[0], value[1], None)])
                 elif kind == "finish":
-                    yield chunk([_choice(value[0], "", value[1])])
+                    yield chunk([choice(value[0], "", value[1])])
                     remaining -= 1
                 elif kind == "error":  # reported in the stream: the status line has already gone out
                     error = {"message": value, "type": "server_error", "param": None, "code": None}
@@ -448,6 +247,8 @@ class _InFlight:
     def __init__(self, admission: Admission, place: Place) -> None:
         self.cancelled = threading.Event()
         self.ended = False
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        """The stream's events (text, finish, error; ``ended`` when the flight ends), in order."""
         self._admission, self._place = admission, place
         self._running = contextlib.ExitStack()
         self._running.enter_context(admission.running_one())
@@ -457,6 +258,7 @@ class _InFlight:
             return
         self.ended = True
         self.cancelled.set()  # rows still in the batch leave before the next step
+        self.events.put_nowait(("ended", None))  # wakes the stream, which then stops
         self._running.close()
         self._admission.count(cancelled=not complete)
         self._place.release()
@@ -536,7 +338,7 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        job = _validate(req, completer, settings)
+        job = validate_request(req, completer, settings)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         place = service.admit()
         if req.stream:
@@ -562,7 +364,7 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
             prompt = completer.lm.render_chat([m.model_dump() for m in req.messages])
         except LanguageModelError as e:
             raise APIError(400, str(e), "messages") from e
-        job = _validate(req.as_completion(prompt), completer, settings, raw_prompt=True)
+        job = validate_request(req.as_completion(prompt), completer, settings, raw_prompt=True)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
         with service.admit():
             response = await service.complete(job, meta, request)
