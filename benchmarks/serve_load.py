@@ -11,14 +11,15 @@ a subprocess on a free 127.0.0.1 port, twice:
 - **unbatched**: ``--max-batch 1``, one sequence at a time (what the server did before batching),
   under the largest client count.
 
-Each client sends ``--requests`` streaming requests one after another (``httpx``, the events parsed
-with ``json``: a light load generator, since it shares the server's CPU); request r of client c has
-seed 1000 c + r and one of four prompts. Every temperature of ``--temperatures`` is run (CALM at
-T < 1 uses Alg. 2 with ``--num-samples`` candidates). Reported per run: output tokens/s (completion tokens of all responses / wall time), requests/s, p50/p95 time to
-first text and end-to-end latency (request sent -> ``[DONE]``). Every response is checked for
-completeness (a finish reason and usage before ``[DONE]``) and for equality with the same request
-run alone in this process (``LanguageModel.complete``: ``calm.generate.engine`` for CALM,
-``GPT.generate`` for the GPT) after the servers stop, so the check does not share their CPU.
+Each client sends ``--requests`` streaming requests one after another (``httpx``, the events parsed with
+``json``: a light load generator, since it shares the server's CPU); request r of client c has seed 1000
+c + r and one of four prompts. Every temperature of ``--temperatures`` is run (CALM at T < 1 uses Alg. 2
+with ``--num-samples`` candidates). Reported per run: output tokens/s (completion tokens of all
+responses / wall time), requests/s, p50/p95 time to first text and end-to-end latency (request sent ->
+``[DONE]``). Every response is checked for completeness (a finish reason and usage before ``[DONE]``)
+and for equality with the same request run alone in this process (``LanguageModel.complete``:
+``calm.generate.engine`` for CALM, ``GPT.generate`` for the GPT) after the servers stop, so the check
+does not share their CPU.
 
     PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py --sizes tiny --threads 2
     PYTHONPATH=. .venv/bin/python benchmarks/serve_load.py --sizes S --temperatures 1 --threads 2
