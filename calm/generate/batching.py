@@ -32,14 +32,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from calm.generate.engine import left_pad_to_chunks, sample_step
+from calm.generate.lm import LanguageModel
 from calm.generate.sampling import SamplingStats
 from calm.models import rng
-from calm.models.layers import RowKVCache
+from calm.models.layers import KVCache, RowKVCache
 
 DEFAULT_MAX_BATCH = 32
 """Sequences decoded together at most (``calm serve --max-batch``); more wait for a free row."""
@@ -108,7 +108,7 @@ class Batcher:
     """
 
     def __init__(
-        self, lm: Any, max_batch: int = DEFAULT_MAX_BATCH, on_step: Callable[[int], None] | None = None
+        self, lm: LanguageModel, max_batch: int = DEFAULT_MAX_BATCH, on_step: Callable[[int], None] | None = None
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -221,19 +221,21 @@ class Batcher:
         if not joining:
             return
         try:
-            self._prefill(joining)
+            cache, lengths, news = self._prefill(joining)
+            for g, row in enumerate(joining):  # the cache's rows and self.rows stay aligned, one by one
+                self.cache.add(cache, max_len=lengths[g] + news[g], source=g, length=lengths[g])
+                self.rows.append(row)
         except Exception as e:
             for row in joining:
-                row.future.set_exception(e)
-            return
-        self.rows.extend(joining)
+                if row not in self.rows:
+                    row.future.set_exception(e)
 
-    def _prefill(self, joining: list[_Row]) -> None:
-        """Prefill the prompts of ``joining`` in one forward pass and add them to the cache as new rows.
+    def _prefill(self, joining: list[_Row]) -> tuple[KVCache, list[int], list[int]]:
+        """Prefill the prompts of ``joining`` in one forward pass: their cache, prompt steps and new steps.
 
         The prompts are right-padded to the longest (CALM: each first left-padded with BOS to whole chunks,
         as alone); with causal attention a prompt's own positions never see the padding after them, so each
-        row computes what it computes alone, and only its own steps join the batch's cache.
+        row computes what it computes alone, and only its own steps join the batch's cache (:meth:`_admit`).
         """
         model, device, now = self.lm.model, self.lm.device, time.perf_counter()
         if self.is_calm:
@@ -254,7 +256,7 @@ class Batcher:
                 states = model.last_logits(x[..., 0], cache, last)
         for g, row in enumerate(joining):
             row.state, row.started = states[g : g + 1], now
-            self.cache.add(cache, max_len=lengths[g] + news[g], source=g, length=lengths[g])
+        return cache, lengths, news
 
     def _sample(self) -> tuple[list[list[int]], list[float | None]]:
         """Each row's next chunk (CALM) or token (GPT), and the temperature it was effectively sampled at."""

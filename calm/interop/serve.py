@@ -73,9 +73,6 @@ from calm.io import to_json
 API_KEY_ENV = "CALM_API_KEY"
 RETRY_AFTER_S = 1
 """The ``Retry-After`` of a 503 from a full queue, in seconds."""
-POLL_S = 0.1
-"""How often, in seconds, a request in flight checks whether its client has gone (and a non-streaming one
-whether its time has run out)."""
 
 
 class CompletionService:
@@ -157,29 +154,29 @@ class CompletionService:
         self.metrics.completion_tokens.inc(usage["completion_tokens"])
         return usage
 
-    def _timed_out(self, admitted: float) -> bool:
-        timeout = self.settings.request_timeout
-        return timeout is not None and time.perf_counter() - admitted > timeout
-
     def _timeout_message(self) -> str:
         return f"the request took longer than {self.settings.request_timeout:g} s (calm serve --request-timeout)"
 
     async def complete(self, job: Job, meta: dict[str, Any], request: Request | None = None) -> dict[str, Any]:
         """The whole response of a non-streaming request (504 after the timeout; nothing if the client left)."""
-        cancelled, admitted = threading.Event(), time.perf_counter()
-        with self.admission.running_one():
-            everything = asyncio.gather(*self._submit(job, cancelled, admitted))
-            while not everything.done():
-                await asyncio.wait({everything}, timeout=POLL_S)
-                gone = request is not None and await request.is_disconnected()
-                if gone or (not everything.done() and self._timed_out(admitted)):
+        cancelled, admitted, timeout = threading.Event(), time.perf_counter(), self.settings.request_timeout
+        gone = None if request is None else asyncio.ensure_future(_client_gone(request))
+        try:
+            with self.admission.running_one():
+                everything = asyncio.gather(*self._submit(job, cancelled, admitted))
+                waiting = {everything} if gone is None else {everything, gone}
+                await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not everything.done():  # the client left, or the time ran out
                     cancelled.set()  # the batch drops its rows before the next step
                     await asyncio.gather(everything, return_exceptions=True)
                     self.admission.count(cancelled=True)
-                    if gone:
+                    if gone is not None and gone.done():
                         return {}
                     raise APIError(504, self._timeout_message(), None, "timeout")
-            results = everything.result()
+                results = everything.result()
+        finally:
+            if gone is not None:
+                gone.cancel()
         self.admission.count(cancelled=False)
         choices = [choice(i, c.text, c.finish_reason) for i, c in enumerate(results)]
         return {"object": "text_completion", **meta, "choices": choices, "usage": self._usage(results, job)}
@@ -229,14 +226,18 @@ class CompletionService:
             flight.end(complete)
 
     async def watch(self, request: Request, flight: _InFlight) -> None:
-        """End ``flight`` as cancelled once its client has gone (checked every ``POLL_S``), whatever the stream
-        is doing: uvicorn drops writes to a closed connection without an error, and a response that
-        Starlette stops while it is sending never resumes the stream to let it clean up."""
-        while not flight.ended:
-            if await request.is_disconnected():
-                flight.end(complete=False)
-                return
-            await asyncio.sleep(POLL_S)
+        """End ``flight`` as cancelled once its client has gone, whatever the stream is doing: uvicorn drops
+        writes to a closed connection without an error, and a response that Starlette stops while it is
+        sending never resumes the stream to let it clean up. Cancelled by the flight's end."""
+        await _client_gone(request)
+        flight.end(complete=False)
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected: with the body read, the next ASGI message is the disconnect
+    (uvicorn also sends it once the response is complete). Waits without polling."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _InFlight:
@@ -247,6 +248,8 @@ class _InFlight:
     def __init__(self, admission: Admission, place: Place) -> None:
         self.cancelled = threading.Event()
         self.ended = False
+        self.watcher: asyncio.Task | None = None
+        """The task of :meth:`CompletionService.watch`, cancelled when the flight ends."""
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         """The stream's events (text, finish, error; ``ended`` when the flight ends), in order."""
         self._admission, self._place = admission, place
@@ -259,6 +262,8 @@ class _InFlight:
         self.ended = True
         self.cancelled.set()  # rows still in the batch leave before the next step
         self.events.put_nowait(("ended", None))  # wakes the stream, which then stops
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
         self._running.close()
         self._admission.count(cancelled=not complete)
         self._place.release()
@@ -272,6 +277,30 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+class _CountRequests:
+    """Counts every answered request by path and status (``calm_requests_total``): a plain ASGI middleware, which,
+    unlike Starlette's ``BaseHTTPMiddleware``, leaves ``receive`` to the app (the disconnect watch needs it)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def noting_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            self.metrics.requests.labels(scope["path"], str(status[0])).inc()
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -316,11 +345,7 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
     watchers: set[asyncio.Task] = set()
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        service.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=service.metrics)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -344,9 +369,9 @@ def create_app(completer: TextCompleter, settings: ServeSettings) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             flight = _InFlight(service.admission, place)
-            watcher = asyncio.create_task(service.watch(request, flight))
-            watchers.add(watcher)  # held until it ends (the loop keeps only weak references)
-            watcher.add_done_callback(watchers.discard)
+            flight.watcher = asyncio.create_task(service.watch(request, flight))
+            watchers.add(flight.watcher)  # held until it ends (the loop keeps only weak references)
+            flight.watcher.add_done_callback(watchers.discard)
             events = service.stream(job, meta, include_usage, flight)
             return StreamingResponse(events, media_type="text/event-stream")
         with place:
