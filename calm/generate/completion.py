@@ -2,8 +2,10 @@
 
 The layer between the language-model interface (:mod:`calm.generate.lm`) and the outside world (the
 OpenAI-compatible server in ``calm/interop/serve.py`` and the lm-evaluation-harness model in
-``calm/interop/lm_eval.py``). It knows no HTTP: it runs one completion, streams its text piece by
-piece, cuts it at the first stop string, counts tokens and says why it finished. The model's own
+``calm/interop/lm_eval.py``). It knows no HTTP: it turns a prompt into a sequence for continuous
+batching (:mod:`calm.generate.batching`; the server runs every request in flight in one batch) and
+the sequence's tokens into text, streamed piece by piece, cut at the first stop string, with its token
+counts and why it finished. The model's own
 rules (temperatures, N, sampler, the room in the context) are the interface's:
 :meth:`~calm.generate.lm.LanguageModel.check_request` raises
 :class:`~calm.generate.lm.LanguageModelError` before anything is generated.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from calm.generate.batching import Batcher, SequenceResult
 from calm.generate.batching import Sequence as BatchSequence
@@ -148,9 +151,15 @@ class TextCompleter:
         cancelled: threading.Event | None = None,
         raw_prompt: bool = False,
     ) -> tuple[BatchSequence, TextSink]:
-        """The sequence to decode for one prompt and the sink that makes its text (arguments: :meth:`complete`).
+        """The sequence to decode for one prompt and the sink that makes its text.
 
-        Raises :class:`~calm.generate.lm.LanguageModelError` for a request the model cannot serve.
+        The text equals ``generate_text(model, tokenizer, [prompt], max_tokens, temperature=...,
+        num_samples=..., sampler=..., seed=seed)[0]`` cut before the first stop string (``stop``, at most
+        a few strings); generation ends as soon as a stop string appears. ``emit`` receives the text as
+        it is produced (stop strings held back). ``cancelled``, when set, ends generation at the next
+        chunk (K tokens for CALM, one for the GPT) with the text so far. ``raw_prompt``: the prompt is not
+        wrapped in a fine-tuned checkpoint's prompt template (a rendered chat). Raises
+        :class:`~calm.generate.lm.LanguageModelError` for a request the model cannot serve.
         """
         lm = self.lm
         ids = lm.encode_prompt(prompt, raw_prompt)
@@ -162,32 +171,9 @@ class TextCompleter:
         )  # fmt: skip
         return seq, sink
 
-    def complete(
-        self,
-        prompt: str,
-        max_tokens: int,
-        *,
-        temperature: float = 1.0,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
-        num_samples: int = 200,
-        sampler: str = "batch",
-        emit: Callable[[str], None] | None = None,
-        cancelled: threading.Event | None = None,
-        raw_prompt: bool = False,
-    ) -> CompletionResult:
-        """Complete one prompt; ``emit`` receives the text as it is produced (stop strings held back).
-
-        The text equals ``generate_text(model, tokenizer, [prompt], max_tokens, temperature=...,
-        num_samples=..., sampler=..., seed=seed)[0]`` cut before the first stop string; generation
-        ends as soon as a stop string appears. ``cancelled``, when set, ends generation at the next
-        chunk (K tokens for CALM, one for the GPT) and returns the text so far. ``raw_prompt``: the
-        prompt is not wrapped in a fine-tuned checkpoint's prompt template (a rendered chat). Raises
-        :class:`~calm.generate.lm.LanguageModelError` for requests the model cannot serve.
-        """
-        seq, sink = self.prepare(
-            prompt, max_tokens, temperature=temperature, stop=stop, seed=seed, num_samples=num_samples,
-            sampler=sampler, emit=emit, cancelled=cancelled, raw_prompt=raw_prompt,
-        )  # fmt: skip
+    def complete(self, prompt: str, max_tokens: int, **options: Any) -> CompletionResult:
+        """Complete one prompt on the calling thread; ``options`` are the keywords of :meth:`prepare` (the
+        temperature, stop strings, seed, N, sampler, ``emit``, ``cancelled``, ``raw_prompt``)."""
+        seq, sink = self.prepare(prompt, max_tokens, **options)
         (done,) = Batcher(self.lm, max_batch=1).run([seq])
         return sink.result(done)

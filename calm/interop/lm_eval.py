@@ -9,7 +9,8 @@
   temperature sampling (paper §6). Other temperatures follow the model's rules: CALM samples
   at T in (0, 1] only and refuses anything else (``do_sample=True`` with temperature 0 included)
   with the message ``calm generate`` and ``calm serve`` give. Every request has its own seed
-  (``seed`` + its index).
+  (``seed`` + its index), and ``batch_size`` requests are decoded together (continuous batching), each
+  giving the text it gives alone.
 - ``loglikelihood`` and ``loglikelihood_rolling`` for the GPT, from its softmax.
 - CALM has no likelihood (its energy head defines P(next chunk) only implicitly), so it cannot score
   multiple-choice or perplexity tasks: those requests raise :class:`CALMHasNoLikelihood`, which names
@@ -37,6 +38,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from calm.generate.batching import Batcher
 from calm.generate.completion import TextCompleter
 from calm.generate.lm import LanguageModel, load_language_model
 
@@ -62,7 +64,8 @@ class CALMLM(LM):
     """A calm checkpoint (CALM or GPT, a run directory or one checkpoint) as an lm-eval model.
 
     Args (``--model_args``): ``pretrained`` the checkpoint; ``device`` (default cpu);
-    ``batch_size`` sequences per forward pass when scoring the GPT; ``num_samples`` and ``sampler``
+    ``batch_size`` sequences per forward pass when scoring the GPT, and generations decoded together;
+    ``num_samples`` and ``sampler``
     (``batch`` | ``exact``) for CALM's temperature; ``greedy_temperature`` what CALM uses for greedy
     requests; ``max_gen_toks`` the default generation length; ``seed`` the base seed.
     """
@@ -122,23 +125,34 @@ class CALMLM(LM):
         return context, max_new
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Continue each context until one of its ``until`` strings (excluded), EOS or ``max_gen_toks``."""
-        out = []
-        for index, request in enumerate(tqdm(requests, disable=disable_tqdm, desc="generate_until")):
+        """Continue each context until one of its ``until`` strings (excluded), EOS or ``max_gen_toks``.
+
+        ``batch_size`` requests are decoded together (continuous batching, ``calm.generate.batching``);
+        request i draws from its own generator seeded ``seed + i``, so its text is what it gives alone.
+        """
+        sequences, sinks = [], []
+        for index, request in enumerate(requests):
             context, gen_kwargs = request.args
             until, max_new, temperature = self._generation_settings(dict(gen_kwargs))
             context, max_new = self._fit(context, max_new)
-            result = self.completer.complete(
-                context,
-                max_new,
-                temperature=temperature,
-                stop=until,
-                seed=self.seed + index,
-                num_samples=self.num_samples,
-                sampler=self.sampler,
-            )
-            out.append(result.text)
-            self.cache_hook.add_partial("generate_until", request.args, result.text)
+            seq, sink = self.completer.prepare(
+                context, max_new, temperature=temperature, stop=until, seed=self.seed + index,
+                num_samples=self.num_samples, sampler=self.sampler,
+            )  # fmt: skip
+            sequences.append(seq)
+            sinks.append(sink)
+        batcher = Batcher(self.language_model, max_batch=self.batch_size)
+        futures = [batcher.submit(seq) for seq in sequences]
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until") as bar:
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            while batcher.active or batcher.waiting:
+                batcher.step()
+        out = []
+        for request, sink, future in zip(requests, sinks, futures, strict=True):
+            text = sink.result(future.result()).text
+            out.append(text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return out
 
     # ------------------------------------------------------------------ likelihoods (GPT only)
