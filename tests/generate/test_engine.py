@@ -22,18 +22,24 @@ K = 4
 
 
 class ScriptedGPT(GPT):
-    """A GPT whose next token is ``script[i]`` at its i-th forward call (the prompt's is call 0)."""
+    """A GPT whose next token is ``script[i]`` at its i-th call (the prompt's, through ``last_logits``, is call 0)."""
 
     def __init__(self, config: GPTConfig, script: list[int]) -> None:
         super().__init__(config)
         self.script, self.calls = script, 0
 
-    def forward(self, ids, cache=None):
-        logits = super().forward(ids, cache)
+    def _force(self, logits: torch.Tensor) -> torch.Tensor:  # (..., V): the script's token wins
         forced = torch.full_like(logits, -1e4)
-        forced[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 1e4
+        forced[..., self.script[min(self.calls, len(self.script) - 1)]] = 1e4
         self.calls += 1
         return forced
+
+    def forward(self, ids, cache=None):
+        logits = super().forward(ids, cache)
+        return torch.cat([logits[:, :-1], self._force(logits[:, -1:])], dim=1)
+
+    def last_logits(self, ids, cache=None, last=None):
+        return self._force(super().last_logits(ids, cache, last))
 
 
 def _scripted(kind: str, script: list[int], vocab: int, monkeypatch: pytest.MonkeyPatch):
