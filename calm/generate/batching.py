@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from calm.generate.engine import left_pad_to_chunks, sample_step
+from calm.generate.engine import keep_chunk, left_pad_to_chunks, sample_step
 from calm.generate.lm import LanguageModel
 from calm.generate.sampling import SamplingStats
-from calm.models import rng
+from calm.models.gpt import sample_tokens
 from calm.models.layers import KVCache, RowKVCache
 
 DEFAULT_MAX_BATCH = 32
@@ -269,11 +269,7 @@ class Batcher:
                     by_temperature.setdefault(row.seq.temperature, []).append(i)
                 for t, index in by_temperature.items():
                     logits = torch.cat([self.rows[i].state for i in index])
-                    if t == 0:
-                        chosen = logits.argmax(-1).tolist()
-                    else:
-                        probs = torch.softmax(logits.float() / t, dim=-1)
-                        chosen = rng.categorical(probs, [self.rows[i].generator for i in index]).tolist()
+                    chosen = sample_tokens(logits, t, [self.rows[i].generator for i in index]).tolist()
                     for i, token in zip(index, chosen, strict=True):
                         pieces[i] = [token]
                 return pieces, effective
@@ -299,13 +295,8 @@ class Batcher:
         row.sampled = piece
         if row.stats is not None:
             row.stats.record(effective)
-        piece = piece[: seq.max_new_tokens - len(row.out)]
-        cut = next((j for j, token in enumerate(piece) if token in seq.stop_ids), None)
-        if cut is not None:
-            piece, row.done, row.stopped = piece[:cut], True, True
-        row.out.extend(piece)
-        if len(row.out) >= seq.max_new_tokens:
-            row.done = True
+        piece, row.stopped = keep_chunk(row.out, piece, seq.max_new_tokens, seq.stop_ids)
+        row.done = row.stopped or len(row.out) >= seq.max_new_tokens
         try:
             if piece and seq.on_tokens is not None and seq.on_tokens(piece) is False:
                 row.done = row.halted = True

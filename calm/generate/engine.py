@@ -130,7 +130,7 @@ def sample_step(
 
     rows, effective = [], []
     for b in range(h.shape[0]):
-        row_generator = generator if generator is None or isinstance(generator, torch.Generator) else generator[b]
+        row_generator = rng.of_row(generator, b)
         draw = make_draw(h[b : b + 1], row_generator)
         chunk, _, exhausted = exact_temperature_sample(
             draw, temperature, max_attempts=max_attempts, on_exhausted="fallback", rng=_stage_two_rng(row_generator)
@@ -197,6 +197,20 @@ def _stop_set(eos_id: int | None, stop_ids: Collection[int] | None) -> frozenset
     return frozenset(stop_ids or ()) | (frozenset() if eos_id is None else frozenset({eos_id}))
 
 
+def keep_chunk(
+    out: list[int], chunk: list[int], max_new_tokens: int, stop_ids: Collection[int]
+) -> tuple[list[int], bool]:
+    """Append to a row's new tokens ``out`` what it keeps of a sampled ``chunk``: no more than the room left
+    under ``max_new_tokens``, and nothing from its first stop token on. Returns (the kept tokens, whether a
+    stop token ended the row). The one rule of :func:`generate_rows` and of continuous batching."""
+    chunk = chunk[: max_new_tokens - len(out)]
+    cut = next((i for i, token in enumerate(chunk) if token in stop_ids), None)
+    if cut is not None:
+        chunk = chunk[:cut]
+    out.extend(chunk)
+    return chunk, cut is not None
+
+
 def generate_rows(
     model: Any,
     prompt: torch.Tensor,
@@ -247,17 +261,10 @@ def generate_rows(
                 continue
             if stats is not None:
                 stats[b].record(effective[b])
-            room = max_new_tokens - len(out[b])
-            row = row[:room]
-            cut = next((i for i, token in enumerate(row) if token in stop_ids), None)
-            if cut is not None:
-                row = row[:cut]
-                done[b] = stopped[b] = True
-            out[b].extend(row)
+            row, stopped[b] = keep_chunk(out[b], row, max_new_tokens, stop_ids)
+            done[b] = stopped[b] or len(out[b]) >= max_new_tokens
             if on_chunk is not None and row:
                 on_chunk(b, row)
-            if len(out[b]) >= max_new_tokens:
-                done[b] = True
         if all(done) or step == steps - 1:
             break
         if use_cache:

@@ -22,6 +22,15 @@ from calm.models import rng
 from calm.models.layers import Backbone, KVCache, init_weights
 
 
+def sample_tokens(logits: torch.Tensor, temperature: float, generator: rng.Generators = None) -> torch.Tensor:
+    """The next token of each row of logits (B, V) -> (B,): the argmax at ``temperature`` 0, else a draw from
+    softmax(logits / T) (``rng.categorical``; one generator per row allowed). :meth:`GPT.generate` and
+    continuous batching both sample with it, so a row draws the same token alone and in a batch."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return rng.categorical(F.softmax(logits.float() / temperature, dim=-1), generator)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -100,11 +109,7 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         last = torch.zeros(B, dtype=torch.long, device=prompt_ids.device)  # the stop token of a finished row
         for step in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = F.softmax(logits.float() / temperature, dim=-1)
-                nxt = rng.categorical(probs, generator)
+            nxt = sample_tokens(logits, temperature, generator)
             nxt = torch.where(done, last, nxt)
             newly = ~done & torch.isin(nxt, stop_tensor)
             if on_token is not None:

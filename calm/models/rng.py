@@ -20,6 +20,16 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 """One generator for the whole draw, one per row of the batch, or None (the global generator)."""
 
 
+def _one(generator: Generators) -> bool:
+    """Whether ``generator`` is one generator (or None) for the whole draw rather than one per row."""
+    return generator is None or isinstance(generator, torch.Generator)
+
+
+def of_row(generator: Generators, row: int) -> torch.Generator | None:
+    """The generator row ``row`` draws from: its own where there is one per row, else the shared one."""
+    return generator if _one(generator) else generator[row]
+
+
 def draw(
     fn: Callable[..., torch.Tensor],
     shape: tuple[int, ...],
@@ -33,7 +43,7 @@ def draw(
     (size 1 along ``row_dim``) is drawn from generator b, as that row alone would draw it. Raises
     ValueError when the counts differ.
     """
-    if generator is None or isinstance(generator, torch.Generator):
+    if _one(generator):
         return fn(shape, device=device, generator=generator)
     if len(generator) != shape[row_dim]:
         raise ValueError(f"{len(generator)} generators for {shape[row_dim]} rows (dimension {row_dim} of {shape})")
@@ -43,7 +53,7 @@ def draw(
 
 def multinomial(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One index per row of ``probs`` (B, N) -> (B,), row b drawn with generator b where there is one per row."""
-    if generator is None or isinstance(generator, torch.Generator):
+    if _one(generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     if len(generator) != probs.shape[0]:
         raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
