@@ -73,18 +73,25 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def _timed_rounds(calls: list[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Seconds of each call in each of ``repeats`` rounds, the calls interleaved within a round (so a burst
+    of load from other processes hits them alike), after one warm-up call each (kernel selection, allocation)."""
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, spent in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - start)
+    return times
+
+
 def _matmul_gflops(dtypes: tuple[torch.dtype, ...], size: int, repeats: int = 5) -> list[float]:
     """GFLOP/s of a size² matmul per dtype: repetitions interleaved, best of each (robust to load)."""
     pairs = [(torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)) for dt in dtypes]
-    for a, b in pairs:
-        torch.mm(a, b)  # warm-up: kernel selection, allocation
-    best = [float("inf")] * len(dtypes)
-    for _ in range(repeats):
-        for i, (a, b) in enumerate(pairs):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best[i] = min(best[i], time.perf_counter() - start)
-    return [2 * size**3 / t / 1e9 for t in best]
+    times = _timed_rounds([lambda a=a, b=b: torch.mm(a, b) for a, b in pairs], repeats)
+    return [2 * size**3 / min(t) / 1e9 for t in times]
 
 
 @functools.cache
@@ -139,18 +146,8 @@ def _cpu_int8_speedup() -> float:
     a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (4096, 256), dtype=torch.int8, generator=g)
     a_float, b_float = a.float(), b.float()
-
-    def median_time(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    int8 = median_time(lambda: torch._int_mm(a, b.t()))
-    fp32 = median_time(lambda: torch.nn.functional.linear(a_float, b_float))
+    calls = [lambda: torch._int_mm(a, b.t()), lambda: torch.nn.functional.linear(a_float, b_float)]
+    int8, fp32 = (statistics.median(t) for t in _timed_rounds(calls, repeats=3))
     return fp32 / max(int8, 1e-9)
 
 
