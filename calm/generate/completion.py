@@ -24,7 +24,7 @@ from typing import Any
 
 from calm.generate.batching import Batcher, SequenceResult
 from calm.generate.batching import Sequence as BatchSequence
-from calm.generate.lm import LanguageModel
+from calm.generate.lm import LanguageModel, TextStream
 from calm.generate.sampling import SamplingStats
 
 
@@ -98,25 +98,21 @@ class TextSink:
     ) -> None:
         self.lm, self.cancelled, self.num_prompt_ids = lm, cancelled, num_prompt_ids
         self.scanner = StopScanner(stop, emit)
-        self.tokens: list[int] = []
-        self.printed = ""
+        self.text = TextStream(lm)
 
     def feed(self, tokens: list[int]) -> bool:
         """Take new tokens; False once a stop string appeared or the request was cancelled (stop generating)."""
-        self.tokens.extend(tokens)
-        text = self.lm.decode_text(self.tokens)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            piece, self.printed = text[len(self.printed) :], text
-            if self.scanner.feed(piece):
-                return False
+        piece = self.text.feed(tokens)
+        if piece is not None and self.scanner.feed(piece):
+            return False
         return not (self.cancelled is not None and self.cancelled.is_set())
 
     def result(self, done: SequenceResult) -> CompletionResult:
         """The completion of a finished sequence: its text (stop string excluded) and accounting."""
         halted = done.halted or self.scanner.stopped
         if not halted:
-            text = self.lm.decode_text(done.token_ids)
-            halted = len(text) > len(self.printed) and self.scanner.feed(text[len(self.printed) :])
+            rest = self.text.rest(self.lm.decode_text(done.token_ids))
+            halted = bool(rest) and self.scanner.feed(rest)
         text = self.scanner.finish()
         if halted:  # cut at a stop string (or cancelled): count the tokens of the text returned
             tokens = len(self.lm.tokenizer.encode(text))

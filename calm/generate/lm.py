@@ -283,17 +283,14 @@ class LanguageModel:
         row_stats = [SamplingStats(temperature, sampler) for _ in ids] if self.kind == "calm" else None
         if stats is not None and row_stats is not None:
             stats.extend(row_stats)
-        printed = [""]
-        produced: list[int] = []
+        text_so_far = TextStream(self)
 
         def on_tokens(row: int, tokens: list[int]) -> None:
             if stream is None or row != 0:
                 return
-            produced.extend(tokens)
-            text = self.decode_text(produced)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                stream(text[len(printed[0]) :])
-                printed[0] = text
+            piece = text_so_far.feed(tokens)
+            if piece is not None:
+                stream(piece)
 
         out, stopped = self.generate_ids(
             ids,
@@ -307,13 +304,36 @@ class LanguageModel:
             stats=row_stats,
         )
         texts = [self.decode_text(o) for o in out]
-        if stream is not None and len(texts[0]) > len(printed[0]):
-            stream(texts[0][len(printed[0]) :])
+        if stream is not None and text_so_far.rest(texts[0]):
+            stream(text_so_far.rest(texts[0]))
         sampling = row_stats or [None] * len(out)
         return [
             Completion(t, o, "stop" if s else "length", r)
             for t, o, s, r in zip(texts, out, stopped, sampling, strict=True)
         ]
+
+
+class TextStream:
+    """The text of a growing list of generated ids, handed on in pieces (streaming): the text is decoded from
+    all ids so far, and a piece is held back while the text ends inside a multi-byte character."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def feed(self, ids: list[int]) -> str | None:
+        """Take new ids; the text they add (possibly empty), or None while a character is incomplete."""
+        self.ids.extend(ids)
+        text = self.lm.decode_text(self.ids)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return None
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def rest(self, text: str) -> str:
+        """What of the final ``text`` has not been handed on yet."""
+        return text[len(self.sent) :]
 
 
 class CALMLanguageModel(LanguageModel):
